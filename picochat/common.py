@@ -1,0 +1,149 @@
+"""Shared plumbing: the project error, device and dtype choice, seeding, logging and progress.
+
+Everything here is small and has exactly one home, so that every stage makes the same choice the
+same way (which device, which dtype, what counts as peak FLOP/s for MFU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import sys
+import time
+
+import torch
+
+
+class PicochatError(Exception):
+    """An error the user can cause and fix: the CLI prints `error: <message>` and exits 2."""
+
+
+# ----------------------------------------------------------------------------- devices and dtypes
+
+DEVICES = ("auto", "cpu", "mps", "cuda")
+DTYPES = ("auto", "fp32", "bf16")
+
+
+def choose_device(name: str = "auto") -> torch.device:
+    """auto: cuda > mps > cpu. A named device that is not there is a user error, not a fallback."""
+    if name not in DEVICES and not name.startswith("cuda:"):
+        raise PicochatError(f"unknown device {name!r} (choose from {', '.join(DEVICES)})")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PicochatError(f"device {name!r} requested but CUDA is not available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise PicochatError("device 'mps' requested but MPS is not available")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    # Without AVX512-BF16 or AMX, PyTorch's CPU bf16 matmul falls back to a scalar path that is
+    # hundreds of times slower than fp32 (measured: 0.3 vs 128 GFLOP/s on an AVX2-only EPYC).
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def choose_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype for autocast. Weights and optimizer state always stay fp32."""
+    if name not in DTYPES:
+        raise PicochatError(f"unknown dtype {name!r} (choose from {', '.join(DTYPES)})")
+    if name == "fp32":
+        return torch.float32
+    if name == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return torch.float32  # mps: fp32 until bf16 autocast is measured to help there
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16 autocast where asked; a no-op context for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Dense matmul peak used for MFU. Overridable with PICOCHAT_PEAK_FLOPS (FLOP/s).
+
+    CPU numbers are per-machine: bench/bench_matmul.py measures them; the defaults are the 2-core
+    figures measured on the reference machine (docs in the README)."""
+    env = os.environ.get("PICOCHAT_PEAK_FLOPS")
+    if env:
+        return float(env)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        table = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12,
+                 "3090": 71e12}
+        for key, val in table.items():
+            if key in name:
+                return val if dtype == torch.bfloat16 else val / 2
+        return 100e12
+    if device.type == "mps":
+        return 10e12
+    threads = torch.get_num_threads()
+    per_thread = 100e9 if dtype == torch.float32 else 200e9
+    return per_thread * threads
+
+
+def set_threads() -> None:
+    """Use every core the process may run on (PyTorch sometimes picks fewer)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- logging and progress
+
+def log(msg: str) -> None:
+    """The one place that prints. Rank 0 only under torchrun."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(msg, file=sys.stderr if os.environ.get("PICOCHAT_LOG_STDERR") else sys.stdout, flush=True)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class Progress:
+    """Step progress: on a terminal, one line rewritten in place; otherwise plain log lines."""
+
+    def __init__(self, total: int, desc: str = "", every: int = 1):
+        self.total, self.desc, self.every = total, desc, max(1, every)
+        self.start = time.perf_counter()
+        self.tty = sys.stdout.isatty() and int(os.environ.get("RANK", "0")) == 0
+        self.done = 0
+
+    def update(self, step: int, msg: str = "", force: bool = False) -> None:
+        self.done = step
+        if not (force or self.tty or step % self.every == 0 or step == self.total):
+            return
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / max(step, 1) * (self.total - step)
+        line = f"{self.desc} {step}/{self.total} {msg} | eta {format_duration(eta)}".strip()
+        if self.tty:
+            print("\r\033[K" + line, end="", flush=True)
+        else:
+            log(line)
+
+    def close(self) -> None:
+        if self.tty:
+            print(flush=True)
