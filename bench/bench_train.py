@@ -1,0 +1,118 @@
+"""Training throughput and MFU of the real picochat step (forward, backward, Muon + AdamW).
+
+    python bench/bench_train.py                      # depths 4 and 8, fp32/bf16, eager/compiled
+    python bench/bench_train.py --depths 4 --steps 3 --no-compile
+
+MFU is measured against the matmul peak this script measures first on this machine (2048^2),
+so the percentage says how much of what the hardware can do the step gets. A dtype whose matmul is
+far below fp32 (bf16 on a CPU without AVX512-BF16) is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from picochat.common import choose_device, set_threads  # noqa: E402
+from picochat.config import ModelConfig  # noqa: E402
+from picochat.model import GPT  # noqa: E402
+from picochat.optim import OptimConfig, build_optimizer  # noqa: E402
+from picochat.train.loop import LoopConfig, Trainer  # noqa: E402
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 8) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+        if time.perf_counter() - t0 > 10:  # pathological dtypes: do not wait minutes
+            reps = _ + 1
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+class RandomTokens:
+    def __init__(self, batch: int, seq: int, vocab: int):
+        self.g = torch.Generator().manual_seed(0)
+        self.shape, self.vocab = (batch, seq + 1), vocab
+
+    def next_batch(self):
+        row = torch.randint(0, self.vocab, self.shape, generator=self.g)
+        return row[:, :-1], row[:, 1:]
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def bench_one(depth, dtype, compile_, args, device, peak) -> dict:
+    cfg = ModelConfig.from_depth(depth, vocab_size=args.vocab, sequence_len=args.seq_len)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GPT(cfg)
+    opt_cfg = OptimConfig()
+    trainer = Trainer(model, build_optimizer(model, opt_cfg), opt_cfg, LoopConfig(steps=10 ** 6), device, dtype,
+                      flops_per_token=cfg.flops_per_token(), compile=compile_)
+    data = RandomTokens(args.batch_size, args.seq_len, args.vocab)
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        float(trainer.train_step(data)[0])
+    warm = time.perf_counter() - t0
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        float(trainer.train_step(data)[0])
+        times.append(time.perf_counter() - t0)
+    dt = sorted(times)[len(times) // 2]
+    tok_s = args.batch_size * args.seq_len / dt
+    return {"params": model.num_params(), "tok_s": tok_s, "step_s": dt, "warmup_s": warm,
+            "mfu": cfg.flops_per_token() * tok_s / peak}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depths", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    set_threads()
+    device = choose_device(args.device)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {name: matmul_peak(dtypes[name], device) for name in args.dtypes}
+    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("matmul peak (2048^2): " + ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in peaks.items()))
+    print(f"batch {args.batch_size} x seq {args.seq_len}, vocab {args.vocab}, median of {args.steps} steps\n")
+    print("| depth | params | dtype | compile | tok/s | step (s) | MFU vs measured peak | first steps (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for depth in args.depths:
+        for name in args.dtypes:
+            if peaks[name] < 0.1 * peaks["fp32" if "fp32" in peaks else name]:
+                print(f"| {depth} | | {name} | | skipped: matmul {peaks[name] / 1e9:.1f} GFLOP/s, no native "
+                      f"support | | | |")
+                continue
+            for compile_ in ([False] if args.no_compile else [False, True]):
+                r = bench_one(depth, dtypes[name], compile_, args, device, peaks[name])
+                print(f"| {depth} | {r['params'] / 1e6:.1f}M | {name} | {'yes' if compile_ else 'no'} "
+                      f"| {r['tok_s']:,.0f} | {r['step_s']:.3f} | {100 * r['mfu']:.1f}% | {r['warmup_s']:.1f} |",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Run directories: the checkpoint format every stage reads and writes.
+
+    runs/<name>/
+      model.safetensors   weights (fp32), readable by the safetensors library alone
+      config.json         model config, stage, picochat version, tokenizer fingerprint, train config
+      tokenizer.json      Hugging Face tokenizers format
+      trainer_state.pt    optimizer state, step, data position, RNG: what exact resume needs
+      metrics.jsonl       one JSON object per logged step
+
+A run dir is written whole into `<name>.tmp`, fsynced, then swapped in by rename, so a crash at
+any moment leaves either the old run dir or the new one, never a mix. If the crash falls between
+the two renames, the old one is still at `<name>.old` and load_run puts it back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .common import PicochatError
+from .config import ModelConfig
+from .model import GPT
+from .tokenizer import Tokenizer
+
+WEIGHTS, CONFIG, TOKENIZER, TRAINER, METRICS = (
+    "model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt", "metrics.jsonl")
+
+
+@dataclass
+class Run:
+    """A loaded run dir."""
+    path: Path
+    model: GPT
+    tokenizer: Tokenizer
+    meta: dict  # the whole config.json
+    trainer_state: dict | None = None
+    metrics: list[dict] = field(default_factory=list)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_run(path: str | Path, model: GPT, tokenizer: Tokenizer, stage: str, extra: dict | None = None,
+             trainer_state: dict | None = None, metrics: list[dict] | None = None) -> Path:
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
+    tokenizer.save(tmp / TOKENIZER)
+    meta = {"picochat_version": __version__, "stage": stage, "model": model.config.to_dict(),
+            "tokenizer_fingerprint": tokenizer.fingerprint(), **(extra or {})}
+    (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / TRAINER)
+    if metrics is not None:
+        (tmp / METRICS).write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
+    if path.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+    if old.exists():
+        shutil.rmtree(old)
+    return path
+
+
+def read_meta(path: str | Path) -> dict:
+    path = _recover(Path(path))
+    try:
+        meta = json.loads((path / CONFIG).read_text())
+        ModelConfig.from_dict(meta["model"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PicochatError(f"corrupt run dir {path}: {CONFIG} is unreadable ({e})") from None
+    return meta
+
+
+def _recover(path: Path) -> Path:
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and old.exists():  # a crash between the two renames of save_run
+        os.replace(old, path)
+    if not path.is_dir():
+        raise PicochatError(f"run dir {path} does not exist")
+    return path
+
+
+def load_run(path: str | Path, device: torch.device | str = "cpu", trainer_state: bool = False) -> Run:
+    """Load and validate a run dir. Anything missing, truncated or inconsistent is a PicochatError."""
+    path = _recover(Path(path))
+    for name in (WEIGHTS, CONFIG, TOKENIZER):
+        if not (path / name).is_file():
+            raise PicochatError(f"corrupt run dir {path}: {name} is missing")
+    meta = read_meta(path)
+    config = ModelConfig.from_dict(meta["model"])
+    tokenizer = Tokenizer.load(path / TOKENIZER)
+    check_tokenizer(tokenizer, config, meta, where=str(path))
+    try:
+        weights = load_file(path / WEIGHTS)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PicochatError(f"corrupt run dir {path}: {WEIGHTS} cannot be read ({e})") from None
+    with torch.device("meta"):
+        model = GPT(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    got = {k: v.shape for k, v in weights.items()}
+    if expected != got:
+        missing = sorted(set(expected) - set(got))[:3]
+        wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])[:3]
+        raise PicochatError(f"corrupt run dir {path}: weights do not match config.json "
+                            f"(missing {missing}, wrong shape {wrong})")
+    model = model.to_empty(device=device)
+    model.load_state_dict(weights)
+    model._set_rotary(2 * config.sequence_len, device=device)
+    state = None
+    if trainer_state:
+        if not (path / TRAINER).is_file():
+            raise PicochatError(f"run dir {path} has no {TRAINER}: it cannot be resumed")
+        try:
+            state = torch.load(path / TRAINER, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for a truncated pickle
+            raise PicochatError(f"corrupt run dir {path}: {TRAINER} cannot be read ({e})") from None
+    metrics = []
+    if (path / METRICS).is_file():
+        metrics = [json.loads(line) for line in (path / METRICS).read_text().splitlines() if line.strip()]
+    return Run(path, model, tokenizer, meta, state, metrics)
+
+
+def check_tokenizer(tokenizer: Tokenizer, config: ModelConfig, meta: dict | None = None, where: str = "") -> None:
+    """A model only works with the tokenizer it was trained with: same size, same merges."""
+    if tokenizer.vocab_size != config.vocab_size:
+        raise PicochatError(f"tokenizer does not match the checkpoint {where}: vocab size "
+                            f"{tokenizer.vocab_size} vs the model's {config.vocab_size}")
+    fp = (meta or {}).get("tokenizer_fingerprint")
+    if fp and fp != tokenizer.fingerprint():
+        raise PicochatError(f"tokenizer does not match the checkpoint {where}: different merges "
+                            "(fingerprint mismatch)")

@@ -1,0 +1,197 @@
+"""The command line: flags become config dataclasses, and a stage function does the work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from . import __version__
+from .common import DEVICES, DTYPES, PicochatError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other user error
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto: cuda > mps > cpu)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="compute dtype (auto: bf16 on CUDA and on CPUs with native bf16, else fp32)")
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", nargs="+", required=True, help="text files or directories (.txt, .jsonl, .parquet)")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: train one on --data)")
+    p.add_argument("--vocab-size", type=int, default=32768, help="vocab when training a tokenizer here")
+    p.add_argument("--save", required=True, help="run dir to write")
+    p.add_argument("--depth", type=int, default=4, help="model size preset (see the README's depth table)")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--window-pattern", default="SSSL", help="per-layer S(liding)/L(ong) attention pattern")
+    p.add_argument("--window", type=int, default=0, help="sliding window in tokens (default seq-len/4)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
+    p.add_argument("--total-batch-tokens", type=int, default=0,
+                   help="tokens per optimizer step, by gradient accumulation (default one micro-batch)")
+    p.add_argument("--steps", type=int, default=0, help="optimizer steps (default from --tokens-params-ratio)")
+    p.add_argument("--tokens-params-ratio", type=float, default=20.0)
+    p.add_argument("--matrix-lr", type=float, default=0.02)
+    p.add_argument("--embedding-lr", type=float, default=0.2)
+    p.add_argument("--head-lr", type=float, default=0.004)
+    p.add_argument("--warmup-frac", type=float, default=0.0)
+    p.add_argument("--warmdown-frac", type=float, default=0.2)
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--eval-every", type=int, default=0, help="validation bpb every N steps (and at the end)")
+    p.add_argument("--eval-tokens", type=int, default=65536)
+    p.add_argument("--sample-every", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--stop-at", type=int, default=0, help="stop after this step, resumable with --resume")
+    p.add_argument("--resume", action="store_true", help="continue the run in --save exactly where it stopped")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run dir")
+    _common(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="picochat", description="Train a small ChatGPT-style model from scratch, and use it.")
+    parser.add_argument("--version", action="version", version=f"picochat {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    tok = sub.add_parser("tokenizer", help="train or evaluate a BPE tokenizer")
+    toksub = tok.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    t = toksub.add_parser("train", help="train byte-level BPE on text")
+    t.add_argument("--data", nargs="+", required=True)
+    t.add_argument("--vocab-size", type=int, default=32768)
+    t.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop reading text after this many characters")
+    t.add_argument("--save", required=True, help="tokenizer.json to write")
+    t = toksub.add_parser("eval", help="bytes per token on several kinds of text")
+    t.add_argument("--tokenizer", required=True, help="tokenizer.json, or a run dir")
+
+    data = sub.add_parser("data", help="prepare or download pretraining text")
+    datasub = data.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    d = datasub.add_parser("prepare", help="turn text files into parquet shards with a `text` column")
+    d.add_argument("--data", nargs="+", required=True)
+    d.add_argument("--save", required=True, help="output directory")
+    d.add_argument("--shard-chars", type=int, default=50_000_000)
+    d = datasub.add_parser("download", help="fetch FineWeb-Edu parquet shards (resumable)")
+    d.add_argument("--save", required=True, help="output directory")
+    d.add_argument("--num-shards", type=int, default=8)
+    d.add_argument("--start", type=int, default=0)
+    d.add_argument("--base-url", default=None, help="URL pattern with {index}; default FineWeb-Edu 100B shuffled")
+
+    p = sub.add_parser("pretrain", help="pretrain a base model")
+    _train_flags(p)
+
+    ev = sub.add_parser("eval", help="evaluate a model")
+    evsub = ev.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    e = evsub.add_parser("bpb", help="bits per byte on held-out text")
+    e.add_argument("--load", required=True)
+    e.add_argument("--data", nargs="+", required=True)
+    e.add_argument("--seq-len", type=int, default=0, help="default: the model's")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-tokens", type=int, default=1_000_000, help="evaluate at most this many tokens")
+    _common(e)
+
+    s = sub.add_parser("sample", help="continue a prompt with a trained model")
+    s.add_argument("--load", required=True)
+    s.add_argument("--prompt", default="")
+    s.add_argument("--max-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=50)
+    s.add_argument("--num-samples", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0)
+    _common(s)
+
+    r = sub.add_parser("speedrun", help="the whole pipeline in one command (offline by default)")
+    r.add_argument("--preset", default="tiny", help="tiny (offline default, ~15 min on 2 CPU cores), small, d8, d12, d20")
+    r.add_argument("--data", nargs="+", help="your own text instead of the builtin offline corpus")
+    r.add_argument("--save", default="runs/speedrun", help="output directory")
+    r.add_argument("--steps", type=int, default=0, help="override the preset's step count")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    r.add_argument("--compile", action="store_true")
+    _common(r)
+    return parser
+
+
+# ----------------------------------------------------------------------------- commands
+
+def _cmd_tokenizer(a) -> None:
+    from .tokenizer import Tokenizer, eval_tokenizer, format_eval_table, train_tokenizer
+    if a.action == "train":
+        train_tokenizer(a.data, a.vocab_size, save=a.save, max_chars=a.max_chars)
+    else:
+        path = os.path.join(a.tokenizer, "tokenizer.json") if os.path.isdir(a.tokenizer) else a.tokenizer
+        print(format_eval_table(eval_tokenizer(Tokenizer.load(path))))
+
+
+def _cmd_data(a) -> None:
+    if a.action == "prepare":
+        from .data.prepare import prepare_shards
+        prepare_shards(a.data, a.save, shard_chars=a.shard_chars)
+    else:
+        from .data.download import download_shards
+        kw = {"base_url": a.base_url} if a.base_url else {}
+        download_shards(a.save, a.num_shards, start=a.start, **kw)
+
+
+def _cmd_pretrain(a) -> None:
+    from .optim import OptimConfig
+    from .train.pretrain import PretrainConfig, pretrain
+    optim = OptimConfig(matrix_lr=a.matrix_lr, embedding_lr=a.embedding_lr, head_lr=a.head_lr,
+                        warmup_frac=a.warmup_frac, warmdown_frac=a.warmdown_frac)
+    cfg = PretrainConfig(
+        data=a.data, save=a.save, tokenizer=a.tokenizer, vocab_size=a.vocab_size, depth=a.depth,
+        seq_len=a.seq_len, window_pattern=a.window_pattern, window=a.window, batch_size=a.batch_size,
+        total_batch_tokens=a.total_batch_tokens, steps=a.steps, tokens_params_ratio=a.tokens_params_ratio,
+        optim=optim, device=a.device, dtype=a.dtype, compile=a.compile, seed=a.seed,
+        eval_every=a.eval_every, eval_tokens=a.eval_tokens, sample_every=a.sample_every,
+        save_every=a.save_every, log_every=a.log_every, stop_at=a.stop_at, resume=a.resume,
+        overwrite=a.overwrite)
+    result = pretrain(cfg)
+    result.pop("metrics")
+    print(json.dumps(result))
+
+
+def _cmd_eval(a) -> None:
+    from .evals.bpb import eval_bpb_files
+    bpb = eval_bpb_files(a.load, a.data, seq_len=a.seq_len, batch_size=a.batch_size, max_tokens=a.max_tokens,
+                         device=a.device, dtype=a.dtype)
+    print(json.dumps({"bpb": round(bpb, 6)}))
+
+
+def _cmd_sample(a) -> None:
+    from .sample import sample
+    for text in sample(a.load, a.prompt, a.max_tokens, a.temperature, a.top_k, a.num_samples, a.seed, a.device):
+        print(text)
+        print("-" * 40)
+
+
+def _cmd_speedrun(a) -> None:
+    from .speedrun import SpeedrunConfig, speedrun
+    report = speedrun(SpeedrunConfig(preset=a.preset, data=a.data, save=a.save, steps=a.steps,
+                                     overwrite=a.overwrite, compile=a.compile, device=a.device, dtype=a.dtype))
+    print(f"report: {report}")
+
+
+COMMANDS = {"tokenizer": _cmd_tokenizer, "data": _cmd_data, "pretrain": _cmd_pretrain, "eval": _cmd_eval,
+            "sample": _cmd_sample, "speedrun": _cmd_speedrun}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except PicochatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

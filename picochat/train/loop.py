@@ -1,0 +1,135 @@
+"""The one training loop: every stage (pretrain, midtrain, SFT, RL) runs its steps through here.
+
+A stage supplies a data source (next_batch / state_dict / load_state_dict), a loss function, and
+callbacks for evaluation, sampling and saving; the loop owns gradient accumulation, the LR and
+momentum schedules, timing, MFU, metrics, progress and checkpoint cadence.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from ..common import Progress, autocast, log, peak_flops
+from ..optim import OptimConfig, lr_multiplier, muon_momentum
+
+
+class DataSource(Protocol):
+    def next_batch(self): ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def lm_loss(model, batch) -> torch.Tensor:
+    """Summed next-token loss of an (inputs, targets) batch. Targets of -1 (padding, masked turns)
+    are ignored."""
+    x, y = batch
+    return model(x, y, loss_reduction="sum")
+
+
+def lm_count(batch) -> int:
+    """How many targets of a batch count: the loop divides the step's summed loss by the total,
+    so micro-batches with different numbers of real tokens weigh right."""
+    return int((batch[1] != -1).sum())
+
+
+@dataclass
+class LoopConfig:
+    steps: int
+    grad_accum: int = 1
+    log_every: int = 1
+    eval_every: int = 0  # 0: only at the end
+    sample_every: int = 0  # 0: never during training
+    save_every: int = 0  # 0: only at the end
+    stop_at: int = 0  # stop (and save) after this step, to resume later; 0: run to the end
+
+
+@dataclass
+class Callbacks:
+    save: Callable[[int, dict, list], None]  # (step, trainer_state, metrics) -> writes the run dir
+    evaluate: Callable[[], dict] | None = None  # -> {"val_bpb": ...}
+    sample: Callable[[], str] | None = None
+
+
+class Trainer:
+    def __init__(self, model, optimizer, optim_cfg: OptimConfig, loop: LoopConfig, device, dtype,
+                 flops_per_token: float, compile: bool = False):
+        self.model, self.optimizer, self.optim_cfg, self.loop = model, optimizer, optim_cfg, loop
+        self.device, self.dtype = device, dtype
+        self.flops_per_token = flops_per_token
+        self.peak = peak_flops(device, dtype)
+        self.train_model = torch.compile(model, dynamic=False) if compile else model
+        self.step = 0
+        self.elapsed = 0.0  # training seconds, excluding evaluation and checkpoints
+        self.metrics: list[dict] = []
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self, data: DataSource) -> dict:
+        return {"step": self.step, "elapsed": self.elapsed, "optimizer": self.optimizer.state_dict(),
+                "data": data.state_dict(), "rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict, data: DataSource, metrics: list[dict]) -> None:
+        self.step, self.elapsed = state["step"], state["elapsed"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        data.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"])
+        # the metrics file may hold lines logged after the checkpoint: they are replayed anyway
+        self.metrics = [m for m in metrics if m.get("step", 0) <= self.step]
+
+    # ------------------------------------------------------------------ the loop
+    def train_step(self, data: DataSource, loss_fn=lm_loss, count_fn=lm_count) -> tuple[float, int]:
+        """One optimizer step over grad_accum micro-batches. Returns (mean loss per token, tokens)."""
+        cfg = self.optim_cfg
+        self.optimizer.set_schedule(
+            lr_multiplier(self.step, self.loop.steps, cfg.warmup_frac, cfg.warmdown_frac, cfg.final_lr_frac),
+            muon_momentum(self.step, cfg))
+        batches = [data.next_batch() for _ in range(self.loop.grad_accum)]
+        total = max(sum(count_fn(b) for b in batches), 1)  # counted on the host: no device sync
+        loss = torch.zeros((), device=self.device)
+        for batch in batches:
+            batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
+            with autocast(self.device, self.dtype):
+                part = loss_fn(self.train_model, batch) / total
+            part.backward()
+            loss += part.detach()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss, total
+
+    def fit(self, data: DataSource, callbacks: Callbacks, loss_fn=lm_loss, count_fn=lm_count) -> list[dict]:
+        loop = self.loop
+        progress = Progress(loop.steps, desc="step", every=loop.log_every)
+        progress.update(self.step, "starting" if self.step == 0 else "resumed", force=True)
+        end = min(loop.stop_at or loop.steps, loop.steps)
+        while self.step < end:
+            t0 = time.perf_counter()
+            loss, tokens = self.train_step(data, loss_fn, count_fn)
+            record = {"step": self.step}
+            last = self.step == end
+            if self.step % loop.log_every == 0 or last:
+                record["loss"] = round(float(loss), 6)  # the only host sync of a step
+            dt = time.perf_counter() - t0
+            self.elapsed += dt
+            tok_s = tokens / dt
+            mfu = self.flops_per_token * tok_s / self.peak
+            record.update(tokens=tokens, tok_per_s=round(tok_s, 1), mfu=round(mfu, 4),
+                          elapsed=round(self.elapsed, 3))
+            if callbacks.evaluate and ((loop.eval_every and self.step % loop.eval_every == 0) or last):
+                record.update(callbacks.evaluate())
+            if callbacks.sample and loop.sample_every and (self.step % loop.sample_every == 0 or last):
+                record["sample"] = callbacks.sample()
+            self.metrics.append(record)
+            if "loss" in record:
+                extra = "".join(f" | {k} {v:.4f}" for k, v in record.items() if k.startswith("val_"))
+                progress.update(self.step, f"| loss {record['loss']:.4f}{extra} | {tok_s:,.0f} tok/s "
+                                           f"| mfu {100 * mfu:.1f}%", force=bool(extra))
+            if "sample" in record:
+                log(f"sample: {record['sample']!r}")
+            if (loop.save_every and self.step % loop.save_every == 0) or last:
+                callbacks.save(self.step, self.state_dict(data), self.metrics)
+        progress.close()
+        return self.metrics

@@ -1,0 +1,142 @@
+"""Pretraining: documents -> packed token rows -> a base model in a run dir."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import check_tokenizer, load_run, read_meta, save_run
+from ..common import PicochatError, choose_device, choose_dtype, log, seed_everything, set_threads
+from ..config import ModelConfig
+from ..data.loader import PackingLoader, TokenDataset
+from ..engine import generate
+from ..evals.bpb import evaluate_bpb
+from ..model import GPT
+from ..optim import OptimConfig, build_optimizer
+from ..tokenizer import Tokenizer, train_tokenizer
+from .loop import Callbacks, LoopConfig, Trainer
+
+
+@dataclass
+class PretrainConfig:
+    data: list[str]
+    save: str
+    tokenizer: str | None = None  # tokenizer.json; None: train one on the data
+    vocab_size: int = 32768  # only when training a tokenizer here
+    depth: int = 4
+    seq_len: int = 1024
+    window_pattern: str = "SSSL"
+    window: int = 0  # 0: seq_len // 4
+    batch_size: int = 8  # rows per micro-batch
+    total_batch_tokens: int = 0  # tokens per optimizer step; 0: one micro-batch
+    steps: int = 0  # 0: derived from tokens_params_ratio
+    tokens_params_ratio: float = 20.0  # Chinchilla's 20 tokens per parameter
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    seed: int = 42
+    eval_every: int = 0
+    eval_tokens: int = 65536  # validation tokens per bpb evaluation
+    sample_every: int = 0
+    sample_prompt: str = "The"
+    save_every: int = 0
+    stop_at: int = 0  # stop after this step with a resumable run dir (time-sliced jobs)
+    log_every: int = 1
+    resume: bool = False
+    overwrite: bool = False
+    cache_dir: str | None = None  # token cache; default: <save>.cache next to the run dir
+
+
+def _grad_accum(cfg: PretrainConfig) -> int:
+    rows_tokens = cfg.batch_size * cfg.seq_len
+    if not cfg.total_batch_tokens:
+        return 1
+    if cfg.total_batch_tokens % rows_tokens:
+        raise PicochatError(f"--total-batch-tokens {cfg.total_batch_tokens} is not a multiple of "
+                            f"batch size x seq len = {rows_tokens}")
+    return cfg.total_batch_tokens // rows_tokens
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    set_threads()
+    device = choose_device(cfg.device)
+    dtype = choose_dtype(cfg.dtype, device)
+    save = Path(cfg.save)
+    state = None
+    if cfg.resume:
+        run = load_run(save, device, trainer_state=True)
+        saved = run.meta.get("train", {})
+        # the run's own settings win: resuming with other shapes would not be the same run
+        for key in ("depth", "seq_len", "batch_size", "total_batch_tokens", "steps", "seed", "window",
+                    "window_pattern"):
+            if key in saved:
+                setattr(cfg, key, saved[key])
+        tok, model, state, metrics = run.tokenizer, run.model, run.trainer_state, run.metrics
+        config = model.config
+        log(f"resuming {save} at step {state['step']}")
+    else:
+        if save.exists() and not cfg.overwrite:
+            raise PicochatError(f"run dir {save} already exists (use --resume to continue it, or --overwrite)")
+        if cfg.tokenizer:
+            tok = Tokenizer.load(cfg.tokenizer)
+        else:
+            log(f"no --tokenizer given: training one (vocab {cfg.vocab_size}) on the data")
+            tok = train_tokenizer(cfg.data, cfg.vocab_size)
+        config = ModelConfig.from_depth(cfg.depth, vocab_size=tok.vocab_size, sequence_len=cfg.seq_len,
+                                        window_pattern=cfg.window_pattern, window=cfg.window)
+        check_tokenizer(tok, config)
+        seed_everything(cfg.seed)
+        with torch.device(device):
+            model = GPT(config)
+        metrics = []
+
+    grad_accum = _grad_accum(cfg)
+    dataset = TokenDataset.build(cfg.data, tok, cache_dir=cfg.cache_dir or str(save) + ".cache")
+    train_data = PackingLoader(dataset, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * grad_accum
+    if not cfg.steps:
+        cfg.steps = max(1, round(cfg.tokens_params_ratio * model.num_params() / tokens_per_step))
+    log(f"model: depth {config.n_layer}, dim {config.n_embd}, heads {config.n_head}/{config.n_kv_head} kv, "
+        f"{model.num_params() / 1e6:.1f}M params | {cfg.steps} steps x {tokens_per_step:,} tokens "
+        f"({grad_accum} micro-batches) | {device.type} {str(dtype).removeprefix('torch.')} | "
+        f"{dataset.num_tokens:,} tokens in {dataset.num_docs:,} documents")
+
+    optimizer = build_optimizer(model, cfg.optim)
+    loop = LoopConfig(steps=cfg.steps, grad_accum=grad_accum, log_every=cfg.log_every,
+                      eval_every=cfg.eval_every, sample_every=cfg.sample_every, save_every=cfg.save_every,
+                      stop_at=cfg.stop_at)
+    trainer = Trainer(model, optimizer, cfg.optim, loop, device, dtype,
+                      flops_per_token=config.flops_per_token(), compile=cfg.compile)
+    if state is not None:
+        trainer.load_state_dict(state, train_data, metrics)
+
+    token_bytes = torch.tensor(tok.token_byte_lengths(), dtype=torch.float32, device=device)
+
+    def evaluate() -> dict:
+        val = PackingLoader(dataset, "val", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+        steps = max(1, cfg.eval_tokens // (cfg.batch_size * cfg.seq_len))
+        return {"val_bpb": round(evaluate_bpb(model, val, steps, token_bytes, device, dtype), 6)}
+
+    def sample() -> str:
+        ids = [tok.bos_id] + tok.encode(cfg.sample_prompt)
+        out = generate(model, ids, max_tokens=32, temperature=0.0)
+        return cfg.sample_prompt + tok.decode(out)
+
+    train_meta = {k: v for k, v in dataclasses.asdict(cfg).items()
+                  if k not in ("resume", "overwrite", "optim", "stop_at")}
+    train_meta["optim"] = dataclasses.asdict(cfg.optim)
+
+    def save_fn(step: int, trainer_state: dict, metrics: list) -> None:
+        save_run(save, model, tok, stage="base", trainer_state=trainer_state, metrics=metrics,
+                 extra={"step": step, "train": train_meta})
+
+    metrics = trainer.fit(train_data, Callbacks(save=save_fn, evaluate=evaluate, sample=sample))
+    final = metrics[-1] if metrics else {}
+    return {"run_dir": str(save), "steps": trainer.step, "params": model.num_params(),
+            "train_seconds": trainer.elapsed, "final_loss": final.get("loss"),
+            "val_bpb": final.get("val_bpb"), "metrics": metrics}

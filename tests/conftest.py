@@ -1,0 +1,40 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test with the reason when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared test data not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """~150 KB of real text (Shakespeare), as a .txt file split into paragraphs."""
+    text = shared_data("tinyshakespeare", "input.txt").read_text()[:150_000]
+    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(small_corpus, tmp_path_factory) -> Path:
+    from picochat.tokenizer import train_tokenizer
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    train_tokenizer([str(small_corpus)], 512, save=str(path))
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "picochat", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)

@@ -1,0 +1,153 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from picochat.checkpoint import load_run
+from picochat.optim import OptimConfig
+from picochat.train.pretrain import PretrainConfig, pretrain
+
+from .conftest import REPO, run_cli
+
+
+def _cfg(corpus, tok, save, **kw) -> PretrainConfig:
+    base = dict(data=[str(corpus)], save=str(save), tokenizer=str(tok), depth=2, seq_len=64, batch_size=4,
+                total_batch_tokens=512, steps=20, eval_every=10, eval_tokens=1024, device="cpu", dtype="fp32",
+                seed=3, optim=OptimConfig(warmdown_frac=0.5))
+    base.update(kw)
+    return PretrainConfig(**base)
+
+
+def test_resume_is_exact(small_corpus, small_tokenizer, tmp_path):
+    straight = pretrain(_cfg(small_corpus, small_tokenizer, tmp_path / "straight"))
+    first = pretrain(_cfg(small_corpus, small_tokenizer, tmp_path / "split", stop_at=10))
+    assert first["steps"] == 10
+    resumed = pretrain(_cfg(small_corpus, small_tokenizer, tmp_path / "split", resume=True))
+    assert resumed["steps"] == 20
+
+    losses = [m["loss"] for m in straight["metrics"]]
+    assert [m["loss"] for m in resumed["metrics"]] == losses  # metrics replayed + continued, identical
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and it learned something: loss and validation bpb fell
+    assert losses[-1] < losses[0] - 1.0
+    evals = [m["val_bpb"] for m in straight["metrics"] if "val_bpb" in m]
+    assert evals[-1] < evals[0]
+
+
+def test_run_dir_format_is_readable_by_standard_libraries(small_corpus, small_tokenizer, tmp_path):
+    import tokenizers
+    from safetensors import safe_open
+    pretrain(_cfg(small_corpus, small_tokenizer, tmp_path / "run", steps=2, eval_every=0))
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir()) == [
+        "config.json", "metrics.jsonl", "model.safetensors", "tokenizer.json", "trainer_state.pt"]
+    meta = json.loads((run / "config.json").read_text())
+    assert meta["stage"] == "base" and meta["model"]["n_layer"] == 2 and meta["step"] == 2
+    with safe_open(run / "model.safetensors", "pt") as f:
+        assert "wte.weight" in f.keys()
+    hf = tokenizers.Tokenizer.from_file(str(run / "tokenizer.json"))
+    loaded = load_run(run)
+    assert hf.encode("To be, or not to be").ids == loaded.tokenizer.encode("To be, or not to be")
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_killed_run_resumes_to_the_same_weights(small_corpus, small_tokenizer, tmp_path):
+    args = ["pretrain", "--data", str(small_corpus), "--tokenizer", str(small_tokenizer), "--depth", "2",
+            "--seq-len", "64", "--batch-size", "4", "--steps", "24", "--device", "cpu", "--dtype", "fp32",
+            "--seed", "5", "--log-every", "1"]
+    straight = run_cli(*args, "--save", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    victim = tmp_path / "victim"
+    proc = subprocess.Popen([sys.executable, "-m", "picochat", *args, "--save", str(victim), "--save-every", "2"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (victim / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = json.loads((victim / "config.json").read_text())["step"]
+    resumed = run_cli(*args, "--save", str(victim), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert step < 24 or "resuming" not in resumed.stdout
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(victim / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _one_error_line(result) -> str:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_bad_input_gives_one_error_line(small_corpus, small_tokenizer, tmp_path):
+    common = ["--tokenizer", str(small_tokenizer), "--depth", "2", "--seq-len", "64", "--steps", "2",
+              "--device", "cpu"]
+    # missing data
+    err = _one_error_line(run_cli("pretrain", "--data", str(tmp_path / "nope.txt"), "--save", str(tmp_path / "r1"), *common))
+    assert "nope.txt" in err and not (tmp_path / "r1").exists()
+    # empty data
+    (tmp_path / "empty.txt").write_text("\n\n")
+    err = _one_error_line(run_cli("pretrain", "--data", str(tmp_path / "empty.txt"), "--save", str(tmp_path / "r2"), *common))
+    assert "empty.txt" in err and not (tmp_path / "r2").exists()
+    # a vocab too small for the special tokens
+    err = _one_error_line(run_cli("tokenizer", "train", "--data", str(small_corpus), "--vocab-size", "100",
+                                  "--save", str(tmp_path / "t.json")))
+    assert "vocab" in err and not (tmp_path / "t.json").exists()
+    # an unknown device
+    err = _one_error_line(run_cli("pretrain", "--data", str(small_corpus), "--save", str(tmp_path / "r3"),
+                                  *common[:-2], "--device", "tpu"))
+    assert "tpu" in err and not (tmp_path / "r3").exists()
+
+    good = tmp_path / "good"
+    assert run_cli("pretrain", "--data", str(small_corpus), "--save", str(good), *common).returncode == 0
+    # a sequence longer than the model's
+    err = _one_error_line(run_cli("eval", "bpb", "--load", str(good), "--data", str(small_corpus),
+                                  "--seq-len", "4096", "--device", "cpu"))
+    assert "4096" in err
+    # a tokenizer that does not match the checkpoint
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "t.txt").write_text("completely different words " * 2000 + "\n\nand more text here " * 500)
+    assert run_cli("tokenizer", "train", "--data", str(other / "t.txt"), "--vocab-size", "600",
+                   "--save", str(other / "tokenizer.json")).returncode == 0
+    swapped = tmp_path / "swapped"
+    subprocess.run(["cp", "-r", str(good), str(swapped)], check=True)
+    (swapped / "tokenizer.json").write_bytes((other / "tokenizer.json").read_bytes())
+    err = _one_error_line(run_cli("sample", "--load", str(swapped), "--prompt", "hi", "--device", "cpu"))
+    assert "tokenizer does not match" in err
+    # a corrupt, truncated run dir
+    corrupt = tmp_path / "corrupt"
+    subprocess.run(["cp", "-r", str(good), str(corrupt)], check=True)
+    data = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    err = _one_error_line(run_cli("sample", "--load", str(corrupt), "--device", "cpu"))
+    assert "corrupt run dir" in err
+    # resuming a run dir that has no trainer state, or starting over one that exists
+    err = _one_error_line(run_cli("pretrain", "--data", str(small_corpus), "--save", str(good), *common))
+    assert "already exists" in err
+
+
+def test_eval_bpb_and_sample_cli(small_corpus, small_tokenizer, tmp_path):
+    run = tmp_path / "run"
+    r = run_cli("pretrain", "--data", str(small_corpus), "--save", str(run), "--tokenizer", str(small_tokenizer),
+                "--depth", "2", "--seq-len", "64", "--steps", "5", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    bpb = run_cli("eval", "bpb", "--load", str(run), "--data", str(small_corpus), "--device", "cpu",
+                  "--max-tokens", "4096")
+    assert bpb.returncode == 0, bpb.stderr
+    value = json.loads(bpb.stdout.strip().splitlines()[-1])["bpb"]
+    assert 0.5 < value < 10
+    s = run_cli("sample", "--load", str(run), "--prompt", "ROMEO:", "--max-tokens", "8", "--temperature", "0",
+                "--device", "cpu")
+    assert s.returncode == 0 and s.stdout.startswith("ROMEO:")
