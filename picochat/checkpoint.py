@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .common import PicochatError
+from .common import PicochatError, fsync
 from .config import ModelConfig
 from .model import GPT
 from .tokenizer import Tokenizer
@@ -49,14 +49,6 @@ class Run:
         return self.model.config
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_run(path: str | Path, model: GPT, tokenizer: Tokenizer, stage: str, extra: dict | None = None,
              trainer_state: dict | None = None, metrics: list[dict] | None = None) -> Path:
     path = Path(path)
@@ -75,14 +67,14 @@ def save_run(path: str | Path, model: GPT, tokenizer: Tokenizer, stage: str, ext
     if metrics is not None:
         (tmp / METRICS).write_text("".join(json.dumps(m) + "\n" for m in metrics))
     for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
+        fsync(f)
+    fsync(tmp)
     if path.exists():
         if old.exists():
             shutil.rmtree(old)
         os.replace(path, old)
     os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync(path.parent)
     if old.exists():
         shutil.rmtree(old)
     return path

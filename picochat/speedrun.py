@@ -19,8 +19,8 @@ from .train.pretrain import PretrainConfig, pretrain
 
 # name -> pretraining settings. tiny is sized for ~15 minutes on 2 CPU cores in fp32.
 PRESETS: dict[str, dict] = {
-    "tiny": dict(depth=4, seq_len=256, vocab_size=4096, batch_size=16, total_batch_tokens=8192, steps=300,
-                 eval_every=50),
+    "tiny": dict(depth=4, seq_len=256, vocab_size=4096, batch_size=16, total_batch_tokens=8192, steps=200,
+                 eval_every=25, eval_tokens=32768),
     "small": dict(depth=6, seq_len=512, vocab_size=8192, batch_size=16, total_batch_tokens=32768, steps=1000,
                   eval_every=100),
     "d8": dict(depth=8, seq_len=1024, vocab_size=32768, batch_size=16, total_batch_tokens=131072, steps=0,

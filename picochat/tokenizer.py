@@ -15,14 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
 
 import tiktoken
 
-from picochat.common import PicochatError, log
+from picochat.common import PicochatError, log, write_atomic
 
 # The one place special tokens are defined. nanochat's nine, plus a pair for reasoning traces
 # (as the Rust picochat has), reserved from the first tokenizer on.
@@ -254,21 +253,7 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write tokenizer.json atomically: a crash leaves the old file or the new one, never half."""
-        path = os.fspath(path)
-        data = json.dumps(self.to_hf_json(), ensure_ascii=False, indent=None)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tokenizer-", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, json.dumps(self.to_hf_json(), ensure_ascii=False, indent=None))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:

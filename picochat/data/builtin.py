@@ -22,7 +22,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from picochat.common import PicochatError, log
+from picochat.common import PicochatError, log, write_atomic
 
 MIN_CHARS = 200  # shorter fragments ("Return self.") teach little and are mostly boilerplate
 MAX_FILE_BYTES = 2_000_000  # skip huge doc files (generated references, vendored bundles)
@@ -182,15 +182,6 @@ def _package_docstrings(col: _Collector, dists: list[importlib.metadata.Distribu
                     col.add(doc)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def build_builtin_corpus(out_dir: str | Path, max_bytes: int = 8_000_000) -> list[Path]:
     """Write the offline corpus into out_dir as a few .txt files (+ SOURCES.md); returns the .txt paths.
 
@@ -227,7 +218,7 @@ def build_builtin_corpus(out_dir: str | Path, max_bytes: int = 8_000_000) -> lis
             continue
         text = "\n\n".join(col.docs) + "\n"
         path = out_dir / name
-        _write_text_atomic(path, text)
+        write_atomic(path, text)
         paths.append(path)
         used += col.chars
         size = path.stat().st_size
@@ -242,7 +233,7 @@ def build_builtin_corpus(out_dir: str | Path, max_bytes: int = 8_000_000) -> lis
                "| file | documents | bytes | source |\n|---|---|---|---|\n{}\n\n"
                "Total: {:,} bytes. Python {}.\n").format(MIN_CHARS, "\n".join(rows), total,
                                                         sysconfig.get_python_version())
-    _write_text_atomic(out_dir / "SOURCES.md", sources)
+    write_atomic(out_dir / "SOURCES.md", sources)
     log(f"builtin corpus: {len(paths)} files, {total / 1e6:.1f} MB in {out_dir} "
         f"({time.perf_counter() - t0:.1f}s)")
     return paths

@@ -18,7 +18,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from picochat.common import PicochatError, log
+from picochat.common import PicochatError, fsync, log
 
 FINEWEB_EDU_URL = ("https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/"
                    "shard_{index:05d}.parquet")
@@ -35,17 +35,6 @@ def shard_url(base_url: str, index: int) -> str:
     if "{" not in base_url:
         base_url = base_url.rstrip("/") + "/shard_{index:05d}.parquet"
     return base_url.format(index=index)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # not supported on this platform (Windows): the rename is still atomic
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fetch_once(url: str, part: Path, timeout: float) -> None:
@@ -108,7 +97,7 @@ def download_file(url: str, dest: Path, retries: int = 5, timeout: float = 30,
                         part.unlink()  # e.g. an HTML error page served with status 200
                         raise OSError("downloaded file is not a parquet file")
             os.replace(part, dest)
-            _fsync_dir(dest.parent)
+            fsync(dest.parent)
             return dest
         except urllib.error.HTTPError as e:
             if e.code in _FATAL_STATUS:

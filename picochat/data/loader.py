@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from picochat.common import PicochatError, log
+from picochat.common import PicochatError, fsync, log
 from picochat.data.sources import iter_documents, list_files
 
 CACHE_VERSION = 1
@@ -131,8 +131,7 @@ class TokenDataset:
                     "files": [str(p) for p in list_files(paths)]}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+                fsync(f)
             try:
                 os.replace(tmp, entry)  # atomic: readers see a complete entry or none
             except OSError:

@@ -6,10 +6,9 @@ The shards have the same layout as the downloaded FineWeb-Edu shards, so everyth
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from picochat.common import PicochatError, log
+from picochat.common import PicochatError, atomic_path, log
 from picochat.data.sources import iter_documents
 
 SHARD_PATTERN = "shard_{index:05d}.parquet"
@@ -20,17 +19,10 @@ def write_parquet_atomic(texts: list[str], path: Path, row_group_size: int = 102
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     table = pa.table({"text": pa.array(texts, type=pa.string())})
-    try:
+    with atomic_path(path) as tmp:
         # modest row groups: readers stream one row group at a time
         pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def prepare_shards(paths: list[str | Path], out_dir: str | Path, shard_chars: int = 50_000_000,

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import check_tokenizer, load_run, read_meta, save_run
+from ..checkpoint import check_tokenizer, load_run, save_run
 from ..common import PicochatError, choose_device, choose_dtype, log, seed_everything, set_threads
 from ..config import ModelConfig
 from ..data.loader import PackingLoader, TokenDataset
