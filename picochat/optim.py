@@ -34,7 +34,11 @@ class OptimConfig:
     matrix_lr: float = 0.02  # Muon, hidden 2-D weights (times the shape factor sqrt(max(1, rows/cols)))
     embedding_lr: float = 0.2  # AdamW, token embedding (times (n_embd/768)^-0.5)
     head_lr: float = 0.004  # AdamW, lm_head (times (n_embd/768)^-0.5)
-    scalar_lr: float = 0.5  # AdamW, 1-D per-layer residual scalars (not width-scaled)
+    # AdamW, 1-D per-layer residual scalars (not width-scaled). Adam moves each scalar by about
+    # lr per step whatever its gradient, so 0.5 rescales the residual stream by up to 50% in one
+    # step: at 8K-token batches that gave one-step loss spikes past log(vocab) (measured: depth 4,
+    # Gutenberg, step 20). 0.005 trains smoothly and reached a lower loss by step 24.
+    scalar_lr: float = 0.005
     # AdamW. beta1 = 0.8 keeps the short-memory momentum nanochat found best for embeddings; the
     # tiny eps matters because embedding rows of rare tokens get tiny second moments.
     adam_betas: tuple[float, float] = (0.8, 0.95)

@@ -60,7 +60,7 @@ def test_run_dir_format_is_readable_by_standard_libraries(small_corpus, small_to
 
 def test_killed_run_resumes_to_the_same_weights(small_corpus, small_tokenizer, tmp_path):
     args = ["pretrain", "--data", str(small_corpus), "--tokenizer", str(small_tokenizer), "--depth", "2",
-            "--seq-len", "64", "--batch-size", "4", "--steps", "24", "--device", "cpu", "--dtype", "fp32",
+            "--seq-len", "64", "--batch-size", "4", "--steps", "60", "--device", "cpu", "--dtype", "fp32",
             "--seed", "5", "--log-every", "1"]
     straight = run_cli(*args, "--save", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr
@@ -74,9 +74,10 @@ def test_killed_run_resumes_to_the_same_weights(small_corpus, small_tokenizer, t
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     step = json.loads((victim / "config.json").read_text())["step"]
+    assert 2 <= step < 60  # killed mid-run, after a checkpoint
     resumed = run_cli(*args, "--save", str(victim), "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert step < 24 or "resuming" not in resumed.stdout
+    assert f"resuming {victim} at step {step}" in resumed.stdout
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(victim / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -150,3 +151,18 @@ def test_eval_bpb_and_sample_cli(small_corpus, small_tokenizer, tmp_path):
     s = run_cli("sample", "--load", str(run), "--prompt", "ROMEO:", "--max-tokens", "8", "--temperature", "0",
                 "--device", "cpu")
     assert s.returncode == 0 and s.stdout.startswith("ROMEO:")
+
+
+def test_data_prepare_then_pretrain_from_parquet(small_corpus, small_tokenizer, tmp_path):
+    import pyarrow.parquet as pq
+    from picochat.data.sources import iter_documents
+    r = run_cli("data", "prepare", "--data", str(small_corpus), "--save", str(tmp_path / "shards"))
+    assert r.returncode == 0, r.stderr
+    shards = sorted((tmp_path / "shards").glob("shard_*.parquet"))
+    assert shards
+    texts = [t for s in shards for t in pq.read_table(s).column("text").to_pylist()]
+    assert texts == list(iter_documents([small_corpus]))
+    r = run_cli("pretrain", "--data", str(tmp_path / "shards"), "--tokenizer", str(small_tokenizer), "--depth", "2",
+                "--seq-len", "64", "--steps", "2", "--device", "cpu", "--save", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 2
