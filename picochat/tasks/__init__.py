@@ -1,0 +1,15 @@
+"""Chat tasks: one module per dataset, each a sequence of conversations that can grade answers.
+
+build_task(name, path) makes one by name; mixture.Mixture combines several with weights.
+"""
+
+from picochat.tasks.base import Task
+from picochat.tasks.mixture import (
+    TASKS,
+    Mixture,
+    build_mixture,
+    build_task,
+    parse_mixture,
+)
+
+__all__ = ["TASKS", "Mixture", "Task", "build_mixture", "build_task", "parse_mixture"]
