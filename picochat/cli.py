@@ -52,6 +52,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-at", type=int, default=0, help="stop after this step, resumable with --resume")
     p.add_argument("--resume", action="store_true", help="continue the run in --save exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run dir")
+    p.add_argument("--cache-dir", help="where tokenized data is cached (default: <save>.cache)")
     _common(p)
 
 
@@ -149,7 +150,7 @@ def _cmd_pretrain(a) -> None:
         optim=optim, device=a.device, dtype=a.dtype, compile=a.compile, seed=a.seed,
         eval_every=a.eval_every, eval_tokens=a.eval_tokens, sample_every=a.sample_every,
         save_every=a.save_every, log_every=a.log_every, stop_at=a.stop_at, resume=a.resume,
-        overwrite=a.overwrite)
+        overwrite=a.overwrite, cache_dir=a.cache_dir)
     result = pretrain(cfg)
     result.pop("metrics")
     print(json.dumps(result))

@@ -3,12 +3,8 @@
 import pytest
 
 from picochat.common import PicochatError
-from picochat.tokenizer import (
-    Tokenizer,
-    render_conversation,
-    render_for_completion,
-    validate_conversation,
-)
+from picochat.conversation import render_conversation, render_for_completion, validate_conversation
+from picochat.tokenizer import Tokenizer
 
 TEXT = ("The quick brown fox jumps over the lazy dog. What is the answer? Let me compute it. "
         "Hello there, how are you today? I am fine, thank you very much. 12 * 34 = 408. ") * 40

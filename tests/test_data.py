@@ -18,7 +18,7 @@ from picochat.data.loader import PackingLoader, TokenDataset
 from picochat.data.prepare import prepare_shards
 from picochat.data.sources import iter_documents, list_files, strip_gutenberg
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from .conftest import SHARED_DATA as SHARED  # noqa: E402
 GUTENBERG = SHARED / "pretrain_text" / "gutenberg"
 BOOKS = [GUTENBERG / "11-0.txt", GUTENBERG / "5200.txt"]  # Alice in Wonderland, Metamorphosis
 

@@ -18,17 +18,12 @@ from picochat.tasks.humaneval import HumanEval, program
 from picochat.tasks.identity import DEFAULT_PAIRS, Identity
 from picochat.tasks.mmlu import MMLU
 from picochat.tasks.spelling import Spelling
-from picochat.tokenizer import Tokenizer, render_conversation
+from picochat.conversation import render_conversation
+from picochat.tokenizer import Tokenizer
 from picochat.tools import calculate
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def data(*parts: str) -> Path:
-    path = DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared test data not found at {path}")
-    return path
+from .conftest import SHARED_DATA as DATA
+from .conftest import shared_data as data
 
 
 @pytest.fixture(scope="module")

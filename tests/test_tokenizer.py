@@ -22,7 +22,7 @@ from picochat.tokenizer import (
     format_eval_table,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from .conftest import SHARED_DATA as DATA  # noqa: E402
 GUTENBERG = DATA / "pretrain_text" / "gutenberg"
 needs_data = pytest.mark.skipif(not GUTENBERG.is_dir(), reason=f"shared test data not found at {GUTENBERG}")
 

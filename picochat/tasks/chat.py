@@ -12,7 +12,7 @@ from pathlib import Path
 
 from picochat.common import PicochatError, log
 from picochat.tasks.base import ListTask, read_records
-from picochat.tokenizer import validate_conversation
+from picochat.conversation import validate_conversation
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from picochat.common import PicochatError
 from picochat.tasks.base import ListTask, read_records
-from picochat.tokenizer import validate_conversation
+from picochat.conversation import validate_conversation
 
 DEFAULT_PAIRS = [
     ("Who are you?",

@@ -80,8 +80,9 @@ class Trainer:
         self.metrics = [m for m in metrics if m.get("step", 0) <= self.step]
 
     # ------------------------------------------------------------------ the loop
-    def train_step(self, data: DataSource, loss_fn=lm_loss, count_fn=lm_count) -> tuple[float, int]:
-        """One optimizer step over grad_accum micro-batches. Returns (mean loss per token, tokens)."""
+    def train_step(self, data: DataSource, loss_fn=lm_loss, count_fn=lm_count) -> tuple[torch.Tensor, int]:
+        """One optimizer step over grad_accum micro-batches. Returns (mean loss per token, tokens),
+        the loss still on the device so that reading it is the caller's choice of sync."""
         cfg = self.optim_cfg
         self.optimizer.set_schedule(
             lr_multiplier(self.step, self.loop.steps, cfg.warmup_frac, cfg.warmdown_frac, cfg.final_lr_frac),
