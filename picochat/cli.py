@@ -86,6 +86,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain a base model")
     _train_flags(p)
 
+    for name, stage_help in (("midtrain", "teach a base model the chat format and tool use (packed conversations)"),
+                             ("sft", "supervised fine-tuning on whole conversations")):
+        c = sub.add_parser(name, help=stage_help)
+        c.add_argument("--load", required=True, help="run dir to start from")
+        c.add_argument("--data", required=True,
+                       help='task mixture, e.g. "gsm8k:train.jsonl:1,arithmetic::0.5,chat.jsonl:2"')
+        c.add_argument("--save", required=True, help="run dir to write")
+        c.add_argument("--seq-len", type=int, default=0, help="default: the model's context")
+        c.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
+        c.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+        c.add_argument("--steps", type=int, default=0, help="default: one pass over the mixture")
+        c.add_argument("--lr-scale", type=float, default=1.0 if name == "midtrain" else 0.1,
+                       help="multiplies the pretraining learning rates")
+        c.add_argument("--seed", type=int, default=42)
+        c.add_argument("--save-every", type=int, default=0)
+        c.add_argument("--log-every", type=int, default=1)
+        c.add_argument("--stop-at", type=int, default=0, help="stop after this step, resumable with --resume")
+        c.add_argument("--resume", action="store_true")
+        c.add_argument("--overwrite", action="store_true")
+        c.add_argument("--compile", action="store_true")
+        _common(c)
+
     ev = sub.add_parser("eval", help="evaluate a model")
     evsub = ev.add_subparsers(dest="action", required=True, parser_class=_Parser)
     e = evsub.add_parser("bpb", help="bits per byte on held-out text")
@@ -156,6 +178,18 @@ def _cmd_pretrain(a) -> None:
     print(json.dumps(result))
 
 
+def _cmd_chat_train(a) -> None:
+    from .train.sft import ChatTrainConfig, chat_train
+    cfg = ChatTrainConfig(load=a.load, data=a.data, save=a.save, stage="mid" if a.command == "midtrain" else "sft",
+                          seq_len=a.seq_len, batch_size=a.batch_size, grad_accum=a.grad_accum, steps=a.steps,
+                          lr_scale=a.lr_scale, device=a.device, dtype=a.dtype, compile=a.compile, seed=a.seed,
+                          save_every=a.save_every, log_every=a.log_every, stop_at=a.stop_at, resume=a.resume,
+                          overwrite=a.overwrite)
+    result = chat_train(cfg)
+    result.pop("metrics")
+    print(json.dumps(result))
+
+
 def _cmd_eval(a) -> None:
     from .evals.bpb import eval_bpb_files
     bpb = eval_bpb_files(a.load, a.data, seq_len=a.seq_len, batch_size=a.batch_size, max_tokens=a.max_tokens,
@@ -177,7 +211,8 @@ def _cmd_speedrun(a) -> None:
     print(f"report: {report}")
 
 
-COMMANDS = {"tokenizer": _cmd_tokenizer, "data": _cmd_data, "pretrain": _cmd_pretrain, "eval": _cmd_eval,
+COMMANDS = {"tokenizer": _cmd_tokenizer, "data": _cmd_data, "pretrain": _cmd_pretrain, "midtrain": _cmd_chat_train,
+            "sft": _cmd_chat_train, "eval": _cmd_eval,
             "sample": _cmd_sample, "speedrun": _cmd_speedrun}
 
 

@@ -38,3 +38,13 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "picochat", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(small_corpus, small_tokenizer, tmp_path_factory) -> Path:
+    """A depth-2 base model run dir, pretrained for a few steps (seq len 128)."""
+    from picochat.train.pretrain import PretrainConfig, pretrain
+    save = tmp_path_factory.mktemp("base") / "run"
+    pretrain(PretrainConfig(data=[str(small_corpus)], save=str(save), tokenizer=str(small_tokenizer), depth=2,
+                            seq_len=128, batch_size=4, steps=5, device="cpu", dtype="fp32", seed=1))
+    return save

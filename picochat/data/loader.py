@@ -53,8 +53,9 @@ def cache_key(paths, tok, txt_split: str) -> str:
 class TokenDataset:
     """A flat token array (uint16/uint32) and int64 document offsets; doc i = tokens[off[i]:off[i+1]]."""
 
-    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, bos_id: int):
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, bos_id: int, mask: np.ndarray | None = None):
         self.tokens = tokens
+        self.mask = mask  # optional, parallel to tokens: 1 where the token is a training target
         self.offsets = offsets
         self.bos_id = int(bos_id)
         self.num_docs = len(offsets) - 1
@@ -63,6 +64,17 @@ class TokenDataset:
 
     def doc(self, i: int) -> np.ndarray:
         return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    @classmethod
+    def from_sequences(cls, sequences: list[tuple[list[int], list[int]]], bos_id: int) -> TokenDataset:
+        """In memory, from (ids, mask) pairs that each start with BOS: rendered conversations."""
+        if not sequences:
+            raise PicochatError("no sequences to pack")
+        lens = np.array([len(ids) for ids, _ in sequences], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lens)])
+        tokens = np.fromiter((t for ids, _ in sequences for t in ids), dtype=np.int64, count=int(offsets[-1]))
+        mask = np.fromiter((m for _, ms in sequences for m in ms), dtype=np.uint8, count=int(offsets[-1]))
+        return cls(tokens, offsets, bos_id, mask)
 
     # ------------------------------------------------------------------ building and caching
 
@@ -155,8 +167,10 @@ class TokenDataset:
         its first max(1, round(val_fraction * num_docs)) documents, then stops early once it has
         max_val_tokens tokens (always at least one document, and at least one left for train);
         train is everything else."""
+        if split == "all":  # every document trains (chat mixtures keep their own held-out splits)
+            return np.arange(self.num_docs)
         if split not in ("train", "val"):
-            raise PicochatError(f"unknown split {split!r} (choose train or val)")
+            raise PicochatError(f"unknown split {split!r} (choose train, val or all)")
         if self.num_docs < 2:
             raise PicochatError(f"only {self.num_docs} document(s): need at least 2 to have both a "
                                 "train and a val split (add data, or use txt_split='paragraphs')")
@@ -189,7 +203,7 @@ class PackingLoader:
         self.batch_size, self.seq_len = batch_size, seq_len
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.buffer_size = buffer_size
-        self.shuffle = split == "train"
+        self.shuffle = split != "val"
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -275,23 +289,30 @@ class PackingLoader:
             space -= n
         return segments
 
-    def _fill_row(self, row: np.ndarray, segments) -> None:
-        toks, offs, bos = self.ds.tokens, self.ds.offsets, self.ds.bos_id
+    def _fill_row(self, row: np.ndarray, segments, mask_row: np.ndarray | None = None) -> None:
+        toks, offs, bos, mask = self.ds.tokens, self.ds.offsets, self.ds.bos_id, self.ds.mask
         pos = 0
         for doc_id, offset, body in segments:
             row[pos] = bos
             start = int(offs[doc_id]) + 1 + offset  # +1 skips the document's own BOS
             row[pos + 1:pos + 1 + body] = toks[start:start + body]
+            if mask_row is not None:
+                mask_row[pos] = 0  # a BOS is never a target
+                mask_row[pos + 1:pos + 1 + body] = mask[start:start + body]
             pos += 1 + body
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         plans = [self._plan_row() for _ in range(self.batch_size * self.world_size)]
         mine = plans[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         rows = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
-        for row, segments in zip(rows, mine):
-            self._fill_row(row, segments)
+        masks = np.empty_like(rows, dtype=np.uint8) if self.ds.mask is not None else [None] * len(rows)
+        for row, mask_row, segments in zip(rows, masks, mine):
+            self._fill_row(row, segments, mask_row)
         t = torch.from_numpy(rows)
-        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+        x, y = t[:, :-1].contiguous(), t[:, 1:].contiguous()
+        if self.ds.mask is not None:  # tokens that are not targets (user turns, tool outputs) -> -1
+            y[torch.from_numpy(masks[:, 1:]) == 0] = -1
+        return x, y
 
     def __iter__(self):
         return self

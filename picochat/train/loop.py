@@ -7,13 +7,15 @@ momentum schedules, timing, MFU, metrics, progress and checkpoint cadence.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
 
-from ..common import Progress, autocast, log, peak_flops
+from ..common import PicochatError, Progress, autocast, log, peak_flops
 from ..optim import OptimConfig, lr_multiplier, muon_momentum
 
 
@@ -134,3 +136,57 @@ class Trainer:
                 callbacks.save(self.step, self.state_dict(data), self.metrics)
         progress.close()
         return self.metrics
+
+
+# ----------------------------------------------------------------------------- a stage, end to end
+
+def open_run(save: str, resume: bool, overwrite: bool, device):
+    """The run dir to resume (model, tokenizer, trainer state), or None to start fresh; refuses to
+    start over an existing run dir unless asked to."""
+    from ..checkpoint import load_run
+    if resume:
+        run = load_run(save, device, trainer_state=True)
+        log(f"resuming {save} at step {run.trainer_state['step']}")
+        return run
+    if Path(save).exists() and not overwrite:
+        raise PicochatError(f"run dir {save} already exists (use --resume to continue it, or --overwrite)")
+    return None
+
+
+def restore_settings(cfg, run, keys: tuple[str, ...]) -> None:
+    """On resume the run's own settings win: other shapes or seeds would not be the same run."""
+    saved = run.meta.get("train", {})
+    for key in keys:
+        if key in saved:
+            setattr(cfg, key, saved[key])
+
+
+def stage_meta(cfg) -> dict:
+    """A stage config as saved in config.json (what resume restores), without the run controls."""
+    meta = {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in ("resume", "overwrite", "stop_at", "optim")}
+    meta["optim"] = dataclasses.asdict(cfg.optim)
+    return meta
+
+
+def run_stage(model, tok, data: DataSource, optim_cfg: OptimConfig, loop: LoopConfig, *, save: str, stage: str,
+              meta: dict, device, dtype, compile: bool = False, run=None, evaluate=None, sample=None,
+              loss_fn=lm_loss, count_fn=lm_count) -> dict:
+    """Train `model` on `data` through the Trainer, checkpointing to the run dir `save`; `run` is the
+    run being resumed, if any. Returns a summary with every metric."""
+    from ..checkpoint import save_run
+    from ..optim import build_optimizer
+    trainer = Trainer(model, build_optimizer(model, optim_cfg), optim_cfg, loop, device, dtype,
+                      flops_per_token=model.config.flops_per_token(), compile=compile)
+    if run is not None:
+        trainer.load_state_dict(run.trainer_state, data, run.metrics)
+
+    def save_fn(step: int, trainer_state: dict, metrics: list) -> None:
+        save_run(save, model, tok, stage=stage, trainer_state=trainer_state, metrics=metrics,
+                 extra={"step": step, "train": meta})
+
+    metrics = trainer.fit(data, Callbacks(save=save_fn, evaluate=evaluate, sample=sample), loss_fn, count_fn)
+    final = metrics[-1] if metrics else {}
+    return {"run_dir": str(save), "steps": trainer.step, "params": model.num_params(),
+            "train_seconds": trainer.elapsed, "final_loss": final.get("loss"),
+            "val_bpb": final.get("val_bpb"), "metrics": metrics}

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from ..checkpoint import check_tokenizer, load_run, save_run
+from ..checkpoint import check_tokenizer
 from ..common import PicochatError, choose_device, choose_dtype, log, seed_everything, set_threads
 from ..config import ModelConfig
 from ..data.loader import PackingLoader, TokenDataset
 from ..engine import generate
 from ..evals.bpb import evaluate_bpb
 from ..model import GPT
-from ..optim import OptimConfig, build_optimizer
+from ..optim import OptimConfig
 from ..tokenizer import Tokenizer, train_tokenizer
-from .loop import Callbacks, LoopConfig, Trainer
+from .loop import LoopConfig, open_run, restore_settings, run_stage, stage_meta
 
 
 @dataclass
@@ -65,22 +63,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
     set_threads()
     device = choose_device(cfg.device)
     dtype = choose_dtype(cfg.dtype, device)
-    save = Path(cfg.save)
-    state = None
-    if cfg.resume:
-        run = load_run(save, device, trainer_state=True)
-        saved = run.meta.get("train", {})
-        # the run's own settings win: resuming with other shapes would not be the same run
-        for key in ("depth", "seq_len", "batch_size", "total_batch_tokens", "steps", "seed", "window",
-                    "window_pattern"):
-            if key in saved:
-                setattr(cfg, key, saved[key])
-        tok, model, state, metrics = run.tokenizer, run.model, run.trainer_state, run.metrics
-        config = model.config
-        log(f"resuming {save} at step {state['step']}")
+    run = open_run(cfg.save, cfg.resume, cfg.overwrite, device)
+    if run is not None:
+        restore_settings(cfg, run, ("depth", "seq_len", "batch_size", "total_batch_tokens", "steps", "seed",
+                                    "window", "window_pattern"))
+        tok, model = run.tokenizer, run.model
     else:
-        if save.exists() and not cfg.overwrite:
-            raise PicochatError(f"run dir {save} already exists (use --resume to continue it, or --overwrite)")
         if cfg.tokenizer:
             tok = Tokenizer.load(cfg.tokenizer)
         else:
@@ -92,10 +80,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
         seed_everything(cfg.seed)
         with torch.device(device):
             model = GPT(config)
-        metrics = []
+    config = model.config
 
     grad_accum = _grad_accum(cfg)
-    dataset = TokenDataset.build(cfg.data, tok, cache_dir=cfg.cache_dir or str(save) + ".cache")
+    dataset = TokenDataset.build(cfg.data, tok, cache_dir=cfg.cache_dir or str(cfg.save) + ".cache")
     train_data = PackingLoader(dataset, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
     tokens_per_step = cfg.batch_size * cfg.seq_len * grad_accum
     if not cfg.steps:
@@ -104,15 +92,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
         f"{model.num_params() / 1e6:.1f}M params | {cfg.steps} steps x {tokens_per_step:,} tokens "
         f"({grad_accum} micro-batches) | {device.type} {str(dtype).removeprefix('torch.')} | "
         f"{dataset.num_tokens:,} tokens in {dataset.num_docs:,} documents")
-
-    optimizer = build_optimizer(model, cfg.optim)
-    loop = LoopConfig(steps=cfg.steps, grad_accum=grad_accum, log_every=cfg.log_every,
-                      eval_every=cfg.eval_every, sample_every=cfg.sample_every, save_every=cfg.save_every,
-                      stop_at=cfg.stop_at)
-    trainer = Trainer(model, optimizer, cfg.optim, loop, device, dtype,
-                      flops_per_token=config.flops_per_token(), compile=cfg.compile)
-    if state is not None:
-        trainer.load_state_dict(state, train_data, metrics)
 
     token_bytes = torch.tensor(tok.token_byte_lengths(), dtype=torch.float32, device=device)
 
@@ -126,16 +105,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         out = generate(model, ids, max_tokens=32, temperature=0.0)
         return cfg.sample_prompt + tok.decode(out)
 
-    train_meta = {k: v for k, v in dataclasses.asdict(cfg).items()
-                  if k not in ("resume", "overwrite", "optim", "stop_at")}
-    train_meta["optim"] = dataclasses.asdict(cfg.optim)
-
-    def save_fn(step: int, trainer_state: dict, metrics: list) -> None:
-        save_run(save, model, tok, stage="base", trainer_state=trainer_state, metrics=metrics,
-                 extra={"step": step, "train": train_meta})
-
-    metrics = trainer.fit(train_data, Callbacks(save=save_fn, evaluate=evaluate, sample=sample))
-    final = metrics[-1] if metrics else {}
-    return {"run_dir": str(save), "steps": trainer.step, "params": model.num_params(),
-            "train_seconds": trainer.elapsed, "final_loss": final.get("loss"),
-            "val_bpb": final.get("val_bpb"), "metrics": metrics}
+    loop = LoopConfig(steps=cfg.steps, grad_accum=grad_accum, log_every=cfg.log_every, eval_every=cfg.eval_every,
+                      sample_every=cfg.sample_every, save_every=cfg.save_every, stop_at=cfg.stop_at)
+    return run_stage(model, tok, train_data, cfg.optim, loop, save=cfg.save, stage="base", meta=stage_meta(cfg),
+                     device=device, dtype=dtype, compile=cfg.compile, run=run, evaluate=evaluate, sample=sample)
