@@ -1,41 +1,330 @@
-"""Generation with a KV cache: prefill the prompt once, then decode one token at a time."""
+"""The Engine: fast generation for sampling, chat, evals and RL.
+
+- The prompt is prefilled ONCE with batch 1; its KV cache is then copied to `num_samples` rows,
+  which decode together, one batched forward per step. The cache (model.KVCache) stores the
+  n_kv_head heads of GQA, and only a ring of `window` slots for sliding-window layers.
+- Sampling: temperature, top-k, top-p; greedy at temperature 0; a seeded torch.Generator on the
+  model's device, so the same call gives the same tokens.
+- A row ends at a stop token (`<|assistant_end|>`, `<|bos|>`, plus the caller's) or when it runs
+  out of room: `max_tokens`, or the model's context length. Generation never runs past the
+  context. A prompt already at or beyond the context is cut from the left (its leading `<|bos|>`
+  kept) to leave room for min(max_tokens, context // 2) new tokens, and the cut is logged.
+- The calculator: when a row emits `<|python_start|>expr<|python_end|>`, the engine evaluates
+  expr with tools.calculate and feeds `<|output_start|>result<|output_end|>` into that row, one
+  token per step in place of sampling (so all rows stay at the same position). Those tokens are
+  marked forced, for a loss mask in RL.
+
+API:
+    engine = Engine(model, tokenizer)
+    engine.generate(ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, top_p=None,
+                    seed=None, stop=(), tools=True)
+        -> iterator, one item per step: a list with, per row, (token_id, forced) or None once the
+           row has finished. A row's stop token IS yielded (RL wants <|assistant_end|> in the
+           sequence it trains on); after it the row yields None.
+    engine.generate_batch(ids, **same) -> list[Completion]  (tokens without the stop token,
+           forced flags, finish_reason "stop" | "length", readable text)
+    engine.stream(ids, **same) -> iterator of StreamEvent(token, forced, text, part), row 0
+    engine.stream_text(ids, **same) -> iterator of str pieces, row 0, whole UTF-8 characters only
+    render_text(tokenizer, tokens) -> str, the readable rendering stream_text produces
+    generate(model, ids, max_tokens, ...) -> list[int], the plain sampler pretraining uses
+
+Tool calls read as "[calc: 1+2] = 3": see SPECIAL_TEXT.
+"""
 
 from __future__ import annotations
 
+import codecs
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
 import torch
 
-from .model import GPT, KVCache
+from .common import PicochatError, log
+from .model import KVCache
+from .tools import calculate
+
+DEFAULT_STOPS = ("<|assistant_end|>", "<|bos|>")
+
+# How special tokens read in text. The tool markers become a plain-text rendering of the call;
+# every other special (stops, turn markers) reads as nothing.
+SPECIAL_TEXT = {
+    "<|python_start|>": "[calc: ",
+    "<|python_end|>": "]",
+    "<|output_start|>": " = ",
+    "<|output_end|>": "",
+}
 
 
-@torch.no_grad()
-def generate(model: GPT, ids: list[int], max_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             seed: int | None = None, stop: tuple[int, ...] = ()) -> list[int]:
-    """Sample up to max_tokens new ids after `ids`; greedy at temperature 0. Stops at a stop id
-    (not returned) or at the model's context length."""
-    device = next(model.parameters()).device
-    room = model.config.sequence_len - len(ids)
-    max_tokens = min(max_tokens, room)
-    if max_tokens <= 0:
-        return []
-    gen = torch.Generator(device=device)
-    if seed is not None:
-        gen.manual_seed(seed)
-    cache = KVCache(model.config, 1, len(ids) + max_tokens)
-    logits = model(torch.tensor([ids], device=device), kv_cache=cache)[:, -1]
-    out: list[int] = []
-    for _ in range(max_tokens):
-        if temperature <= 0:
-            nxt = int(logits.argmax(-1))
+# ----------------------------------------------------------------------------- sampling
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of unnormalized probabilities (B, N), by inverting the CDF with one
+    uniform number per row. torch.multinomial costs about 1 ms per row over a 32k vocabulary on
+    CPU; a cumsum and a binary search cost a tenth of that."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    # right=True picks the first i with cdf[i] > u, so an entry of probability 0 is never drawn
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.size(-1) - 1).squeeze(-1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from logits (B, V): a (B,) tensor of ids. Greedy at temperature 0.
+
+    With top-k and/or top-p only the candidates are sorted and sampled from (topk is sorted
+    descending), which is much cheaper than masking the whole vocabulary."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    vocab = logits.size(-1)
+    use_p = top_p is not None and top_p < 1.0
+    if not top_k and not use_p:
+        return _draw(torch.softmax(logits, dim=-1), generator)
+    vals, idx = torch.topk(logits, min(top_k or vocab, vocab), dim=-1)
+    probs = torch.softmax(vals, dim=-1)
+    if use_p:
+        # keep the smallest prefix whose mass reaches top_p: drop a candidate when the ones
+        # before it already cover top_p (so the most likely one always stays)
+        before = probs.cumsum(-1) - probs
+        probs = probs.masked_fill(before > top_p, 0.0)  # _draw renormalizes
+    choice = _draw(probs, generator)
+    return idx.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- text rendering
+
+@dataclass
+class StreamEvent:
+    token: int
+    forced: bool  # fed in by the engine (tool output), not sampled
+    text: str  # readable text this token completes ("" while a UTF-8 character is incomplete)
+    part: str  # "text", "call" (the calculator expression and its markers) or "output"
+
+
+class TextStream:
+    """Token ids in, readable text out, only ever whole UTF-8 characters.
+
+    A token can end in the middle of a multi-byte character (byte-level BPE), so the bytes go
+    through an incremental UTF-8 decoder, which returns the longest complete prefix and holds
+    the incomplete tail back until the next token completes it. Special tokens render through
+    SPECIAL_TEXT. `part` tracks whether we are inside a tool call or its output, for UIs that
+    style them differently."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.special = {sid: SPECIAL_TEXT.get(name, "") for name, sid in tokenizer.special_tokens.items()}
+        self.names = {sid: name for name, sid in tokenizer.special_tokens.items()}
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.part = "text"
+
+    def push(self, token: int) -> str:
+        """The text that `token` completes."""
+        if token not in self.special:
+            return self.decoder.decode(self.tokenizer.token_bytes(token))
+        # bytes still pending before a special can never be completed: flush them (as U+FFFD)
+        text = self.flush() + self.special[token]
+        name = self.names[token]
+        if name == "<|python_start|>":
+            self.part = "call"
+        elif name == "<|output_start|>":
+            self.part = "output"
+        elif name in ("<|python_end|>", "<|output_end|>"):
+            self.part = "text"
+        return text
+
+    def flush(self) -> str:
+        """Whatever is still pending, at the end of a stream."""
+        text = self.decoder.decode(b"", final=True)
+        self.decoder.reset()
+        return text
+
+
+def render_text(tokenizer, tokens: Iterable[int]) -> str:
+    """Readable text for generated tokens: what stream_text yields, all at once."""
+    stream = TextStream(tokenizer)
+    return "".join(stream.push(t) for t in tokens) + stream.flush()
+
+
+# ----------------------------------------------------------------------------- the engine
+
+@dataclass
+class Completion:
+    tokens: list[int]  # generated ids, tool calls and forced outputs included, stop token not
+    forced: list[bool]  # per token: True where the engine forced it (tool output)
+    finish_reason: str  # "stop" (a stop token) or "length" (max_tokens or the context)
+    text: str  # render_text(tokens)
+
+
+class Engine:
+    """Generation for a GPT. `tokenizer` may be None: then there are no default stop tokens and
+    no tool use, only the caller's stop ids (how the module-level generate() runs it)."""
+
+    def __init__(self, model, tokenizer=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.context = model.config.sequence_len
+        if tokenizer is not None:
+            sid = tokenizer.special_id
+            self.default_stops = frozenset(sid(name) for name in DEFAULT_STOPS)
+            self.bos = tokenizer.bos_id
+            self.python_start, self.python_end = sid("<|python_start|>"), sid("<|python_end|>")
+            self.output_start, self.output_end = sid("<|output_start|>"), sid("<|output_end|>")
         else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
-        if nxt in stop:
-            break
-        out.append(nxt)
-        if len(out) == max_tokens:
-            break
-        logits = model(torch.tensor([[nxt]], device=device), kv_cache=cache)[:, -1]
-    return out
+            self.default_stops = frozenset()
+            self.bos = self.python_start = self.python_end = self.output_start = self.output_end = None
+
+    def fit_prompt(self, ids: list[int], max_tokens: int) -> list[int]:
+        """The prompt as it will be fed: unchanged unless it leaves no room in the context; then
+        cut from the left, keeping a leading <|bos|>, to leave room for min(max_tokens, context//2)
+        new tokens. (A prompt that fits but leaves less room than max_tokens is kept whole and the
+        rows end with "length" when the context fills.)"""
+        if len(ids) < self.context:
+            return ids
+        room = max(1, min(max_tokens, self.context // 2))
+        keep = max(1, self.context - room)
+        head = [ids[0]] if ids[0] == self.bos and keep > 1 else []
+        cut = ids[:len(head)] + ids[len(ids) - (keep - len(head)):]
+        log(f"engine: prompt of {len(ids)} tokens reaches the context ({self.context}); "
+            f"kept its last {len(cut)}")
+        return cut
+
+    def generate(self, ids: list[int], num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop: Iterable[int] = (), tools: bool = True) -> Iterator[list[tuple[int, bool] | None]]:
+        """Yield, per step, [(token_id, forced) or None for each of the num_samples rows]."""
+        ids = list(ids)
+        if not ids:
+            raise PicochatError("generate needs a prompt of at least one token (e.g. <|bos|>)")
+        if num_samples < 1:
+            raise PicochatError(f"num_samples must be at least 1, not {num_samples}")
+        ids = self.fit_prompt(ids, max_tokens)
+        steps = min(max_tokens, self.context - len(ids))
+        if steps <= 0:  # max_tokens <= 0, or a one-token context
+            return iter(())
+        return self._generate(ids, num_samples, steps, temperature, top_k, top_p, seed,
+                              self.default_stops | frozenset(stop), tools and self.tokenizer is not None)
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        gen = torch.Generator(device=self.device)
+        if seed is None:
+            gen.seed()  # a fresh random seed
+        else:
+            gen.manual_seed(seed)
+        return gen
+
+    # an explicit generator function (not `generate` itself) so that argument errors raise at
+    # the call, not at the first next(); inference_mode wraps each resumption, not the caller
+    @torch.inference_mode()
+    def _generate(self, ids, B, steps, temperature, top_k, top_p, seed, stops, tools):
+        model = self.model
+        gen = self._generator(seed) if temperature > 0 else None
+        # the last sampled token is never fed back, so the cache needs one slot less than the
+        # longest sequence; that is at most context - 1: the cache can never overflow
+        cache = KVCache(model.config, 1, len(ids) + steps - 1)
+        logits = model(torch.tensor([ids], device=self.device), kv_cache=cache)[:, -1]
+        if B > 1:  # the rows share the prefix: copy its cache instead of recomputing it
+            cache.repeat_rows(B)
+            logits = logits.expand(B, -1)
+        done = [False] * B
+        # tool state per row: tokens of an open call (None when no call is open), tokens to force
+        call: list[list[int] | None] = [None] * B
+        queue = [deque() for _ in range(B)]
+        n_forcing = 0  # rows with a non-empty queue; when 0 the sampled tensor is fed back as is
+        for step in range(steps):
+            sampled = sample_next(logits, temperature, top_k, top_p, gen)
+            toks = sampled.tolist()  # the one device->host sync per step
+            events: list[tuple[int, bool] | None] = []
+            forced_any = False
+            for r in range(B):
+                if done[r]:
+                    events.append(None)
+                    continue
+                if n_forcing and queue[r]:
+                    tok = toks[r] = queue[r].popleft()
+                    forced_any = True
+                    if not queue[r]:
+                        n_forcing -= 1
+                    events.append((tok, True))
+                    continue
+                tok = toks[r]
+                events.append((tok, False))
+                if tok in stops:
+                    done[r] = True
+                elif tools:
+                    if tok == self.python_start:
+                        call[r] = []
+                    elif call[r] is not None:
+                        if tok == self.python_end:
+                            queue[r].extend(self._tool_output(call[r]))
+                            call[r] = None
+                            n_forcing += 1
+                        else:
+                            call[r].append(tok)
+            yield events
+            if all(done) or step == steps - 1:
+                return
+            if forced_any:  # some rows were fed a forced token instead of their sample
+                nxt = torch.tensor(toks, device=self.device)
+            else:
+                nxt = sampled
+            logits = model(nxt.view(B, 1), kv_cache=cache)[:, -1]
+
+    def _tool_output(self, expr_tokens: list[int]) -> list[int]:
+        result = calculate(self.tokenizer.decode(expr_tokens))  # never raises: errors are text
+        return [self.output_start, *self.tokenizer.encode(result), self.output_end]
+
+    def generate_batch(self, ids: list[int], num_samples: int = 1, **kw) -> list[Completion]:
+        """Run generate() to the end; one Completion per row."""
+        stops = self.default_stops | frozenset(kw.get("stop", ()))
+        tokens: list[list[int]] = [[] for _ in range(num_samples)]
+        forced: list[list[bool]] = [[] for _ in range(num_samples)]
+        for events in self.generate(ids, num_samples=num_samples, **kw):
+            for r, ev in enumerate(events):
+                if ev is not None:
+                    tokens[r].append(ev[0])
+                    forced[r].append(ev[1])
+        out = []
+        for toks, frc in zip(tokens, forced):
+            reason = "length"
+            if toks and not frc[-1] and toks[-1] in stops:
+                toks, frc, reason = toks[:-1], frc[:-1], "stop"
+            text = render_text(self.tokenizer, toks) if self.tokenizer is not None else ""
+            out.append(Completion(toks, frc, reason, text))
+        return out
+
+    def stream(self, ids: list[int], **kw) -> Iterator[StreamEvent]:
+        """Row 0's tokens as they arrive, each with the readable text it completes (the raw
+        events, for UIs that style tool calls). Ignores num_samples: one row is generated."""
+        if self.tokenizer is None:
+            raise PicochatError("streaming text needs an Engine with a tokenizer")
+        kw["num_samples"] = 1
+        text = TextStream(self.tokenizer)
+        last = None
+        for events in self.generate(ids, **kw):
+            tok, forced = events[0]
+            before = text.part
+            piece = text.push(tok)
+            # a start marker belongs to the part it opens, an end marker to the part it closes
+            part = text.part if text.part != "text" else before
+            last = StreamEvent(tok, forced, piece, part)
+            yield last
+        tail = text.flush()
+        if tail and last is not None:  # an incomplete character at the very end
+            yield StreamEvent(last.token, last.forced, tail, last.part)
+
+    def stream_text(self, ids: list[int], **kw) -> Iterator[str]:
+        """Row 0's readable text, in pieces of whole characters, as tokens arrive."""
+        for ev in self.stream(ids, **kw):
+            if ev.text:
+                yield ev.text
+
+
+def generate(model, ids: list[int], max_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             seed: int | None = None, stop: Iterable[int] = (), top_p: float | None = None) -> list[int]:
+    """Sample up to max_tokens new ids after `ids` (greedy at temperature 0); stops at a stop id
+    (not returned) or at the model's context length. No tools, no default stops."""
+    c = Engine(model).generate_batch(ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                     top_p=top_p, seed=seed, stop=stop)[0]
+    return c.tokens

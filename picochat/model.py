@@ -83,24 +83,24 @@ def banded_attention(q, k, v, window: int) -> torch.Tensor:
     return y.reshape(B, H, n_blocks * block, D)[:, :, :T]
 
 
-def attention(q, k, v, window: int, q_start: int) -> torch.Tensor:
-    """q: (B, H, Tq, D) at positions q_start..q_start+Tq-1; k, v: (B, Hkv, Tk, D) at 0..Tk-1."""
+def attention(q, k, v, window: int, q_start: int = 0, k_start: int = 0) -> torch.Tensor:
+    """q: (B, H, Tq, D) at positions q_start..; k, v: (B, Hkv, Tk, D) at positions k_start...
+
+    With a KV cache the cache has already cut the keys down to those the queries may see (the
+    last `window` for a sliding-window layer), so a one-token decode needs no mask at all; its
+    keys may even come out of a ring buffer in rotated order, which softmax does not care about
+    (RoPE was applied before caching, so each key carries its own position)."""
     Tq, Tk = q.size(2), k.size(2)
     gqa = q.size(1) != k.size(1)
-    if Tq == Tk:  # no cached prefix: training, or the first prefill
+    if Tq == Tk and q_start == k_start:  # no cached prefix: training, or the first prefill
         if window and window < Tq:
             return banded_attention(q, k, v, window)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    if window:  # only the last `window` keys can be seen by any of these queries
-        first = max(0, q_start - window + 1)
-        k, v = k[:, :, first:], v[:, :, first:]
-    else:
-        first = 0
-    if Tq == 1:  # one-token decode sees every key left
+    if Tq == 1:  # one-token decode sees every key it is given
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     # a chunk after a prefix: SDPA's is_causal aligns top-left, so build the mask explicitly
     qpos = torch.arange(q_start, q_start + Tq, device=q.device).view(-1, 1)
-    kpos = torch.arange(first, Tk, device=q.device).view(1, -1)
+    kpos = torch.arange(k_start, k_start + Tk, device=q.device).view(1, -1)
     mask = kpos <= qpos
     if window:
         mask &= qpos - kpos < window
@@ -108,31 +108,76 @@ def attention(q, k, v, window: int, q_start: int) -> torch.Tensor:
 
 
 class KVCache:
-    """Keys and values of every layer for a batch of sequences, preallocated to max_len.
+    """Keys and values of every layer for a batch of sequences, preallocated.
 
-    Allocated on first use with the dtype and device of the keys, so it follows autocast."""
+    Full-attention layers keep all max_len positions. A sliding-window layer only ever looks at
+    its last `window` keys, so it keeps a ring buffer of `window` slots (position p lives in slot
+    p % window): at depth 4 with the 1/4-context window that is 44% of the full cache's memory.
+    Both store n_kv_head heads, not n_head (GQA). Allocated on first use with the dtype and device
+    of the keys, so it follows autocast.
+
+    update() returns, per layer, the keys and values the new queries may attend to plus the
+    position of the first one (meaningful when they are in order; a one-token decode gets the
+    ring in rotated order, which attention over a set of keys does not mind)."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int):
         self.config, self.batch_size, self.max_len = config, batch_size, max_len
-        self.k = self.v = None
+        self.windows = config.layer_windows()
+        # a ring never needs more slots than positions it will see
+        self.slots = [min(w, max_len) if w else max_len for w in self.windows]
+        self.k: list[torch.Tensor] | None = None
+        self.v: list[torch.Tensor] | None = None
         self.pos = 0
 
+    def _allocate(self, like: torch.Tensor) -> None:
+        c = self.config
+        shapes = [(self.batch_size, c.n_kv_head, n, c.head_dim) for n in self.slots]
+        self.k = [torch.empty(s, dtype=like.dtype, device=like.device) for s in shapes]
+        self.v = [torch.empty(s, dtype=like.dtype, device=like.device) for s in shapes]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, Hkv, T, D) at the current position; return all keys and values so far."""
+        """Store k, v (B, Hkv, T, D) at the current position; return (keys, values, first_pos)."""
         if self.k is None:
-            c = self.config
-            shape = (c.n_layer, self.batch_size, c.n_kv_head, self.max_len, c.head_dim)
-            self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
-            self.v = torch.empty(shape, dtype=v.dtype, device=v.device)
-        end = self.pos + k.size(2)
+            self._allocate(k)
+        pos, T = self.pos, k.size(2)
+        end = pos + T
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} > {self.max_len} positions")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        ck, cv, window, n = self.k[layer], self.v[layer], self.windows[layer], self.slots[layer]
+        if not window:
+            ck[:, :, pos:end] = k
+            cv[:, :, pos:end] = v
+            return ck[:, :, :end], cv[:, :, :end], 0
+        if T == 1:  # the decode hot path: one write into the ring, no copies
+            slot = pos % n
+            ck[:, :, slot:slot + 1] = k
+            cv[:, :, slot:slot + 1] = v
+            return ck[:, :, :min(end, n)], cv[:, :, :min(end, n)], max(0, end - window)
+        # a chunk: its queries need the cached keys of the window before it, in order
+        first = max(0, pos - window + 1)
+        if first < pos:
+            idx = torch.arange(first, pos, device=k.device) % n
+            k_all = torch.cat([ck.index_select(2, idx), k], dim=2)
+            v_all = torch.cat([cv.index_select(2, idx), v], dim=2)
+        else:
+            k_all, v_all = k, v
+        keep = min(T, n)  # only the chunk's last `window` keys can be seen later
+        idx = torch.arange(end - keep, end, device=k.device) % n
+        ck.index_copy_(2, idx, k[:, :, T - keep:])
+        cv.index_copy_(2, idx, v[:, :, T - keep:])
+        return k_all, v_all, first
 
     def advance(self, n: int) -> None:
         self.pos += n
+
+    def repeat_rows(self, n: int) -> None:
+        """Turn a batch-1 cache into n identical rows (prefill once, then sample n continuations)."""
+        if self.batch_size != 1:
+            raise ValueError("repeat_rows needs a batch-1 cache")
+        if self.k is not None:
+            self.k = [t.expand(n, -1, -1, -1).contiguous() for t in self.k]
+            self.v = [t.expand(n, -1, -1, -1).contiguous() for t in self.v]
+        self.batch_size = n
 
 
 # ----------------------------------------------------------------------------- the network
@@ -157,11 +202,11 @@ class Attention(nn.Module):
         # rotation (it preserves the norm), so the order of the two does not matter
         q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q_start = 0
+        q_start = k_start = 0
         if kv_cache is not None:
             q_start = kv_cache.pos
-            k, v = kv_cache.update(self.layer, k, v)
-        y = attention(q, k, v, window, q_start)
+            k, v, k_start = kv_cache.update(self.layer, k, v)
+        y = attention(q, k, v, window, q_start, k_start)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

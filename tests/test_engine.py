@@ -1,0 +1,289 @@
+"""The Engine: KV-cache decoding equals full recompute, batch rows are independent, sampling
+controls behave, the calculator tool forces its output, stops and limits hold, streaming text
+only ever contains whole characters. Tiny models, a tokenizer trained on a few KB here."""
+
+import pytest
+import torch
+from torch import nn
+
+from picochat.config import ModelConfig
+from picochat.engine import Engine, TextStream, generate, render_text, sample_next
+from picochat.model import GPT, KVCache
+from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+TEXT = ("The quick brown fox jumps over the lazy dog. 1+2 makes 3, and 12*7 makes 84. "
+        "Pack my box with five dozen liquor jugs! How vexingly quick daft zebras jump. ") * 40
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine OpenMP's spinning
+    threads make every op many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train([TEXT], 300)
+
+
+@pytest.fixture(scope="module")
+def model(tok) -> GPT:
+    """Random weights everywhere (the zero-initialized projections too), GQA, and windowed layers
+    with a window of 8 so that 40 generated tokens cross it several times. The head rows of the
+    special tokens are zeroed so that a random model never stops or calls the tool by chance."""
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=3, n_embd=64, n_head=4, n_kv_head=2,
+                      sequence_len=64, window_pattern="SSL", window=8)
+    assert cfg.layer_windows() == [8, 8, 0]
+    torch.manual_seed(0)
+    m = GPT(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        m.lm_head.weight[tok.vocab_size - len(SPECIAL_TOKENS):] = 0
+    return m.eval()
+
+
+def prompt(tok, text="The quick brown fox"):
+    return [tok.bos_id] + tok.encode(text)
+
+
+@torch.no_grad()
+def greedy_by_recompute(model, ids, n):
+    ids = list(ids)
+    out = []
+    for _ in range(n):
+        nxt = int(model(torch.tensor([ids]))[0, -1].argmax())
+        out.append(nxt)
+        ids.append(nxt)
+    return out
+
+
+# ----------------------------------------------------------------------------- exactness
+
+@pytest.mark.parametrize("n_prompt", [3, 20])  # shorter and longer than the window of 8
+def test_greedy_with_cache_equals_full_recompute(model, tok, n_prompt):
+    ids = ([tok.bos_id] + tok.encode(TEXT))[:n_prompt]
+    c = Engine(model, tok).generate_batch(ids, max_tokens=40, temperature=0.0)[0]
+    assert len(ids) + 40 <= model.config.sequence_len and len(c.tokens) == 40 and c.finish_reason == "length"
+    assert c.tokens == greedy_by_recompute(model, ids, 40)
+    assert len(set(c.tokens)) > 5  # non-trivial output
+    # the module-level sampler (pretraining, `picochat sample`) gives the same tokens
+    assert generate(model, ids, 40, temperature=0.0) == c.tokens
+
+
+def test_windowed_layers_keep_only_a_ring_of_the_window(model):
+    cache = KVCache(model.config, batch_size=2, max_len=60)
+    model(torch.randint(0, 100, (2, 20)), kv_cache=cache)
+    assert [k.size(2) for k in cache.k] == [8, 8, 60]
+    assert cache.k[0].size(1) == model.config.n_kv_head  # GQA: kv heads only
+
+
+class Recorder(nn.Module):
+    """Wraps a model and keeps every logits tensor the engine gets back."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config, self.logits = model, model.config, []
+
+    def forward(self, idx, kv_cache=None):
+        out = self.inner(idx, kv_cache=kv_cache)
+        self.logits.append(out[:, -1].clone())
+        return out
+
+
+def test_batch_rows_are_independent(model, tok):
+    ids = prompt(tok)
+    engine = Engine(model, tok)
+    # greedy: every row equals the batch-1 answer
+    rows = engine.generate_batch(ids, num_samples=4, max_tokens=30, temperature=0.0)
+    single = engine.generate_batch(ids, max_tokens=30, temperature=0.0)[0].tokens
+    assert all(r.tokens == single for r in rows)
+    # sampled: the rows differ, and the cached logits of every row, at every step, equal a full
+    # recompute of that row's own sequence (no row leaks into another through the batch)
+    rec = Recorder(model)
+    rows = Engine(rec, tok).generate_batch(ids, num_samples=4, max_tokens=24, temperature=1.0, seed=3)
+    assert len({tuple(r.tokens) for r in rows}) > 1
+    assert len(rec.logits) == 24  # prefill + 23 batched decodes
+    with torch.no_grad():
+        for r, row in enumerate(rows):
+            full = model(torch.tensor([ids + row.tokens]))[0]
+            for t in range(24):
+                cached = rec.logits[t][0 if t == 0 else r]  # step 0: the shared prefill
+                torch.testing.assert_close(cached, full[len(ids) - 1 + t], atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def test_sampling_controls(model, tok):
+    ids = prompt(tok, "Pack my box")
+    engine = Engine(model, tok)
+
+    def run(**kw):
+        return [r.tokens for r in engine.generate_batch(ids, num_samples=2, max_tokens=20, **kw)]
+
+    greedy = run(temperature=0.0)
+    assert run(temperature=1.0, top_k=1, seed=1) == greedy
+    assert run(temperature=1.0, top_p=1e-6, seed=1) == greedy
+    assert run(temperature=1.0, seed=5) == run(temperature=1.0, seed=5)
+    assert run(temperature=1.0, seed=5) != run(temperature=1.0, seed=6)
+    assert run(temperature=0.8, top_k=20, top_p=0.9, seed=5) == run(temperature=0.8, top_k=20, top_p=0.9, seed=5)
+
+
+def test_top_k_and_top_p_only_sample_candidates():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[4.0, 3.9, 0.0, -1.0, 3.8]]).repeat(500, 1)
+    assert set(sample_next(logits, 1.0, top_k=2, generator=gen).tolist()) == {0, 1}
+    # probs ~ (.36, .33, .30, ...): top_p 0.5 keeps the first two, 0.7 the first three
+    assert set(sample_next(logits, 1.0, top_p=0.5, generator=gen).tolist()) == {0, 1}
+    assert set(sample_next(logits, 1.0, top_p=0.7, generator=gen).tolist()) == {0, 1, 4}
+    # plain sampling follows the softmax; a probability-0 token is never drawn
+    probs = torch.tensor([0.1, 0.0, 0.2, 0.7])
+    draws = sample_next(probs.log().repeat(20000, 1), 1.0, generator=gen)
+    freq = torch.bincount(draws, minlength=4) / 20000
+    torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
+    assert freq[1] == 0
+
+
+# ----------------------------------------------------------------------------- scripted models
+
+class Scripted(nn.Module):
+    """A fake model that follows a script per row: it predicts script[i] and moves on when the
+    engine feeds that token back; a token it did not predict (a forced one) leaves it in place.
+    Same forward(idx, kv_cache=...) contract and config as GPT."""
+
+    def __init__(self, tok, scripts, sequence_len=256):
+        super().__init__()
+        self.config = ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_embd=8, n_head=1, n_kv_head=1,
+                                  sequence_len=sequence_len)
+        self.dummy = nn.Parameter(torch.zeros(1))  # the engine finds the device through parameters()
+        self.scripts, self.at = scripts, None
+
+    def forward(self, idx, kv_cache=None):
+        B, T = idx.shape
+        if kv_cache.pos == 0:  # the prefill
+            self.at = [0] * len(self.scripts)
+        else:
+            for r in range(B):
+                script = self.scripts[r]
+                if self.at[r] < len(script) and idx[r, -1].item() == script[self.at[r]]:
+                    self.at[r] += 1
+        kv_cache.advance(T)
+        logits = torch.zeros(B, T, self.config.vocab_size)
+        for r in range(B):
+            script = self.scripts[r]
+            logits[r, -1, script[min(self.at[r], len(script) - 1)]] = 10.0
+        return logits
+
+
+def test_a_tool_call_forces_the_calculator_output(tok):
+    sid = tok.special_id
+    call = [sid("<|python_start|>"), *tok.encode("1+2"), sid("<|python_end|>")]
+    after = tok.encode(" ok")
+    end = sid("<|assistant_end|>")
+    # the rows share the prefill, hence their first token; then row 0 calls at once while row 1
+    # writes more text first, so the rows are forced at different steps
+    first = tok.encode("A")
+    scripts = [first + call + after + [end], first + tok.encode(" so") + call + after + [end]]
+    engine = Engine(Scripted(tok, scripts), tok)
+    rows = engine.generate_batch([tok.bos_id], num_samples=2, temperature=0.0, max_tokens=40)
+    output = [sid("<|output_start|>"), *tok.encode("3"), sid("<|output_end|>")]
+    for row, script in zip(rows, scripts):
+        pre = script[:script.index(call[0])]
+        assert row.tokens == pre + call + output + after  # the generation goes on after the tool
+        assert row.forced == [False] * len(pre + call) + [True] * len(output) + [False] * len(after)
+        assert row.finish_reason == "stop"
+    assert rows[0].text == "A[calc: 1+2] = 3 ok"
+    assert rows[1].text == "A so[calc: 1+2] = 3 ok"
+    # raw events: forced tokens are flagged, a finished row yields None
+    steps = list(engine.generate([tok.bos_id], num_samples=2, temperature=0.0))
+    assert steps[len(first + call)][0] == (output[0], True)
+    assert steps[-1][0] is None and steps[-1][1] == (end, False)
+    # with tools off nothing is forced
+    row = engine.generate_batch([tok.bos_id], temperature=0.0, tools=False)[0]
+    assert not any(row.forced) and sid("<|output_start|>") not in row.tokens
+
+
+def test_a_bad_expression_gives_an_error_as_output(tok):
+    sid = tok.special_id
+    script = [sid("<|python_start|>"), *tok.encode("__import__"), sid("<|python_end|>"), sid("<|assistant_end|>")]
+    row = Engine(Scripted(tok, [script]), tok).generate_batch([tok.bos_id], temperature=0.0)[0]
+    out = row.tokens[row.tokens.index(sid("<|output_start|>")) + 1:-1]
+    assert tok.decode(out).startswith("error")
+    assert row.finish_reason == "stop"
+
+
+# ----------------------------------------------------------------------------- stops and limits
+
+def test_stop_tokens_end_a_row(tok):
+    sid = tok.special_id
+    hi = tok.encode("hi there")
+    for stop_name in ("<|assistant_end|>", "<|bos|>"):
+        row = Engine(Scripted(tok, [hi + [sid(stop_name)] + hi]), tok).generate_batch([tok.bos_id], temperature=0.0)[0]
+        assert (row.tokens, row.finish_reason, row.text) == (hi, "stop", "hi there")
+    # a caller's stop id
+    row = Engine(Scripted(tok, [hi + hi]), tok).generate_batch([tok.bos_id], temperature=0.0, stop=(hi[1],))[0]
+    assert (row.tokens, row.finish_reason) == (hi[:1], "stop")
+
+
+def test_max_tokens_and_context_are_respected(model, tok):
+    engine = Engine(model, tok)
+    row = engine.generate_batch(prompt(tok), max_tokens=7, temperature=1.0, seed=0)[0]
+    assert (len(row.tokens), row.finish_reason) == (7, "length")
+    ctx = model.config.sequence_len
+    ids = [tok.bos_id] + tok.encode(TEXT)[:ctx - 11]  # room for 10 tokens
+    rows = engine.generate_batch(ids, num_samples=3, max_tokens=100, temperature=1.0, seed=0)
+    assert all((len(r.tokens), r.finish_reason) == (10, "length") for r in rows)
+    assert len(generate(model, ids, 100, temperature=0.0)) == 10
+    assert engine.generate_batch(ids, max_tokens=0)[0].tokens == []
+
+
+@pytest.mark.parametrize("extra", [0, 1, 50])
+def test_a_prompt_at_or_beyond_the_context_does_not_crash(model, tok, extra):
+    ctx = model.config.sequence_len
+    ids = [tok.bos_id] + tok.encode(TEXT)[:ctx - 1 + extra]
+    assert len(ids) == ctx + extra
+    engine = Engine(model, tok)
+    fitted = engine.fit_prompt(ids, max_tokens=5)
+    assert fitted[0] == tok.bos_id and fitted[1:] == ids[-(ctx - 6):]  # left-cut, <|bos|> kept
+    row = engine.generate_batch(ids, max_tokens=5, temperature=0.0)[0]
+    assert (len(row.tokens), row.finish_reason) == (5, "length")
+    row = engine.generate_batch(ids, max_tokens=1000, temperature=0.0)[0]  # room capped at ctx // 2
+    assert (len(row.tokens), row.finish_reason) == (ctx // 2, "length")
+    assert len(generate(model, ids, 1000, temperature=1.0, seed=0)) == ctx // 2
+
+
+# ----------------------------------------------------------------------------- streaming
+
+def _byte_id(tok, b: int) -> int:
+    return tok.mergeable_ranks[bytes([b])]
+
+
+def test_stream_text_only_yields_whole_characters(tok):
+    sid = tok.special_id
+    script = [_byte_id(tok, b) for b in "é漢".encode()] + tok.encode(" ")
+    script += [sid("<|python_start|>"), *tok.encode("2*3"), sid("<|python_end|>"), sid("<|assistant_end|>")]
+    engine = Engine(Scripted(tok, [script]), tok)
+    pieces = list(engine.stream_text([tok.bos_id], temperature=0.0))
+    full = engine.generate_batch([tok.bos_id], temperature=0.0)[0].text
+    assert full == "é漢 [calc: 2*3] = 6"
+    assert "".join(pieces) == full
+    assert "\ufffd" not in full and pieces[:2] == ["é", "漢"]
+    # raw events: the UI can tell the call and its output apart from the answer
+    events = list(engine.stream([tok.bos_id], temperature=0.0))
+    by_part = {}
+    for ev in events:
+        by_part[ev.part] = by_part.get(ev.part, "") + ev.text
+    assert by_part == {"text": "é漢 ", "call": "[calc: 2*3]", "output": " = 6"}
+    assert all(ev.forced == (ev.part == "output") for ev in events)
+
+
+def test_text_stream_holds_back_split_characters_and_flushes_a_broken_tail(tok):
+    stream = TextStream(tok)
+    ids = [_byte_id(tok, b) for b in "漢".encode()]
+    assert [stream.push(i) for i in ids] == ["", "", "漢"]
+    assert stream.push(ids[0]) == "" and stream.flush() == "\ufffd"  # like decode(errors="replace")
+    assert render_text(tok, ids[:2]) == tok.decode(ids[:2])
