@@ -128,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     _common(s)
 
+    c = sub.add_parser("chat", help="talk to a chat model in the terminal")
+    c.add_argument("--load", required=True)
+    c.add_argument("--prompt", help="answer this one message and exit")
+    c.add_argument("--temperature", type=float, default=0.6)
+    c.add_argument("--top-k", type=int, default=50)
+    c.add_argument("--top-p", type=float, default=None)
+    c.add_argument("--max-tokens", type=int, default=512)
+    c.add_argument("--seed", type=int, default=None)
+    _common(c)
+
     r = sub.add_parser("speedrun", help="the whole pipeline in one command (offline by default)")
     r.add_argument("--preset", default="tiny", help="tiny (offline default, ~15 min on 2 CPU cores), small, d8, d12, d20")
     r.add_argument("--data", nargs="+", help="your own text instead of the builtin offline corpus")
@@ -204,6 +214,11 @@ def _cmd_sample(a) -> None:
         print("-" * 40)
 
 
+def _cmd_chat(a) -> None:
+    from .chat import chat
+    chat(a.load, a.prompt, a.temperature, a.top_k, a.top_p, a.max_tokens, a.seed, a.device)
+
+
 def _cmd_speedrun(a) -> None:
     from .speedrun import SpeedrunConfig, speedrun
     report = speedrun(SpeedrunConfig(preset=a.preset, data=a.data, save=a.save, steps=a.steps,
@@ -213,7 +228,7 @@ def _cmd_speedrun(a) -> None:
 
 COMMANDS = {"tokenizer": _cmd_tokenizer, "data": _cmd_data, "pretrain": _cmd_pretrain, "midtrain": _cmd_chat_train,
             "sft": _cmd_chat_train, "eval": _cmd_eval,
-            "sample": _cmd_sample, "speedrun": _cmd_speedrun}
+            "sample": _cmd_sample, "chat": _cmd_chat, "speedrun": _cmd_speedrun}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,85 @@
+"""`picochat chat`: talk to a chat model in the terminal, with streaming and visible tool calls.
+
+The history is kept as token ids, exactly as the model saw and wrote them (tool calls and their
+forced outputs included), so the next turn continues the same conversation the model knows.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .checkpoint import load_run
+from .common import choose_device, set_threads
+from .engine import Engine
+
+HELP = "commands: /clear starts a new conversation, /quit leaves (or Ctrl-D); Ctrl-C stops an answer"
+STYLE = {"call": "\033[36m", "output": "\033[2m"}  # tool calls cyan, their outputs dim
+RESET = "\033[0m"
+
+
+class ChatSession:
+    def __init__(self, engine: Engine, temperature: float = 0.6, top_k: int | None = 50, top_p: float | None = None,
+                 max_tokens: int = 512, seed: int | None = None, color: bool = False):
+        self.engine, self.tok = engine, engine.tokenizer
+        self.sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed)
+        self.color = color
+        self.sid = self.tok.special_id
+        self.clear()
+
+    def clear(self) -> None:
+        self.history = [self.tok.bos_id]
+
+    def answer(self, text: str, out=sys.stdout) -> str:
+        """Stream the assistant's reply to `text` into `out`; return its readable text. Ctrl-C stops
+        this answer (what was said so far stays in the history) and not the program."""
+        ids = self.history + [self.sid("<|user_start|>")] + self.tok.encode(text) + \
+            [self.sid("<|user_end|>"), self.sid("<|assistant_start|>")]
+        ids = self.engine.fit_prompt(ids, self.sample_kw["max_tokens"])
+        tokens, pieces = [], []
+        try:
+            for ev in self.engine.stream(ids, **self.sample_kw):
+                tokens.append(ev.token)
+                pieces.append(ev.text)
+                style = STYLE.get(ev.part) if self.color else None
+                out.write(f"{style}{ev.text}{RESET}" if style and ev.text else ev.text)
+                out.flush()
+        except KeyboardInterrupt:
+            out.write(" [stopped]")
+        out.write("\n")
+        end = self.sid("<|assistant_end|>")
+        if not tokens or tokens[-1] != end:
+            tokens.append(end)  # close the turn whatever ended it
+        self.history = ids + tokens
+        return "".join(pieces)
+
+
+def chat(load: str, prompt: str | None = None, temperature: float = 0.6, top_k: int | None = 50,
+         top_p: float | None = None, max_tokens: int = 512, seed: int | None = None, device: str = "auto") -> None:
+    set_threads()
+    run = load_run(load, choose_device(device))
+    session = ChatSession(Engine(run.model, run.tokenizer), temperature, top_k, top_p, max_tokens, seed,
+                          color=sys.stdout.isatty())
+    if prompt is not None:  # one-shot
+        session.answer(prompt)
+        return
+    print(f"picochat — {run.path} ({run.meta.get('stage', '?')}, {run.model.num_params() / 1e6:.1f}M params)")
+    print(HELP)
+    while True:
+        try:
+            text = input("\nyou> ").strip()
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print("\n(" + HELP + ")")
+            continue
+        if text in ("/quit", "/exit"):
+            return
+        if text == "/clear":
+            session.clear()
+            print("(new conversation)")
+            continue
+        if not text:
+            continue
+        sys.stdout.write("picochat> ")
+        session.answer(text)
