@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(c)
 
     r = sub.add_parser("speedrun", help="the whole pipeline in one command (offline by default)")
-    r.add_argument("--preset", default="tiny", help="tiny (offline default, ~15 min on 2 CPU cores), small, d8, d12, d20")
+    r.add_argument("--preset", default="tiny", help="smoke (one minute), tiny (offline default, <20 min on 2 CPU cores), small, d8, d12, d20")
     r.add_argument("--data", nargs="+", help="your own text instead of the builtin offline corpus")
     r.add_argument("--save", default="runs/speedrun", help="output directory")
     r.add_argument("--steps", type=int, default=0, help="override the preset's step count")

@@ -35,12 +35,12 @@ def system_info() -> dict:
 
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def speedrun_report(path: Path, preset: str, data: list[str], tok_path: Path, result: dict,
-                    samples: dict[str, str], timings: dict[str, float]) -> None:
+                    samples: dict[str, str], timings: dict[str, float], chat: dict | None = None) -> None:
     from .tokenizer import Tokenizer, eval_tokenizer, format_eval_table
     metrics = result["metrics"]
     last = metrics[-1]
@@ -64,6 +64,12 @@ def speedrun_report(path: Path, preset: str, data: list[str], tok_path: Path, re
         "## Validation bpb\n" + _table(["step", "loss", "val bpb"],
                                         [[m["step"], m.get("loss", ""), m["val_bpb"]] for m in evals]),
         "## Samples (greedy)\n" + "\n".join(f"- `{p}` → {s[len(p):]!r}" for p, s in samples.items()),
-        "## System\n" + _table(["", ""], [[k, v] for k, v in system_info().items()]),
     ]
+    if chat:
+        parts[1] += (f" Held-out arithmetic with the calculator: **{chat['mid']['accuracy']:.0%} before SFT, "
+                     f"{chat['sft']['accuracy']:.0%} after**.")
+        parts.append("## Chat (midtraining, then SFT)\n" + _table(
+            ["stage", "arithmetic accuracy (held out, tools on)"] + [f"`{p}`" for p in chat["sft"]["answers"]],
+            [[stage, f"{c['accuracy']:.1%}"] + [repr(a) for a in c["answers"].values()] for stage, c in chat.items()]))
+    parts.append("## System\n" + _table(["", ""], [[k, v] for k, v in system_info().items()]))
     write_atomic(path, "\n\n".join(parts) + "\n")
