@@ -39,7 +39,7 @@ PRESETS: dict[str, dict] = {
 }
 # The chat stages need no download: the built-in identity conversations, and synthetic arithmetic
 # that teaches the calculator tool. Accuracy is measured on arithmetic questions no stage trained on.
-CHAT_DATA = "identity::1,arithmetic::1"
+CHAT_DATA = "identity::100,arithmetic::1"  # 12 identity pairs x 100 vs 10,000 arithmetic questions
 HELD_OUT = dict(size=40, seed=12345)
 CHAT_PROMPTS = ["Who are you?", "What is 4821 * 377?"]
 SAMPLE_PROMPTS = ["The", "In Python, a list", "The function returns", "If the file"]
