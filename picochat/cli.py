@@ -23,6 +23,16 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (auto: bf16 on CUDA and on CPUs with native bf16, else fp32)")
 
 
+def _sampling_flags(p: argparse.ArgumentParser, temperature: float, max_tokens: int, seed: int | None) -> None:
+    p.add_argument("--load", required=True, help="run dir")
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--seed", type=int, default=seed)
+    _common(p)
+
+
 def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", required=True, help="text files or directories (.txt, .jsonl, .parquet)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: train one on --data)")
@@ -119,24 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e)
 
     s = sub.add_parser("sample", help="continue a prompt with a trained model")
-    s.add_argument("--load", required=True)
     s.add_argument("--prompt", default="")
-    s.add_argument("--max-tokens", type=int, default=128)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=50)
     s.add_argument("--num-samples", type=int, default=1)
-    s.add_argument("--seed", type=int, default=0)
-    _common(s)
+    _sampling_flags(s, temperature=0.8, max_tokens=128, seed=0)
 
     c = sub.add_parser("chat", help="talk to a chat model in the terminal")
-    c.add_argument("--load", required=True)
     c.add_argument("--prompt", help="answer this one message and exit")
-    c.add_argument("--temperature", type=float, default=0.6)
-    c.add_argument("--top-k", type=int, default=50)
-    c.add_argument("--top-p", type=float, default=None)
-    c.add_argument("--max-tokens", type=int, default=512)
-    c.add_argument("--seed", type=int, default=None)
-    _common(c)
+    _sampling_flags(c, temperature=0.6, max_tokens=512, seed=None)
 
     r = sub.add_parser("speedrun", help="the whole pipeline in one command (offline by default)")
     r.add_argument("--preset", default="tiny", help="smoke (one minute), tiny (offline default, <20 min on 2 CPU cores), small, d8, d12, d20")
@@ -209,7 +208,8 @@ def _cmd_eval(a) -> None:
 
 def _cmd_sample(a) -> None:
     from .sample import sample
-    for text in sample(a.load, a.prompt, a.max_tokens, a.temperature, a.top_k, a.num_samples, a.seed, a.device):
+    for text in sample(a.load, a.prompt, a.max_tokens, a.temperature, a.top_k, a.num_samples, a.seed, a.device,
+                       a.top_p):
         print(text)
         print("-" * 40)
 
