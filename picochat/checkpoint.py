@@ -80,14 +80,12 @@ def save_run(path: str | Path, model: GPT, tokenizer: Tokenizer, stage: str, ext
     return path
 
 
-def read_meta(path: str | Path) -> dict:
-    path = _recover(Path(path))
+def _read_config(path: Path) -> tuple[dict, ModelConfig]:
     try:
         meta = json.loads((path / CONFIG).read_text())
-        ModelConfig.from_dict(meta["model"])
+        return meta, ModelConfig.from_dict(meta["model"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise PicochatError(f"corrupt run dir {path}: {CONFIG} is unreadable ({e})") from None
-    return meta
 
 
 def _recover(path: Path) -> Path:
@@ -105,8 +103,7 @@ def load_run(path: str | Path, device: torch.device | str = "cpu", trainer_state
     for name in (WEIGHTS, CONFIG, TOKENIZER):
         if not (path / name).is_file():
             raise PicochatError(f"corrupt run dir {path}: {name} is missing")
-    meta = read_meta(path)
-    config = ModelConfig.from_dict(meta["model"])
+    meta, config = _read_config(path)
     tokenizer = Tokenizer.load(path / TOKENIZER)
     check_tokenizer(tokenizer, config, meta, where=str(path))
     try:

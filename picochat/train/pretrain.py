@@ -95,8 +95,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     token_bytes = torch.tensor(tok.token_byte_lengths(), dtype=torch.float32, device=device)
 
+    val = PackingLoader(dataset, "val", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+
     def evaluate() -> dict:
-        val = PackingLoader(dataset, "val", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+        val.reset()  # the same validation tokens every time
         steps = max(1, cfg.eval_tokens // (cfg.batch_size * cfg.seq_len))
         return {"val_bpb": round(evaluate_bpb(model, val, steps, token_bytes, device, dtype), 6)}
 
