@@ -83,15 +83,31 @@ def banded_attention(q, k, v, window: int) -> torch.Tensor:
     return y.reshape(B, H, n_blocks * block, D)[:, :, :T]
 
 
-def attention(q, k, v, window: int, q_start: int = 0, k_start: int = 0) -> torch.Tensor:
+def attention(q, k, v, window: int, q_start: int = 0, k_start: int = 0,
+              key_valid: torch.Tensor | None = None) -> torch.Tensor:
     """q: (B, H, Tq, D) at positions q_start..; k, v: (B, Hkv, Tk, D) at positions k_start...
 
     With a KV cache the cache has already cut the keys down to those the queries may see (the
     last `window` for a sliding-window layer), so a one-token decode needs no mask at all; its
     keys may even come out of a ring buffer in rotated order, which softmax does not care about
-    (RoPE was applied before caching, so each key carries its own position)."""
+    (RoPE was applied before caching, so each key carries its own position).
+
+    key_valid (B, Tk), only for a batch of left-padded rows (KVCache.start): False marks a pad key,
+    which no query may see. A pad query still sees itself, so that no row of the mask is empty
+    (an all-masked softmax is NaN, and a NaN in a pad's cached value would leak through the
+    zero weight the real queries give it: 0 * NaN = NaN)."""
     Tq, Tk = q.size(2), k.size(2)
     gqa = q.size(1) != k.size(1)
+    if key_valid is not None:
+        mask = key_valid[:, None, None, :]
+        if Tq > 1:  # keys are in position order here (only a one-token decode reads a rotated ring)
+            qpos = torch.arange(q_start, q_start + Tq, device=q.device).view(-1, 1)
+            kpos = torch.arange(k_start, k_start + Tk, device=q.device).view(1, -1)
+            causal = kpos <= qpos
+            if window:
+                causal &= qpos - kpos < window
+            mask = (mask & causal) | (kpos == qpos)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if Tq == Tk and q_start == k_start:  # no cached prefix: training, or the first prefill
         if window and window < Tq:
             return banded_attention(q, k, v, window)
@@ -118,9 +134,16 @@ class KVCache:
 
     update() returns, per layer, the keys and values the new queries may attend to plus the
     position of the first one (meaningful when they are in order; a one-token decode gets the
-    ring in rotated order, which attention over a set of keys does not mind)."""
+    ring in rotated order, which attention over a set of keys does not mind).
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int):
+    Rows of different lengths (the engine's generate_many and the server's batches) share one
+    position counter: shorter rows are LEFT-padded, and `start` (B,) holds each row's first real
+    position. RoPE is relative, so a constant offset per row changes nothing between its real
+    tokens; only the pad keys must be masked (key_valid). start=None (the default) is the
+    unpadded hot path, untouched. The padded-batch operations (index_rows, cat, relabel) let a
+    batch drop finished rows and take in new ones between decode steps."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, start: torch.Tensor | None = None):
         self.config, self.batch_size, self.max_len = config, batch_size, max_len
         self.windows = config.layer_windows()
         # a ring never needs more slots than positions it will see
@@ -128,12 +151,16 @@ class KVCache:
         self.k: list[torch.Tensor] | None = None
         self.v: list[torch.Tensor] | None = None
         self.pos = 0
+        self.start = start
+        self._valid: dict = {}  # key_valid per (layer kind, keys) for the current step
 
     def _allocate(self, like: torch.Tensor) -> None:
         c = self.config
         shapes = [(self.batch_size, c.n_kv_head, n, c.head_dim) for n in self.slots]
-        self.k = [torch.empty(s, dtype=like.dtype, device=like.device) for s in shapes]
-        self.v = [torch.empty(s, dtype=like.dtype, device=like.device) for s in shapes]
+        # padded rows: masked slots must hold finite numbers (see attention), so no torch.empty
+        new = torch.empty if self.start is None else torch.zeros
+        self.k = [new(s, dtype=like.dtype, device=like.device) for s in shapes]
+        self.v = [new(s, dtype=like.dtype, device=like.device) for s in shapes]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, Hkv, T, D) at the current position; return (keys, values, first_pos)."""
@@ -167,8 +194,96 @@ class KVCache:
         cv.index_copy_(2, idx, v[:, :, T - keep:])
         return k_all, v_all, first
 
+    def key_valid(self, layer: int, n_keys: int, k_start: int, T: int) -> torch.Tensor | None:
+        """(B, n_keys) bool, False at pad keys, for the keys update() just returned; None when no
+        row is padded. Only a one-token decode of a ring layer gets keys out of position order:
+        slot s then holds the latest position p <= pos with p = s (mod slots)."""
+        if self.start is None:
+            return None
+        n = self.slots[layer]
+        ring = bool(self.windows[layer]) and T == 1
+        key = (ring, n_keys, k_start, n if ring else 0)
+        if key not in self._valid:
+            kpos = torch.arange(n_keys, device=self.start.device)
+            if ring:
+                last = self.pos  # the position just written
+                kpos = kpos + n * torch.div(last - kpos, n, rounding_mode="floor")
+            else:
+                kpos = kpos + k_start
+            self._valid[key] = kpos[None, :] >= self.start[:, None]
+        return self._valid[key]
+
     def advance(self, n: int) -> None:
         self.pos += n
+        self._valid.clear()
+
+    # ------------------------------------------------------------- padded-batch operations
+
+    def index_rows(self, idx: torch.Tensor) -> None:
+        """Keep the rows idx, in that order (repeats allowed: one prompt, n samples)."""
+        if self.k is not None:
+            self.k = [t.index_select(0, idx) for t in self.k]
+            self.v = [t.index_select(0, idx) for t in self.v]
+        if self.start is not None:
+            self.start = self.start.index_select(0, idx.to(self.start.device))
+        self.batch_size = idx.numel()
+        self._valid.clear()
+
+    def cat(self, other: KVCache) -> None:
+        """Append other's rows. Both must be at the same position with the same max_len."""
+        if other.pos != self.pos or other.max_len != self.max_len:
+            raise ValueError("cat needs caches at the same position and of the same length")
+        n = self.batch_size
+        if other.k is not None:
+            self.k = [torch.cat([a, b]) for a, b in zip(self.k, other.k)]
+            self.v = [torch.cat([a, b]) for a, b in zip(self.v, other.v)]
+        device = self.k[0].device if self.k is not None else "cpu"
+        starts = [s if s is not None else torch.zeros(m, dtype=torch.long, device=device)
+                  for s, m in ((self.start, n), (other.start, other.batch_size))]
+        self.start = torch.cat([s.to(device) for s in starts])
+        self.batch_size = n + other.batch_size
+        self._valid.clear()
+
+    def relabel(self, delta: int, max_len: int) -> None:
+        """Move every row by `delta` positions (more left padding if > 0, less if < 0, which
+        needs every row's start >= -delta) and resize to max_len positions. Cached keys carry
+        their RoPE rotation, so they are rotated by delta too: rotations compose, and a key
+        rotated for p then for delta is the key for p + delta. Values carry no position."""
+        if self.start is None:
+            self.start = torch.zeros(self.batch_size, dtype=torch.long,
+                                     device=self.k[0].device if self.k is not None else "cpu")
+        if delta < 0 and int(self.start.min()) < -delta:
+            raise ValueError(f"relabel by {delta} would cut real positions")
+        if max_len < self.pos + delta or any(w and min(w, max_len) != n
+                                             for w, n in zip(self.windows, self.slots)):
+            raise ValueError("relabel cannot shrink below the current position or resize a ring")
+        if self.k is not None and (delta or max_len != self.max_len):
+            c = self.config
+            d = c.head_dim
+            inv_freq = c.rope_base ** (-torch.arange(0, d, 2, dtype=torch.float32, device=self.k[0].device) / d)
+            angle = delta * inv_freq
+            cos, sin = angle.cos(), angle.sin()
+            lo = max(0, -delta)  # first old position kept
+            for layer, (w, n) in enumerate(zip(self.windows, self.slots)):
+                k, v = self.k[layer], self.v[layer]
+                if delta:  # apply_rotary's layout is (..., D) with cos over the last half: any shape fits
+                    k = apply_rotary(k, cos, sin)
+                if w:  # position p lives in slot p % n: the ring rolls with the labels
+                    if self.pos < n:  # slots never written (torch.empty) would roll into view
+                        k[:, :, self.pos:] = 0
+                        v[:, :, self.pos:] = 0
+                    self.k[layer], self.v[layer] = k.roll(delta, 2), v.roll(delta, 2)
+                    continue
+                nk = k.new_zeros(k.size(0), k.size(1), max_len, k.size(3))
+                nv = v.new_zeros(v.size(0), v.size(1), max_len, v.size(3))
+                nk[:, :, lo + delta:self.pos + delta] = k[:, :, lo:self.pos]
+                nv[:, :, lo + delta:self.pos + delta] = v[:, :, lo:self.pos]
+                self.k[layer], self.v[layer] = nk, nv
+        self.slots = [n if w else max_len for w, n in zip(self.windows, self.slots)]
+        self.max_len = max_len
+        self.pos += delta
+        self.start = self.start + delta
+        self._valid.clear()
 
     def repeat_rows(self, n: int) -> None:
         """Turn a batch-1 cache into n identical rows (prefill once, then sample n continuations)."""
@@ -203,10 +318,12 @@ class Attention(nn.Module):
         q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q_start = k_start = 0
+        valid = None
         if kv_cache is not None:
             q_start = kv_cache.pos
             k, v, k_start = kv_cache.update(self.layer, k, v)
-        y = attention(q, k, v, window, q_start, k_start)
+            valid = kv_cache.key_valid(self.layer, k.size(2), k_start, T)
+        y = attention(q, k, v, window, q_start, k_start, valid)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -283,7 +400,11 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, kv_cache: KVCache | None = None, loss_reduction: str = "mean"):
+    def forward(self, idx, targets=None, kv_cache: KVCache | None = None, loss_reduction: str = "mean",
+                where: torch.Tensor | None = None):
+        """Logits (B, T, vocab), or the loss against targets (-1 = ignored). `where`, a (B, T) bool
+        mask, asks for the logits at those positions only, as (N, vocab): evals score a few
+        positions per sequence, and the head is the biggest matmul of a small model."""
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self._rotary_len:
@@ -298,6 +419,10 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = norm(x)
+        if where is not None:
+            if targets is not None:
+                raise ValueError("forward: `where` selects logits; it cannot be combined with targets")
+            x = x[where]
 
         logits = self.lm_head(x).float()
         cap = self.config.softcap

@@ -49,16 +49,14 @@ def test_sft_resumes_exactly(tiny_base, tmp_path):
 def test_sft_teaches_arithmetic_with_the_calculator(tiny_base, tmp_path):
     """From a base model that never saw the chat format, SFT on the synthetic arithmetic task makes
     the model call the calculator with the question's operands and report the result."""
-    from picochat.engine import Engine
-    from picochat.evals.generative import generative_accuracy
+    from picochat.evals.chat_eval import evaluate_task
     from picochat.tasks.arithmetic import Arithmetic
 
     held_out = Arithmetic(size=30, seed=12345)  # training uses seed 42: different questions
-    base = load_run(tiny_base)
-    before = generative_accuracy(Engine(base.model, base.tokenizer), held_out, max_tokens=40)["accuracy"]
+    kw = dict(max_tokens=40, save=False)
+    before = evaluate_task(load_run(tiny_base), "arithmetic", held_out, **kw)["accuracy"]
     chat_train(ChatTrainConfig(load=str(tiny_base), data="arithmetic::1", save=str(tmp_path / "sft"), stage="sft",
                                batch_size=16, steps=500, device="cpu", dtype="fp32", log_every=50))
-    tuned = load_run(tmp_path / "sft")
-    after = generative_accuracy(Engine(tuned.model, tuned.tokenizer), held_out, max_tokens=40)["accuracy"]
+    after = evaluate_task(load_run(tmp_path / "sft"), "arithmetic", held_out, **kw)["accuracy"]
     assert before <= 0.1
     assert after >= 0.6, after

@@ -188,8 +188,9 @@ def test_humaneval_program_compiles():
         compile(src, ex["task_id"], "exec")  # syntax only: running it is the sandbox's job
     fenced = program(task[0], "Sure:\n```python\n    return False\n```\n")
     assert "    return False\n" in fenced and "Sure" not in fenced
-    with pytest.raises(NotImplementedError, match="sandbox"):
-        task.reward(task[0], "    return False")
+    # graded by running the tests in the sandbox (tests/test_sandbox.py covers the rest)
+    assert task.reward(task[0], raw["canonical_solution"]) == 1.0
+    assert task.reward(task[0], "    return False") == 0.0
 
 
 # ----------------------------------------------------------------------------- identity

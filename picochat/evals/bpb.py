@@ -6,6 +6,7 @@ out of both sums, so the number depends on the text alone, not on how it is spli
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -46,15 +47,16 @@ class _Sequential:
 
 
 def eval_bpb_files(load: str, data: list[str], seq_len: int = 0, batch_size: int = 8,
-                   max_tokens: int = 1_000_000, device: str = "auto", dtype: str = "auto") -> float:
+                   max_tokens: int = 1_000_000, device: str = "auto", dtype: str = "auto",
+                   int8: bool = False) -> float:
     """`picochat eval bpb`: bits per byte of a run dir's model on every token of `data`."""
     from ..checkpoint import load_run
-    from ..common import PicochatError, choose_device, choose_dtype, log, set_threads
+    from ..common import PicochatError, choose_device, choose_dtype, log, set_threads, write_atomic
     from ..data.loader import TokenDataset
 
     set_threads()
     dev = choose_device(device)
-    run = load_run(load, dev)
+    run = load_run(load, dev, int8=int8)
     seq_len = seq_len or run.config.sequence_len
     if seq_len > run.config.sequence_len:
         raise PicochatError(f"--seq-len {seq_len} is longer than the model's context ({run.config.sequence_len})")
@@ -65,5 +67,11 @@ def eval_bpb_files(load: str, data: list[str], seq_len: int = 0, batch_size: int
         rows = _Sequential(ds.tokens, 1, min(seq_len, len(ds.tokens) - 1))
         steps = 1
     token_bytes = torch.tensor(run.tokenizer.token_byte_lengths(), dtype=torch.float32, device=dev)
-    log(f"bpb: {steps * rows.B * rows.T:,} tokens of {ds.num_tokens:,}")
-    return evaluate_bpb(run.model, rows, steps, token_bytes, dev, choose_dtype(dtype, dev))
+    tokens = steps * rows.B * rows.T
+    log(f"bpb: {tokens:,} tokens of {ds.num_tokens:,}")
+    bpb = evaluate_bpb(run.model, rows, steps, token_bytes, dev, choose_dtype(dtype, dev))
+    from .chat_eval import eval_stem
+    (run.path / "evals").mkdir(exist_ok=True)  # for the report card
+    write_atomic(run.path / "evals" / f"{eval_stem(run, 'bpb')}.json",
+                 json.dumps({"bpb": bpb, "data": ", ".join(map(str, data)), "tokens": tokens}) + "\n")
+    return bpb

@@ -1,0 +1,107 @@
+"""Chat evals: batched categorical scoring equals one question at a time, the bookkeeping of
+accuracy / pass@k / ChatCORE, results files, and bpb against a hand computation."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from picochat.checkpoint import load_run
+from picochat.conversation import render_for_completion
+from picochat.evals.chat_eval import (
+    CHATCORE_TASKS,
+    build_eval_task,
+    categorical_eval,
+    centered,
+    chatcore,
+    evaluate_task,
+    letter_ids,
+)
+from tests.conftest import run_cli, shared_data
+
+
+@pytest.fixture(scope="module")
+def run(tiny_base):
+    return load_run(tiny_base)
+
+
+def test_batched_categorical_equals_one_question_at_a_time(run):
+    task = build_eval_task("arc-easy", str(shared_data("arc")))
+    indices = list(range(24))
+    # a small token budget: several batches of different widths, padding in most rows
+    batched = {i: (pred, scores) for i, pred, scores in
+               categorical_eval(run.model, run.tokenizer, task, indices, "cpu", torch.float32, batch_tokens=600)}
+    assert sorted(batched) == indices
+    for i in indices:
+        ids = render_for_completion(run.tokenizer, task[i])[-run.config.sequence_len:]  # as the eval crops
+        with torch.no_grad():
+            logits = run.model(torch.tensor([ids]))[0, -1]
+        letters = task[i]["letters"]
+        want = logits[letter_ids(run.tokenizer, letters)]
+        pred, scores = batched[i]
+        assert torch.allclose(torch.tensor(scores), want, atol=1e-4), i
+        assert pred == letters[int(want.argmax())]
+
+
+def test_centered_and_chatcore_by_hand():
+    assert centered(0.25, 0.25) == 0.0 and centered(1.0, 0.25) == 1.0
+    assert centered(0.40, 0.25) == pytest.approx(0.2)
+    results = {"arc-easy": {"centered": centered(0.40, 0.25)}, "gsm8k": {"centered": centered(0.10, 0.0)}}
+    out = chatcore(results)
+    assert out["chatcore"] == pytest.approx((0.2 + 0.1) / 2)
+    assert out["tasks"] == ["arc-easy", "gsm8k"]
+    assert out["missing"] == [t for t in CHATCORE_TASKS if t not in results]
+
+
+def test_generative_pass_at_k_bookkeeping(run, tmp_path):
+    task = build_eval_task("arithmetic", None)
+    kw = dict(limit=6, num_samples=3, max_tokens=12, temperature=1.0, seed=5, save=False)
+    a = evaluate_task(run, "arithmetic", task, **kw)
+    b = evaluate_task(run, "arithmetic", task, **kw)
+    assert a["accuracy"] == b["accuracy"] and a["pass@1"] == b["pass@1"]  # seeded: repeatable
+    assert a["n"] == 6 and a["of"] == len(task) and a["pass@1"] <= a["accuracy"]
+
+
+def test_cli_writes_results_and_reports_missing_tasks(tiny_base, tmp_path):
+    arc = shared_data("arc")
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "arc").symlink_to(arc)
+    r = run_cli("eval", "chat", "--load", str(tiny_base), "--data", str(tmp_path / "root"), "--limit", "30",
+                "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "ChatCORE" in r.stdout and "over 2 of 6 tasks; missing (no data): mmlu, gsm8k, humaneval, spelling" in r.stdout
+    summary = json.loads((tiny_base / "evals" / "arc-easy.json").read_text())
+    rows = [json.loads(line) for line in (tiny_base / "evals" / "arc-easy.jsonl").read_text().splitlines()]
+    assert summary["n"] == len(rows) == 30 and [r["index"] for r in rows] == list(range(30))
+    assert summary["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / 30)
+    assert summary["centered"] == pytest.approx((summary["accuracy"] - 0.25) / 0.75)
+
+
+def test_cli_bad_data_is_one_error_line(tiny_base, tmp_path):
+    r = run_cli("eval", "gsm8k", "--load", str(tiny_base), "--data", str(tmp_path / "nope"))
+    assert r.returncode == 2 and r.stderr.strip() == f"error: eval gsm8k: data not found: {tmp_path / 'nope'}"
+    r = run_cli("eval", "chat", "--load", str(tiny_base), "--data", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.startswith("error: eval chat: none of the tasks' files are under")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q"}\n')
+    r = run_cli("eval", "gsm8k", "--load", str(tiny_base), "--data", str(bad))
+    assert r.returncode == 2 and "lacks the field(s) answer" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bpb_matches_a_hand_computation(run, tmp_path):
+    """One document, evaluated whole: bpb = sum of -log2 p(next token) / the text's UTF-8 bytes."""
+    text = "Friends, Romans, countrymen — lend me your ears; I come to bury Caesar, not to praise him."
+    doc = tmp_path / "doc.txt"
+    doc.write_text(text)
+    ids = [run.tokenizer.bos_id] + run.tokenizer.encode(text)
+    assert len(ids) <= run.config.sequence_len
+    r = run_cli("eval", "bpb", "--load", str(run.path), "--data", str(doc), "--seq-len", str(len(ids) - 1),
+                "--batch-size", "1", "--device", "cpu", "--dtype", "fp32")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.splitlines()[-1])["bpb"]
+    with torch.no_grad():
+        logits = run.model(torch.tensor([ids[:-1]]))[0].double()
+    nats = -sum(torch.log_softmax(logits[t], -1)[ids[t + 1]].item() for t in range(len(ids) - 1))
+    want = nats / math.log(2) / len(text.encode("utf-8"))
+    assert got == pytest.approx(want, rel=1e-5)
