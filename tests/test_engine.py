@@ -287,3 +287,86 @@ def test_text_stream_holds_back_split_characters_and_flushes_a_broken_tail(tok):
     assert [stream.push(i) for i in ids] == ["", "", "漢"]
     assert stream.push(ids[0]) == "" and stream.flush() == "\ufffd"  # like decode(errors="replace")
     assert render_text(tok, ids[:2]) == tok.decode(ids[:2])
+
+
+# ----------------------------------------------------------------------------- different prompts in one batch
+
+def _prompts(tok):
+    ids = [tok.bos_id] + tok.encode(TEXT)
+    return [ids[:3], ids[5:25], ids[40:51]]  # shorter and longer than the window of 8
+
+
+def test_complete_streams_requests_through_a_bounded_batch(model, tok):
+    """Engine.complete: more requests than rows; each joins as rows free up, and every request's
+    completions equal its run alone (greedy, and seeded sampling with n rows)."""
+    from picochat.engine import GenRequest
+    engine = Engine(model, tok)
+    ids = [tok.bos_id] + tok.encode(TEXT)
+    prompts = [ids[k:k + 4 + 3 * k] for k in range(6)]
+    budgets = [5, 30, 12, 3, 20, 8]  # different lengths: rows finish at different steps
+    reqs = [GenRequest(p, 1, m, 0.0, key=k) for k, (p, m) in enumerate(zip(prompts, budgets))]
+    reqs.append(GenRequest(prompts[0], 2, 10, 1.0, seed=9, key="pair"))
+    done = dict(engine.complete(iter(reqs), max_rows=3))
+    assert sorted(map(str, done)) == sorted(map(str, [*range(6), "pair"]))
+    for k, (p, m) in enumerate(zip(prompts, budgets)):
+        assert [c.tokens for c in done[k]] == [engine.generate_batch(p, max_tokens=m, temperature=0.0)[0].tokens]
+    alone = engine.generate_batch(prompts[0], num_samples=2, max_tokens=10, temperature=1.0, seed=9)
+    assert [c.tokens for c in done["pair"]] == [c.tokens for c in alone]
+
+
+def test_generate_many_equals_separate_runs(model, tok):
+    engine = Engine(model, tok)
+    prompts = _prompts(tok) + [[tok.bos_id] + tok.encode(TEXT)[:49]]  # room for only 14 tokens
+    many = engine.generate_many_batch(prompts, max_tokens=30, temperature=0.0)
+    for p, row in zip(prompts, many):  # greedy, token for token, with GQA and windowed layers
+        alone = engine.generate_batch(p, max_tokens=30, temperature=0.0)[0]
+        assert (row.tokens, row.finish_reason, row.text) == (alone.tokens, alone.finish_reason, alone.text)
+    assert [len(r.tokens) for r in many] == [30, 30, 30, 14]
+    # a row that finishes is reported once with its finish, then no more
+    steps = list(engine.generate_many(prompts, max_tokens=30, temperature=0.0))
+    assert [sorted(ev.key for ev in s) for s in steps] == [[0, 1, 2, 3]] * 14 + [[0, 1, 2]] * 16
+    assert [ev.finish for ev in steps[13] if ev.key == 3] == ["length"]
+    # seeded sampling: each row draws what generate(seed=...) draws, whatever else is in the batch
+    kw = dict(max_tokens=25, temperature=0.9, top_k=40, top_p=0.95)
+    many = engine.generate_many_batch(prompts[:3], seeds=[5, 6, 7], **kw)
+    for p, row, seed in zip(prompts, many, [5, 6, 7]):
+        assert row.tokens == engine.generate_batch(p, seed=seed, **kw)[0].tokens
+        assert row.tokens == engine.generate_many_batch([p], seeds=seed, **kw)[0].tokens
+    # per-row settings: a greedy row next to sampled ones is still greedy
+    mixed = engine.generate_many_batch(prompts[:3], max_tokens=20, temperature=[0.0, 1.0, 1.0], seeds=1)
+    assert mixed[0].tokens == engine.generate_batch(prompts[0], max_tokens=20, temperature=0.0)[0].tokens
+
+
+def test_decode_batch_rows_join_and_leave_between_steps(model, tok):
+    """Continuous batching: requests join a running batch (longer prompts than its position move
+    it right; leading positions nobody uses are dropped), n rows share a prefill, a row can be
+    dropped; every row still gets exactly the tokens it gets alone."""
+    from picochat.engine import DecodeBatch, GenRequest
+    engine = Engine(model, tok)
+    p = _prompts(tok)
+    joins = {0: [GenRequest(p[0], max_tokens=12, temperature=0.0, key="a"),
+                 GenRequest(p[2], max_tokens=40, temperature=0.0, key="long")],
+             3: [GenRequest(p[1], max_tokens=10, temperature=0.0, key="b")],  # 20 tokens > position 11
+             14: [GenRequest(p[0], n=2, max_tokens=20, temperature=1.0, seed=3, key="c")],  # "a", "b" left
+             20: [GenRequest(p[2], max_tokens=10, temperature=0.0, key="dropped")]}
+    batch, out, step, moves = DecodeBatch(engine), {}, 0, []
+    while len(batch) or step in joins:
+        if step in joins:
+            before = batch.pos
+            batch.add(joins[step])
+            moves.append(batch.pos - before)
+            assert batch.cache.start is None or int(batch.cache.start.min()) == 0  # no unused positions kept
+        if step == 24:
+            batch.drop("dropped")
+        for ev in batch.sample():
+            out.setdefault((ev.key, ev.index), []).append(ev.token)
+        batch.forward()
+        step += 1
+    greedy = lambda ids, n: engine.generate_batch(ids, max_tokens=n, temperature=0.0)[0].tokens
+    c = engine.generate_batch(p[0], num_samples=2, max_tokens=20, temperature=1.0, seed=3)
+    assert out[("a", 0)] == greedy(p[0], 12) and out[("long", 0)] == greedy(p[2], 40)
+    assert out[("b", 0)] == greedy(p[1], 10)
+    assert moves == [11, 20 - 14, -6, 0]  # prefill; right for "b"; left by 6 once "b" (start 0) left
+    assert [out[("c", 0)], out[("c", 1)]] == [c[0].tokens, c[1].tokens]
+    assert out[("dropped", 0)] == greedy(p[2], 10)[:4]  # decoded at steps 20..23, then dropped
+    assert batch.cache is None  # empty: the next request starts a fresh batch
