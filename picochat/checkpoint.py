@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from . import quant as quantlib
 from .common import PicochatError, fsync
 from .config import ModelConfig
 from .model import GPT
@@ -56,11 +57,15 @@ def save_run(path: str | Path, model: GPT, tokenizer: Tokenizer, stage: str, ext
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    # float tensors as fp32; an INT8 model's int8 weights stay int8 (next to their fp32 scales)
+    state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
     save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
     tokenizer.save(tmp / TOKENIZER)
     meta = {"picochat_version": __version__, "stage": stage, "model": model.config.to_dict(),
             "tokenizer_fingerprint": tokenizer.fingerprint(), **(extra or {})}
+    if getattr(model, "quantization", None):
+        meta["quantization"] = model.quantization
     (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     if trainer_state is not None:
         torch.save(trainer_state, tmp / TRAINER)
@@ -97,13 +102,22 @@ def _recover(path: Path) -> Path:
     return path
 
 
-def load_run(path: str | Path, device: torch.device | str = "cpu", trainer_state: bool = False) -> Run:
-    """Load and validate a run dir. Anything missing, truncated or inconsistent is a PicochatError."""
+def load_run(path: str | Path, device: torch.device | str = "cpu", trainer_state: bool = False,
+             int8: bool = False) -> Run:
+    """Load and validate a run dir. Anything missing, truncated or inconsistent is a PicochatError.
+    An INT8 run dir (`picochat quantize`) loads straight into the int8 model; int8=True quantizes a
+    float one after loading (picochat.quant), and is a no-op for one that already is."""
     path = _recover(Path(path))
     for name in (WEIGHTS, CONFIG, TOKENIZER):
         if not (path / name).is_file():
             raise PicochatError(f"corrupt run dir {path}: {name} is missing")
     meta, config = _read_config(path)
+    quant = meta.get("quantization")
+    if quant and (not isinstance(quant, dict) or quant.get("method") != quantlib.METHOD):
+        raise PicochatError(f"run dir {path}: unknown quantization {quant!r} in {CONFIG}")
+    if quant and trainer_state:
+        raise PicochatError(f"run dir {path} is INT8-quantized (inference only): it has no trainer "
+                            "state and cannot be resumed or trained")
     tokenizer = Tokenizer.load(path / TOKENIZER)
     check_tokenizer(tokenizer, config, meta, where=str(path))
     try:
@@ -112,15 +126,23 @@ def load_run(path: str | Path, device: torch.device | str = "cpu", trainer_state
         raise PicochatError(f"corrupt run dir {path}: {WEIGHTS} cannot be read ({e})") from None
     with torch.device("meta"):
         model = GPT(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    got = {k: v.shape for k, v in weights.items()}
+        if quant:
+            quantlib.quantized_skeleton(model, bool(quant.get("embeddings")))
+    # an INT8 run dir's dtypes are part of its layout (a float tensor there would be cast silently)
+    expected = {k: (v.shape, v.dtype if quant else None) for k, v in model.state_dict().items()}
+    got = {k: (v.shape, v.dtype if quant else None) for k, v in weights.items()}
     if expected != got:
         missing = sorted(set(expected) - set(got))[:3]
         wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])[:3]
         raise PicochatError(f"corrupt run dir {path}: weights do not match config.json "
-                            f"(missing {missing}, wrong shape {wrong})")
+                            f"(missing {missing}, wrong shape or dtype {wrong})")
     model = model.to_empty(device=device)
     model.load_state_dict(weights)
+    if quant:
+        quantlib.finish_loading(model)
+    elif int8:
+        quantlib.quantize_model(model)
+        meta["quantized_on_load"] = True  # evals file their results apart from the fp32 model's
     model._set_rotary(2 * config.sequence_len, device=device)
     state = None
     if trainer_state:

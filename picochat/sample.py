@@ -8,9 +8,10 @@ from .engine import generate
 
 
 def sample(load: str, prompt: str, max_tokens: int = 128, temperature: float = 0.8, top_k: int | None = 50,
-           num_samples: int = 1, seed: int = 0, device: str = "auto", top_p: float | None = None) -> list[str]:
+           num_samples: int = 1, seed: int = 0, device: str = "auto", top_p: float | None = None,
+           int8: bool = False) -> list[str]:
     set_threads()
-    run = load_run(load, choose_device(device))
+    run = load_run(load, choose_device(device), int8=int8)
     tok = run.tokenizer
     ids = [tok.bos_id] + tok.encode(prompt)
     return [prompt + tok.decode(generate(run.model, ids, max_tokens, temperature, top_k, seed=seed + i,
