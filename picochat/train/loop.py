@@ -23,6 +23,8 @@ class DataSource(Protocol):
     def next_batch(self): ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
+    # optional: def step_stats(self) -> dict: numbers merged into each step's metric row and
+    # progress line (called once per step, after its micro-batches)
 
 
 def lm_loss(model, batch) -> torch.Tensor:
@@ -121,6 +123,9 @@ class Trainer:
             mfu = self.flops_per_token * tok_s / self.peak
             record.update(tokens=tokens, tok_per_s=round(tok_s, 1), mfu=round(mfu, 4),
                           elapsed=round(self.elapsed, 3))
+            # a data source may report per-step numbers of its own (RL: reward, pass@1, ...)
+            stats = data.step_stats() if hasattr(data, "step_stats") else {}
+            record.update(stats)
             if callbacks.evaluate and ((loop.eval_every and self.step % loop.eval_every == 0) or last):
                 record.update(callbacks.evaluate())
             if callbacks.sample and loop.sample_every and (self.step % loop.sample_every == 0 or last):
@@ -128,7 +133,8 @@ class Trainer:
             self.metrics.append(record)
             if "loss" in record:
                 extra = "".join(f" | {k} {v:.4f}" for k, v in record.items() if k.startswith("val_"))
-                progress.update(self.step, f"| loss {record['loss']:.4f}{extra} | {tok_s:,.0f} tok/s "
+                shown = "".join(f" | {k} {v:.4g}" for k, v in stats.items())
+                progress.update(self.step, f"| loss {record['loss']:.4f}{shown}{extra} | {tok_s:,.0f} tok/s "
                                            f"| mfu {100 * mfu:.1f}%", force=bool(extra))
             if "sample" in record:
                 log(f"sample: {record['sample']!r}")

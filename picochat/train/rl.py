@@ -1,0 +1,477 @@
+"""Reinforcement learning on graded chat tasks (GRPO): a chat run dir -> a better one, stage "rl".
+
+Every step:
+1. Rollouts. `prompts_per_step` prompts are taken from the task mixture (seeded order, epoch after
+   epoch); the Engine samples `group_size` completions per prompt with the calculator on
+   (Engine.complete, one GenRequest(n=group_size) per prompt, so a group shares its prefill; at
+   most `rollout_rows` rows decode at once). Each request's seed derives from (seed, rollout
+   number, prompt number): the data position IS the sampling RNG, so resume is exact.
+2. Rewards: the task's grader (GSM8K's number after ####, ARC's letter, arithmetic's last number)
+   plus `format_reward` when the reply holds a well-formed calculator call
+   (<|python_start|>expr<|python_end|> answered by a forced output that is not an error).
+3. Advantages, group-relative: A = r - mean(group), divided by the group's std unless std=False
+   (a group whose rewards are all equal has std 0 and A = 0 everywhere). Such groups carry no
+   signal: they are counted (`all_equal` in the metrics) and left out of training entirely
+   (DAPO's dynamic sampling), so they add no gradient and no tokens to the normalizer.
+4. The objective, per generated token t of a row with advantage A:
+       ratio_t = exp(logp_t - old_logp_t)
+       loss_t  = -min(ratio_t * A, clip(ratio_t, 1 - eps, 1 + eps) * A)  [+ beta * k3_t]
+       k3_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1   (KL to the frozen --load model)
+   summed over the step's generated tokens and divided by their count (the Trainer's count_fn
+   normalization, across micro-batches). Tokens the model did not sample are never targets: the
+   prompt, padding and the calculator outputs the engine forced. With epochs = 1 the batch is used
+   for one step and old_logp = logp.detach(): ratio = 1 and the gradient is A * grad(logp), i.e.
+   REINFORCE with a group baseline. With epochs = K > 1 the rollouts are reused for K steps; their
+   old_logp are taken (no grad) right after sampling, and the clip keeps the later steps near the
+   sampling policy.
+
+Training goes through the one shared loop (loop.run_stage): the Rollouts data source hands the
+Trainer micro-batches of `batch_size` rows (ceil(rows / batch_size) per step; rows of all-equal
+groups are dropped, so trailing micro-batches may be empty), the loss is `grpo_loss`, and the
+rollout statistics reach metrics.jsonl and the progress line through Rollouts.step_stats().
+
+Rollouts stop at <|assistant_end|> only (not at <|bos|>, as chat does): a Completion drops its
+stop token, and the trained sequence must end with the very token the model sampled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import load_run
+from ..common import PicochatError, autocast, choose_device, choose_dtype, log, seed_everything, set_threads
+from ..conversation import render_for_completion
+from ..engine import Completion, Engine, GenRequest
+from ..optim import OptimConfig
+from ..tasks.base import Task
+from ..tasks.mixture import Mixture, build_mixture, parse_mixture
+from .loop import LoopConfig, lm_count, open_run, restore_settings, run_stage, stage_meta
+
+CHAT_TOKENS = ("<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+               "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
+
+
+@dataclass
+class RLConfig:
+    load: str  # a chat run dir (midtrain or sft), the policy's start and the KL reference
+    task: str  # a task mixture with graders, e.g. "gsm8k:../data/gsm8k:1,arithmetic::0.5"
+    save: str
+    group_size: int = 16  # completions sampled per prompt
+    prompts_per_step: int = 8  # prompts per rollout batch: rows = prompts_per_step * group_size
+    steps: int = 100  # optimizer steps
+    max_tokens: int = 256  # reply length cap of a rollout
+    temperature: float = 1.0
+    top_k: int | None = 50
+    epochs: int = 1  # optimizer steps per rollout batch; > 1 uses the clipped ratio
+    clip: float = 0.2  # PPO/GRPO clip range eps
+    kl: float = 0.0  # beta of the k3 KL penalty to the --load model (0: no reference model)
+    std: bool = True  # divide advantages by the group's std
+    format_reward: float = 0.0  # added when the reply makes a well-formed, non-error calculator call
+    batch_size: int = 16  # training rows per micro-batch
+    rollout_rows: int = 64  # rows decoding at once during rollouts
+    lr_scale: float = 0.05  # multiplies every base learning rate of `optim`
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmdown_frac=1.0))
+    eval_task: str = ""  # held-out mixture; "": the task's test split / a test seed for synthetic tasks
+    eval_every: int = 0  # pass@k every N steps (and at the end); 0: at the end only
+    eval_examples: int = 100  # 0: no evaluation
+    eval_k: int = 1  # samples per question: pass@k (greedy when 1)
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 42
+    save_every: int = 0
+    log_every: int = 1
+    stop_at: int = 0
+    resume: bool = False
+    overwrite: bool = False
+
+
+# ----------------------------------------------------------------------------- rewards and advantages
+
+def has_grader(task: Task) -> bool:
+    return type(task).reward is not Task.reward
+
+
+def well_formed_call(tok, completion: Completion) -> bool:
+    """Whether the reply calls the calculator properly: a sampled <|python_start|>expr<|python_end|>
+    whose forced output (<|output_start|>result<|output_end|>) is not an error."""
+    sid = tok.special_id
+    start, end, out_start, out_end = (sid("<|python_start|>"), sid("<|python_end|>"), sid("<|output_start|>"),
+                                      sid("<|output_end|>"))
+    toks, forced = completion.tokens, completion.forced
+    i = 0
+    while i < len(toks):
+        if toks[i] == start and not forced[i]:
+            try:
+                j = toks.index(end, i + 1)
+            except ValueError:
+                return False
+            if j == i + 1 or j + 1 >= len(toks) or toks[j + 1] != out_start or not forced[j + 1]:
+                i = j + 1
+                continue
+            k = j + 2
+            while k < len(toks) and forced[k] and toks[k] != out_end:
+                k += 1
+            if k < len(toks) and toks[k] == out_end and not tok.decode(toks[j + 2:k]).startswith("error"):
+                return True
+            i = k
+        i += 1
+    return False
+
+
+def group_advantages(rewards: torch.Tensor, std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """(groups, G) rewards -> (groups, G) advantages: reward - group mean, over the group's
+    (population) std if asked; a group whose rewards are all equal gets 0."""
+    adv = rewards - rewards.mean(dim=1, keepdim=True)
+    if std:
+        s = rewards.std(dim=1, unbiased=False, keepdim=True)
+        adv = torch.where(s > eps, adv / s.clamp_min(eps), torch.zeros_like(adv))
+    return adv
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def token_logprobs(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """log p(y_t | x_<=t) per position (B, T); 0 where y == -1."""
+    return -model(x, y, loss_reduction="none").view(y.shape)
+
+
+def grpo_loss(model, batch, clip: float = 0.2, kl: float = 0.0, stats: dict | None = None) -> torch.Tensor:
+    """The summed per-token GRPO loss of one micro-batch (the Trainer divides by the step's token
+    count). batch = (x, y, advantages (B,), old_logp (B, T) or empty, ref_logp (B, T) or empty);
+    targets y of -1 (prompt, forced tool output, padding) add nothing and get no gradient."""
+    x, y, adv, old, ref = batch
+    if y.numel() == 0:  # a micro-batch with no rows (all-equal groups were dropped)
+        return torch.zeros((), device=x.device, requires_grad=True)
+    logp = token_logprobs(model, x, y)
+    mask = y != -1
+    reused = old.numel() > 0  # epochs > 1: the policy has moved since sampling
+    old = old if reused else logp.detach()
+    ratio = torch.exp(logp - old)
+    a = adv.view(-1, 1).to(logp.dtype)
+    unclipped, clipped = ratio * a, ratio.clamp(1.0 - clip, 1.0 + clip) * a
+    loss = -torch.minimum(unclipped, clipped)
+    k3 = None
+    if kl:
+        d = (ref - logp).clamp(-20.0, 20.0)  # exp() cannot overflow, even far from the reference
+        k3 = torch.exp(d) - d - 1.0
+        loss = loss + kl * k3
+    if stats is not None:
+        with torch.no_grad():
+            if reused:
+                stats["clipped"] = stats.get("clipped", 0) + ((clipped < unclipped) & mask).sum()
+            if k3 is not None:
+                stats["kl"] = stats.get("kl", 0) + torch.where(mask, k3, 0.0).sum()
+            stats["tokens"] = stats.get("tokens", 0) + mask.sum()
+    return torch.where(mask, loss, 0.0).sum()
+
+
+# ----------------------------------------------------------------------------- rollouts: the data source
+
+def completion_row(prompt: list[int], c: Completion, end_id: int) -> tuple[list[int], list[bool]]:
+    """A trained sequence: prompt + reply (+ the stop token it ended with), and per position
+    whether that token is a target: sampled by the model, so not the prompt and not a forced tool
+    output."""
+    stop = c.finish_reason == "stop"
+    seq = prompt + c.tokens + ([end_id] if stop else [])
+    target = [False] * len(prompt) + [not f for f in c.forced] + ([True] if stop else [])
+    return seq, target
+
+
+def pad_rows(rows: list[tuple[list[int], list[bool], float]], pad_id: int):
+    """(sequence, target flags, advantage) rows -> x (B, T) inputs, y (B, T) targets (-1 where not
+    a target, and on the right padding), advantages (B,)."""
+    width = max(len(seq) for seq, _, _ in rows) - 1
+    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, (seq, target, _) in enumerate(rows):
+        ids = torch.tensor(seq)
+        x[r, :len(seq) - 1] = ids[:-1]
+        y[r, :len(seq) - 1] = torch.where(torch.tensor(target[1:]), ids[1:], -1)
+    return x, y, torch.tensor([a for _, _, a in rows], dtype=torch.float32)
+
+
+class Rollouts:
+    """The RL data source: next_batch() hands out the micro-batches of the current rollout batch,
+    sampling a new one (with the model as it is now) when they are used up. state_dict() holds the
+    prompt cursor, the rollout counter (which seeds the sampling) and any micro-batches still to
+    be reused (epochs > 1), so a resumed run draws exactly what the straight run would."""
+
+    def __init__(self, model, tok, task: Mixture, cfg: RLConfig, device, dtype, ref_model=None):
+        self.model, self.tok, self.task, self.cfg = model, tok, task, cfg
+        self.device, self.dtype, self.ref_model = device, dtype, ref_model
+        self.engine = Engine(model, tok)
+        # stop at <|assistant_end|> only: the Completion drops its stop token, so it must be known
+        self.end = tok.special_id("<|assistant_end|>")
+        self.engine.default_stops = frozenset({self.end})
+        self.rows = cfg.prompts_per_step * cfg.group_size
+        self.micro_batches = math.ceil(self.rows / cfg.batch_size)  # the Trainer's grad_accum
+        self.epoch, self.cursor, self.draws = 0, 0, 0
+        self._order = self._epoch_order(0)
+        self.pending: list[tuple] = []  # micro-batches still to hand out (epochs x micro_batches)
+        self.stats: dict = {}  # the statistics of the rollout batch being trained on
+        self.loss_stats: dict = {}  # filled by grpo_loss during a step
+
+    # ------------------------------------------------------------------ resume
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.task))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "draws": self.draws,
+                "pending": [list(b) for b in self.pending], "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor, self.draws = state["epoch"], state["cursor"], state["draws"]
+        self._order = self._epoch_order(self.epoch)
+        self.pending = [tuple(b) for b in state["pending"]]
+        self.stats = dict(state["stats"])
+
+    # ------------------------------------------------------------------ the loop's hooks
+    def next_batch(self):
+        if not self.pending:
+            self._rollout()
+        return self.pending.pop(0)
+
+    def step_stats(self) -> dict:
+        """What the Trainer merges into the step's metric row: the rollout batch's statistics and
+        the loss's (KL to the reference, fraction of tokens clipped) over the step's tokens."""
+        out = dict(self.stats)
+        ls, self.loss_stats = self.loss_stats, {}
+        n = max(int(ls.get("tokens", 0)), 1)
+        if "clipped" in ls:
+            out["clipped"] = round(float(ls["clipped"]) / n, 4)
+        if "kl" in ls:
+            out["kl"] = round(float(ls["kl"]) / n, 6)
+        return out
+
+    # ------------------------------------------------------------------ sampling
+    def _next_prompts(self) -> list[int]:
+        picks = []
+        for _ in range(self.cfg.prompts_per_step):
+            if self.cursor == len(self._order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._epoch_order(self.epoch)
+            picks.append(int(self._order[self.cursor]))
+            self.cursor += 1
+        return picks
+
+    def _seed(self, j: int) -> int:
+        return int(np.random.SeedSequence([self.cfg.seed, self.draws, j]).generate_state(1)[0])
+
+    def sample_groups(self, indices: list[int]) -> list[tuple[dict, list[int], list[Completion]]]:
+        """(conversation, prompt ids, group_size completions) per prompt, in order."""
+        cfg = self.cfg
+        convs = [self.task[i] for i in indices]
+        prompts = [self.engine.fit_prompt(render_for_completion(self.tok, c), cfg.max_tokens) for c in convs]
+        requests = [GenRequest(p, cfg.group_size, cfg.max_tokens, cfg.temperature, cfg.top_k, seed=self._seed(j),
+                               key=j) for j, p in enumerate(prompts)]
+        out: dict[int, list[Completion]] = dict(self.engine.complete(requests, max_rows=cfg.rollout_rows))
+        return [(convs[j], prompts[j], out[j]) for j in range(len(indices))]
+
+    def _rollout(self) -> None:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        groups = self.sample_groups(self._next_prompts())
+        self.draws += 1
+        gen_seconds = time.perf_counter() - t0
+        task_rewards = torch.tensor([[float(self.task.reward(conv, c.text)) for c in outs]
+                                     for conv, _, outs in groups])
+        correct = (task_rewards > 0).float()
+        formatted = torch.zeros_like(task_rewards)
+        if cfg.format_reward:
+            formatted = torch.tensor([[float(well_formed_call(self.tok, c)) for c in outs] for _, _, outs in groups])
+        rewards = task_rewards + cfg.format_reward * formatted
+        adv = group_advantages(rewards, cfg.std)
+        informative = (rewards.max(dim=1).values != rewards.min(dim=1).values).tolist()
+        rows = []
+        for (conv, prompt, outs), keep, a in zip(groups, informative, adv.tolist()):
+            if keep:
+                rows += [(*completion_row(prompt, c, self.end), adv_c) for c, adv_c in zip(outs, a)]
+        rows = [r for r in rows if any(r[1])]  # rows with nothing sampled (no room) train nothing
+        batches = self._micro_batches(rows)
+        self.pending = [b for _ in range(cfg.epochs) for b in batches]
+        lengths = [len(c.tokens) for _, _, outs in groups for c in outs]
+        n_gen = sum(lengths)
+        self.stats = {
+            "reward": round(float(rewards.mean()), 4),
+            "pass@1": round(float(correct.mean()), 4),
+            **({"format": round(float(formatted.mean()), 4)} if cfg.format_reward else {}),
+            "response_len": round(n_gen / max(len(lengths), 1), 2),
+            "all_equal": round(1.0 - sum(informative) / len(informative), 4),
+            "rollout_s": round(gen_seconds, 3),
+            "gen_tok_per_s": round(n_gen / max(gen_seconds, 1e-9), 1),
+        }
+
+    def _micro_batches(self, rows: list) -> list[tuple]:
+        """The rows, shortest first (less padding), in `micro_batches` right-padded micro-batches
+        of at most batch_size rows; the ones left over are empty. With epochs > 1 or a KL penalty,
+        the old policy's / reference's log-probs of every target are computed here, once."""
+        cfg = self.cfg
+        rows = sorted(rows, key=lambda r: len(r[0]))
+        out = []
+        for m in range(self.micro_batches):
+            part = rows[m * cfg.batch_size:(m + 1) * cfg.batch_size]
+            if not part:
+                empty = torch.zeros(0, 1, dtype=torch.long)
+                out.append((empty, empty.clone(), torch.zeros(0), torch.zeros(0, 0), torch.zeros(0, 0)))
+                continue
+            x, y, adv = pad_rows(part, self.tok.bos_id)
+            old = self._logprobs(self.model, x, y) if cfg.epochs > 1 else torch.zeros(0, 0)
+            ref = self._logprobs(self.ref_model, x, y) if cfg.kl else torch.zeros(0, 0)
+            out.append((x, y, adv, old, ref))
+        return out
+
+    @torch.no_grad()
+    def _logprobs(self, model, x, y) -> torch.Tensor:
+        with autocast(self.device, self.dtype):
+            return token_logprobs(model, x.to(self.device), y.to(self.device)).float().cpu()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def pass_at_k(model, tok, task, indices: list[int], k: int, max_tokens: int, temperature: float, top_k,
+              seed: int, max_rows: int) -> dict:
+    """pass@k and pass@1 on held-out questions, through chat_eval.generative_eval (the evals'
+    engine settings: default stops, calculator on)."""
+    from ..evals.chat_eval import generative_eval
+    engine = Engine(model, tok)
+    any_ok, frac_ok = 0, 0.0
+    for _, _, rewards in generative_eval(engine, task, indices, k, max_tokens, temperature, top_k, seed,
+                                         max_rows=max_rows):
+        any_ok += max(rewards) > 0
+        frac_ok += sum(r > 0 for r in rewards) / len(rewards)
+    n = max(len(indices), 1)
+    out = {"val_pass@1": round(frac_ok / n, 4)}
+    if k > 1:
+        out[f"val_pass@{k}"] = round(any_ok / n, 4)
+    return out
+
+
+def held_out_task(cfg: RLConfig) -> Mixture:
+    """--eval-task, or the training tasks' test split (synthetic tasks: the evals' test seed)."""
+    from ..evals.chat_eval import SYNTHETIC_TEST_SEED
+    from ..tasks.mixture import build_task
+    spec = cfg.eval_task or cfg.task
+    parts = []
+    for name, path, _ in parse_mixture(spec):
+        if not cfg.eval_task and path and not Path(path).is_dir():
+            log(f"rl: held-out eval of {name} reads {path}, the training file itself (give --eval-task "
+                f"with its test file, or the task's directory, for a real held-out split)")
+        parts.append((build_task(name, path, split="test", seed=SYNTHETIC_TEST_SEED), 1.0))
+    return Mixture(parts, seed=SYNTHETIC_TEST_SEED)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def _check_task(task: Mixture, spec: str) -> None:
+    for sub in task.tasks:
+        if not has_grader(sub):
+            raise PicochatError(f"rl: task {sub.name!r} in {spec!r} has no grader (RL needs graded tasks: "
+                                "gsm8k, arc, mmlu, arithmetic, spelling, humaneval)")
+        try:
+            sub.reward(sub[0], "")
+        except (KeyError, TypeError, IndexError, AttributeError) as e:
+            raise PicochatError(f"rl: task {sub.name!r} in {spec!r}: its examples lack what its grader needs "
+                                f"({type(e).__name__}: {e})") from None
+
+
+def _check_chat_model(run, where: str) -> None:
+    missing = [t for t in CHAT_TOKENS if t not in run.tokenizer.special_tokens]
+    if missing:
+        raise PicochatError(f"rl: the tokenizer of {where} lacks the chat tokens {', '.join(missing)}: "
+                            "RL needs a chat model (midtrain/sft first)")
+    stage = run.meta.get("stage")
+    if stage == "base":
+        raise PicochatError(f"rl: {where} is a base model (stage 'base'), never trained on the chat format: "
+                            "RL needs a chat model (midtrain/sft first)")
+    if run.meta.get("quantization"):
+        raise PicochatError(f"rl: {where} is INT8-quantized (inference only): load the float run dir")
+
+
+def rl_train(cfg: RLConfig) -> dict:
+    """`picochat rl`: GRPO on graded tasks, through the shared training loop."""
+    set_threads()
+    device = choose_device(cfg.device)
+    dtype = choose_dtype(cfg.dtype, device)
+    run = open_run(cfg.save, cfg.resume, cfg.overwrite, device)
+    if run is not None:
+        restore_settings(cfg, run, ("load", "task", "group_size", "prompts_per_step", "steps", "max_tokens",
+                                    "temperature", "top_k", "epochs", "clip", "kl", "std", "format_reward",
+                                    "batch_size", "rollout_rows", "lr_scale", "eval_task", "eval_examples",
+                                    "eval_k", "seed"))
+    # bad input fails here, before any model is loaded or step taken
+    if cfg.group_size < 2:
+        raise PicochatError(f"rl: --group-size {cfg.group_size}: a group needs at least 2 completions "
+                            "(advantages are relative to the group)")
+    for name, value, low in (("--prompts-per-step", cfg.prompts_per_step, 1), ("--steps", cfg.steps, 1),
+                             ("--max-tokens", cfg.max_tokens, 1), ("--epochs", cfg.epochs, 1),
+                             ("--batch-size", cfg.batch_size, 1), ("--rollout-rows", cfg.rollout_rows, 1),
+                             ("--eval-k", cfg.eval_k, 1)):
+        if value < low:
+            raise PicochatError(f"rl: {name} must be at least {low}, not {value}")
+    if cfg.temperature <= 0:
+        raise PicochatError(f"rl: --temperature must be > 0 for sampling groups, not {cfg.temperature}")
+    if not 0 < cfg.clip < 1 or cfg.kl < 0:
+        raise PicochatError(f"rl: need 0 < --clip < 1 and --kl >= 0 (got {cfg.clip}, {cfg.kl})")
+    task = build_mixture(cfg.task, split="train", seed=cfg.seed)
+    _check_task(task, cfg.task)
+    eval_task = None
+    if cfg.eval_examples:
+        eval_task = held_out_task(cfg)
+        _check_task(eval_task, cfg.eval_task or cfg.task)
+
+    source = load_run(cfg.load, device)
+    _check_chat_model(source, cfg.load)
+    if run is not None:
+        model, tok = run.model, run.tokenizer
+        if tok.fingerprint() != source.tokenizer.fingerprint():
+            raise PicochatError(f"rl: {cfg.save} and its --load {cfg.load} have different tokenizers")
+    else:
+        model, tok = source.model, source.tokenizer
+        seed_everything(cfg.seed)
+    ref_model = None
+    if cfg.kl:
+        ref_model = source.model if run is not None else load_run(cfg.load, device).model
+        ref_model.requires_grad_(False)
+    del source
+
+    data = Rollouts(model, tok, task, cfg, device, dtype, ref_model)
+    log(f"rl: {len(task):,} prompts from {cfg.task!r}, {cfg.steps} steps of {cfg.prompts_per_step} prompts x "
+        f"{cfg.group_size} samples ({data.rows} rows, {data.micro_batches} micro-batches of {cfg.batch_size}), "
+        f"epochs {cfg.epochs}, from {cfg.load}")
+
+    evaluate = None
+    eval_start = None
+    if eval_task is not None:
+        n = min(cfg.eval_examples, len(eval_task))
+        temp = 0.0 if cfg.eval_k == 1 else cfg.temperature
+
+        def evaluate() -> dict:
+            return pass_at_k(model, tok, eval_task, list(range(n)), cfg.eval_k, cfg.max_tokens, temp, cfg.top_k,
+                             cfg.seed, max(cfg.rollout_rows, cfg.eval_k))
+
+        if run is None:
+            eval_start = evaluate()
+            log("rl: before training, " + ", ".join(f"{k} {v:.4f}" for k, v in eval_start.items()))
+
+    s = cfg.lr_scale
+    optim = dataclasses.replace(cfg.optim, matrix_lr=cfg.optim.matrix_lr * s, embedding_lr=cfg.optim.embedding_lr * s,
+                                head_lr=cfg.optim.head_lr * s, scalar_lr=cfg.optim.scalar_lr * s)
+    loop = LoopConfig(steps=cfg.steps, grad_accum=data.micro_batches, log_every=cfg.log_every,
+                      eval_every=cfg.eval_every, save_every=cfg.save_every, stop_at=cfg.stop_at)
+
+    def loss_fn(m, batch):
+        return grpo_loss(m, batch, cfg.clip, cfg.kl, data.loss_stats)
+
+    result = run_stage(model, tok, data, optim, loop, save=cfg.save, stage="rl", meta=stage_meta(cfg),
+                       device=device, dtype=dtype, run=run, evaluate=evaluate, loss_fn=loss_fn, count_fn=lm_count)
+    result["eval_start"] = eval_start
+    result["eval_end"] = {k: v for k, v in (result["metrics"][-1] if result["metrics"] else {}).items()
+                          if k.startswith("val_")} or None
+    return result
