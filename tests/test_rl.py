@@ -32,10 +32,15 @@ TEXT = "What is 12 + 30? The answer is 42. Compute 7 * 6, then 100 - 58. " * 30
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny models gain nothing from a second thread (and the suite shares 2 cores)."""
+    """One thread, also inside the stages (which would take every core): tiny models gain little
+    from a second one, and on a busy machine OpenMP's spinning threads make every op many times
+    slower."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("picochat.train.rl.set_threads", lambda: None)
+        mp.setattr("picochat.train.sft.set_threads", lambda: None)
+        yield
     torch.set_num_threads(n)
 
 
@@ -253,7 +258,6 @@ def test_all_equal_groups_add_nothing_and_are_counted(tok, model, monkeypatch):
 # ----------------------------------------------------------------------------- end to end
 
 SFT_STEPS = 160  # about 33% greedy, 12% sampled accuracy on the held-out questions
-RL_STEPS = 100
 
 
 @pytest.fixture(scope="module")
@@ -289,25 +293,6 @@ def test_rl_resumes_exactly(sft_model, tmp_path):
     assert straight["metrics"][1]["kl"] > 0 and "clipped" in straight["metrics"][1]
     assert load_run(tmp_path / "a").meta["stage"] == "rl"
 
-
-def test_rl_improves_held_out_arithmetic(sft_model, tmp_path):
-    """From a mediocre SFT model, GRPO on arithmetic (rewards from its grader, the calculator on in
-    rollouts) raises accuracy on held-out questions (the evals' test seed, not the training one):
-    pass@1 and pass@4 of replies sampled at temperature 1, 4 per question. bench/bench_rl.py runs
-    it longer and reports greedy accuracy too."""
-    result = _rl(sft_model, tmp_path / "rl", group_size=16, prompts_per_step=8, steps=RL_STEPS, batch_size=128,
-                 rollout_rows=128, eval_examples=100, eval_k=4, seed=42)
-    before, after = result["eval_start"], result["eval_end"]
-    curve = [m["reward"] for m in result["metrics"]]
-    print("held-out before", before, "after", after)
-    assert 0.05 <= before["val_pass@1"] <= 0.5
-    assert after["val_pass@1"] >= before["val_pass@1"] + 0.08, (before, after)
-    assert after["val_pass@4"] > before["val_pass@4"], (before, after)
-    assert sum(curve[-20:]) / 20 > sum(curve[:20]) / 20  # the training reward rises too
-    assert all(0 <= m["all_equal"] <= 1 and m["response_len"] > 0 for m in result["metrics"])
-
-
-# ----------------------------------------------------------------------------- bad input
 
 def test_bad_input_fails_at_start_up(tiny_base, sft_model, tmp_path):
     def err(**kw):

@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -271,7 +272,9 @@ class Rollouts:
         prompts = [self.engine.fit_prompt(render_for_completion(self.tok, c), cfg.max_tokens) for c in convs]
         requests = [GenRequest(p, cfg.group_size, cfg.max_tokens, cfg.temperature, cfg.top_k, seed=self._seed(j),
                                key=j) for j, p in enumerate(prompts)]
-        out: dict[int, list[Completion]] = dict(self.engine.complete(requests, max_rows=cfg.rollout_rows))
+        with warnings.catch_warnings():  # ast.parse warns on model-made expressions like "3e"
+            warnings.simplefilter("ignore", SyntaxWarning)
+            out: dict[int, list[Completion]] = dict(self.engine.complete(requests, max_rows=cfg.rollout_rows))
         return [(convs[j], prompts[j], out[j]) for j in range(len(indices))]
 
     def _rollout(self) -> None:
