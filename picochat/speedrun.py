@@ -33,7 +33,7 @@ PRESETS: dict[str, dict] = {
                   eval_every=5, eval_tokens=2048, mid_steps=5, sft_steps=5, rl_steps=2, rl_batch=(4, 4),
                   eval_limit=(10, 2, 4)),  # a one-minute check of the pipeline
     "tiny": dict(depth=4, seq_len=256, vocab_size=4096, batch_size=16, total_batch_tokens=8192, steps=150,
-                 eval_every=25, eval_tokens=32768, mid_steps=40, sft_steps=150, rl_steps=20, rl_batch=(8, 8),
+                 eval_every=25, eval_tokens=32768, mid_steps=40, sft_steps=150, rl_steps=30, rl_batch=(8, 8),
                  eval_limit=(200, 20, 40)),
     "small": dict(depth=6, seq_len=512, vocab_size=8192, batch_size=16, total_batch_tokens=32768, steps=1000,
                   eval_every=100, mid_steps=200, sft_steps=600, rl_steps=100, rl_batch=(8, 16),
