@@ -6,7 +6,7 @@ but often garbles the operands, then runs `picochat rl` on arithmetic and prints
 and held-out accuracy (questions of another seed) before and after: greedy, and pass@1 / pass@k of
 sampled replies. CPU, fp32; a few minutes on 2 cores.
 
-    python bench/bench_rl.py [--sft-steps 160] [--steps 300] [--lr-scale 0.05] [--group-size 16] ...
+    python bench/bench_rl.py [--sft-steps 170] [--steps 40] [--lr-scale 0.05] [--group-size 16] ...
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def held_out(run_dir: Path, n: int, k: int, max_tokens: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", help="directory for the run dirs (default: a temporary one)")
-    p.add_argument("--sft-steps", type=int, default=160)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--sft-steps", type=int, default=170)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--group-size", type=int, default=16)
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--lr-scale", type=float, default=0.05)

@@ -23,6 +23,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (auto: bf16 on CUDA and on CPUs with native bf16, else fp32)")
 
 
+def _grad_checkpoint_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute activations in the backward pass: much less memory, ~30%% more compute")
+
+
 def _int8_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8", action="store_true",
                    help="quantize the model's weights to INT8 at load time (see picochat quantize)")
@@ -59,6 +64,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-frac", type=float, default=0.0)
     p.add_argument("--warmdown-frac", type=float, default=0.2)
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    _grad_checkpoint_flag(p)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--eval-every", type=int, default=0, help="validation bpb every N steps (and at the end)")
     p.add_argument("--eval-tokens", type=int, default=65536)
@@ -122,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--resume", action="store_true")
         c.add_argument("--overwrite", action="store_true")
         c.add_argument("--compile", action="store_true")
+        _grad_checkpoint_flag(c)
         _common(c)
 
     c = sub.add_parser("rl", help="reinforcement learning (GRPO) on graded tasks, calculator on")
@@ -157,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--stop-at", type=int, default=0, help="stop after this step, resumable with --resume")
     c.add_argument("--resume", action="store_true")
     c.add_argument("--overwrite", action="store_true")
+    _grad_checkpoint_flag(c)
     _common(c)
 
     ev = sub.add_parser("eval", help="evaluate a model")
@@ -281,25 +289,31 @@ def _cmd_pretrain(a) -> None:
         data=a.data, save=a.save, tokenizer=a.tokenizer, vocab_size=a.vocab_size, depth=a.depth,
         seq_len=a.seq_len, window_pattern=a.window_pattern, window=a.window, batch_size=a.batch_size,
         total_batch_tokens=a.total_batch_tokens, steps=a.steps, tokens_params_ratio=a.tokens_params_ratio,
-        optim=optim, device=a.device, dtype=a.dtype, compile=a.compile, seed=a.seed,
+        optim=optim, device=a.device, dtype=a.dtype, compile=a.compile, grad_checkpoint=a.grad_checkpoint,
+        seed=a.seed,
         eval_every=a.eval_every, eval_tokens=a.eval_tokens, sample_every=a.sample_every,
         save_every=a.save_every, log_every=a.log_every, stop_at=a.stop_at, resume=a.resume,
         overwrite=a.overwrite, cache_dir=a.cache_dir)
-    result = pretrain(cfg)
+    _print_summary(pretrain(cfg))
+
+
+def _print_summary(result: dict) -> None:
+    """A training stage's summary as one JSON line on stdout (rank 0 only under torchrun)."""
+    from . import distributed
     result.pop("metrics")
-    print(json.dumps(result))
+    if distributed.is_main():
+        print(json.dumps(result))
 
 
 def _cmd_chat_train(a) -> None:
     from .train.sft import ChatTrainConfig, chat_train
     cfg = ChatTrainConfig(load=a.load, data=a.data, save=a.save, stage="mid" if a.command == "midtrain" else "sft",
                           seq_len=a.seq_len, batch_size=a.batch_size, grad_accum=a.grad_accum, steps=a.steps,
-                          lr_scale=a.lr_scale, device=a.device, dtype=a.dtype, compile=a.compile, seed=a.seed,
+                          lr_scale=a.lr_scale, device=a.device, dtype=a.dtype, compile=a.compile,
+                          grad_checkpoint=a.grad_checkpoint, seed=a.seed,
                           save_every=a.save_every, log_every=a.log_every, stop_at=a.stop_at, resume=a.resume,
                           overwrite=a.overwrite)
-    result = chat_train(cfg)
-    result.pop("metrics")
-    print(json.dumps(result))
+    _print_summary(chat_train(cfg))
 
 
 def _cmd_rl(a) -> None:
@@ -310,10 +324,8 @@ def _cmd_rl(a) -> None:
                    batch_size=a.batch_size, rollout_rows=a.rollout_rows, lr_scale=a.lr_scale, eval_task=a.eval_task,
                    eval_every=a.eval_every, eval_examples=a.eval_examples, eval_k=a.eval_k, device=a.device,
                    dtype=a.dtype, seed=a.seed, save_every=a.save_every, log_every=a.log_every, stop_at=a.stop_at,
-                   resume=a.resume, overwrite=a.overwrite)
-    result = rl_train(cfg)
-    result.pop("metrics")
-    print(json.dumps(result))
+                   resume=a.resume, overwrite=a.overwrite, grad_checkpoint=a.grad_checkpoint)
+    _print_summary(rl_train(cfg))
 
 
 def _cmd_eval(a) -> None:
@@ -387,6 +399,7 @@ COMMANDS = {"tokenizer": _cmd_tokenizer, "data": _cmd_data, "pretrain": _cmd_pre
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from . import distributed
     try:
         COMMANDS[args.command](args)
     except PicochatError as e:
@@ -395,6 +408,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        if not distributed.peer_lost(e):
+            raise
+        first = str(e).strip().splitlines()[0]
+        print(f"error: rank {distributed.rank()}: lost contact with the other processes (one died or stopped "
+              f"answering; see the first failing rank's output): {first[:300]}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.teardown()
     return 0
 
 

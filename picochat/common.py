@@ -95,11 +95,13 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def set_threads() -> None:
-    """Use every core the process may run on (PyTorch sometimes picks fewer)."""
+    """Use every core the process may run on (PyTorch sometimes picks fewer); under torchrun, the
+    node's processes split the cores between them."""
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:
         n = os.cpu_count() or 1
+    n = max(1, n // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
 

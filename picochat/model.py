@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 
@@ -358,6 +359,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        # recompute each block's activations in the backward pass instead of keeping them: a
+        # training setting (--grad-checkpoint), not part of the saved config
+        self.grad_checkpoint = False
         self._rotary_len = 0
         self._set_rotary(2 * config.sequence_len)
         self.init_weights()
@@ -413,9 +417,13 @@ class GPT(nn.Module):
 
         x = norm(self.wte(idx))
         x0 = x
+        recompute = self.grad_checkpoint and kv_cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            x = block(x, cos, sin, self.windows[i], kv_cache)
+            if recompute:  # only the block's input is kept; its insides are rebuilt for backward
+                x = checkpoint(block, x, cos, sin, self.windows[i], None, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, self.windows[i], kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
         x = norm(x)

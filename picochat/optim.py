@@ -13,9 +13,10 @@ transpose: Newton–Schulz works on the wide orientation anyway) and runs each g
 3-D tensor: one momentum update, batched matmuls for the orthogonalization, one foreach add back
 into the parameters. A depth-8 model has 3 such groups, whatever its depth.
 
-Distributed (not implemented yet): `Muon._group_update(group)` is the seam. A distributed version
-reduce-scatters the gradients so that each rank owns whole groups (or slices of a stacked group
-along dim 0), runs `_group_update` on what it owns, and all-gathers the orthogonalized updates.
+Distributed (torchrun): the training loop sums the gradients over ranks first; then each rank runs
+Newton–Schulz on its slice (along dim 0) of every stacked group and the slices are all-gathered, so
+N ranks share the orthogonalization work. The momentum is replicated: it is element-wise and cheap,
+and it keeps every rank's optimizer state identical, so rank 0's checkpoint resumes any rank.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from . import distributed
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -207,9 +210,8 @@ class Muon(torch.optim.Optimizer):
             grads.append(g.mT if t else g)
         return torch.stack(grads)
 
-    def _group_update(self, group) -> torch.Tensor:
-        """Momentum + orthogonalization for one shape group: the (n, small, large) update,
-        shape factor included, before the learning rate. The seam for a distributed version."""
+    def _nesterov_momentum(self, group) -> torch.Tensor:
+        """Update the group's momentum; returns the (n, small, large) Nesterov look-ahead."""
         g = self._stacked_grads(group)
         state = self.state[group["params"][0]]
         if "momentum_buffer" not in state:
@@ -217,12 +219,16 @@ class Muon(torch.optim.Optimizer):
         buf = state["momentum_buffer"]
         m = group["momentum"]
         buf.lerp_(g, 1 - m)
-        g.lerp_(buf, m)  # Nesterov: g <- (1 - m) g + m buf
+        return g.lerp_(buf, m)  # Nesterov: g <- (1 - m) g + m buf
+
+    def _orthogonal_update(self, group, g: torch.Tensor, lo: int = 0) -> torch.Tensor:
+        """Rows [lo, lo + len(g)) of the group's update: orthogonalized, times the shape factor,
+        before the learning rate."""
         u = orthogonalize(g, group["ns_steps"], ns_dtype_for(g.device, self.ns_dtype))
-        scales = group["lr_scale"]
+        scales = group["lr_scale"][lo:lo + len(g)]
         if any(s != scales[0] for s in scales):
             u.mul_(torch.tensor(scales, dtype=u.dtype, device=u.device).view(-1, 1, 1))
-        elif scales[0] != 1.0:
+        elif scales and scales[0] != 1.0:
             u.mul_(scales[0])
         return u
 
@@ -240,10 +246,24 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            if all(p.grad is None for p in group["params"]):
-                continue
-            self._apply_update(group, self._group_update(group))
+        groups = [g for g in self.param_groups if any(p.grad is not None for p in g["params"])]
+        if distributed.world_size() == 1:
+            for group in groups:
+                self._apply_update(group, self._orthogonal_update(group, self._nesterov_momentum(group)))
+            return loss
+        # Data-parallel: the gradients are already summed over ranks, so every rank keeps the same
+        # momentum (cheap, element-wise), but each orthogonalizes only its share of every stack —
+        # Newton-Schulz is the expensive part — and the shares are all-gathered.
+        updates = []
+        for group in groups:
+            g = self._nesterov_momentum(group)
+            lo, hi, k = distributed.shard_bounds(len(g))
+            mine = g.new_zeros((k, *g.shape[1:]))
+            if hi > lo:
+                mine[:hi - lo] = self._orthogonal_update(group, g[lo:hi], lo)
+            updates.append(distributed.all_gather_rows(mine, len(g)))
+        for group, u in zip(groups, updates):
+            self._apply_update(group, u)
         return loss
 
 

@@ -244,7 +244,8 @@ def test_all_equal_groups_add_nothing_and_are_counted(tok, model, monkeypatch):
     conv_wrong = {"messages": [], "answer": -1, "task": 0}
     texts = ["The answer is 41.", "The answer is 42.", "7 * 6", "= 42"]
     comps = [Completion(c.tokens, c.forced, c.finish_reason, t) for c, t in zip(comps, texts)]
-    monkeypatch.setattr(data, "sample_groups", lambda idx: [(conv_right, prompt, comps), (conv_wrong, prompt, comps)])
+    monkeypatch.setattr(data, "sample_groups",
+                        lambda idx, first=0: [(conv_right, prompt, comps), (conv_wrong, prompt, comps)])
     batches = [data.next_batch() for _ in range(data.micro_batches)]
     assert data.micro_batches == 3 and [len(b[0]) for b in batches] == [3, 1, 0]  # 4 rows of 8
     assert sorted(torch.cat([b[2] for b in batches]).tolist()) == [-1.0, -1.0, 1.0, 1.0]
@@ -257,12 +258,12 @@ def test_all_equal_groups_add_nothing_and_are_counted(tok, model, monkeypatch):
 
 # ----------------------------------------------------------------------------- end to end
 
-SFT_STEPS = 160  # about 33% greedy, 12% sampled accuracy on the held-out questions
+SFT_STEPS = 40  # enough to know the chat format; bench/bench_rl.py starts RL from a better model
 
 
 @pytest.fixture(scope="module")
 def sft_model(tiny_base, tmp_path_factory):
-    """A chat model that calls the calculator but often garbles the operands: room for RL."""
+    """A chat model that has seen the arithmetic format (and is mostly wrong)."""
     from picochat.train.sft import ChatTrainConfig, chat_train
     save = tmp_path_factory.mktemp("rl") / "sft"
     chat_train(ChatTrainConfig(load=str(tiny_base), data="arithmetic::1", save=str(save), stage="sft",

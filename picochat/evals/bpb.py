@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from .. import distributed
 from ..common import autocast
 
 
@@ -27,6 +28,7 @@ def evaluate_bpb(model, batches, steps: int, token_bytes: torch.Tensor, device, 
         b = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)
         nats += (loss.double() * (b > 0)).sum()
         nbytes += b.double().sum()
+    distributed.all_reduce_([nats.view(1), nbytes.view(1)])  # under torchrun each process saw its share
     return float(nats / (math.log(2) * nbytes.clamp(min=1)))
 
 

@@ -15,6 +15,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from .. import distributed
 from ..common import PicochatError, Progress, autocast, log, peak_flops
 from ..optim import OptimConfig, lr_multiplier, muon_momentum
 
@@ -64,7 +65,8 @@ class Trainer:
         self.model, self.optimizer, self.optim_cfg, self.loop = model, optimizer, optim_cfg, loop
         self.device, self.dtype = device, dtype
         self.flops_per_token = flops_per_token
-        self.peak = peak_flops(device, dtype)
+        self.peak = peak_flops(device, dtype) * distributed.world_size()
+        distributed.broadcast_params(model)
         self.train_model = torch.compile(model, dynamic=False) if compile else model
         self.step = 0
         self.elapsed = 0.0  # training seconds, excluding evaluation and checkpoints
@@ -72,14 +74,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def state_dict(self, data: DataSource) -> dict:
+        """Exact-resume state. The optimizer state is the same on every rank; the data position
+        and RNG may not be (RL's rollouts are per rank), so every rank's are kept."""
+        mine = {"data": data.state_dict(), "rng": torch.get_rng_state()}
         return {"step": self.step, "elapsed": self.elapsed, "optimizer": self.optimizer.state_dict(),
-                "data": data.state_dict(), "rng": torch.get_rng_state()}
+                "ranks": distributed.all_gather_objects(mine)}
 
     def load_state_dict(self, state: dict, data: DataSource, metrics: list[dict]) -> None:
+        ranks = state.get("ranks") or [{"data": state["data"], "rng": state["rng"]}]  # before torchrun support
+        if len(ranks) != distributed.world_size():
+            raise PicochatError(f"this run dir was written by {len(ranks)} process(es); resume it with as many "
+                                f"(torchrun --nproc_per_node {len(ranks)}), not {distributed.world_size()}")
         self.step, self.elapsed = state["step"], state["elapsed"]
         self.optimizer.load_state_dict(state["optimizer"])
-        data.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"])
+        mine = ranks[distributed.rank()]
+        data.load_state_dict(mine["data"])
+        torch.set_rng_state(mine["rng"])
         # the metrics file may hold lines logged after the checkpoint: they are replayed anyway
         self.metrics = [m for m in metrics if m.get("step", 0) <= self.step]
 
@@ -92,7 +102,10 @@ class Trainer:
             lr_multiplier(self.step, self.loop.steps, cfg.warmup_frac, cfg.warmdown_frac, cfg.final_lr_frac),
             muon_momentum(self.step, cfg))
         batches = [data.next_batch() for _ in range(self.loop.grad_accum)]
-        total = max(sum(count_fn(b) for b in batches), 1)  # counted on the host: no device sync
+        # counted on the host (no device sync), over the whole global batch: every rank divides by
+        # the same total, so the gradients summed over ranks are the global batch's gradient
+        total = int(distributed.sum_host([sum(count_fn(b) for b in batches)])[0])
+        total = max(total, 1)
         loss = torch.zeros((), device=self.device)
         for batch in batches:
             batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
@@ -100,6 +113,14 @@ class Trainer:
                 part = loss_fn(self.train_model, batch) / total
             part.backward()
             loss += part.detach()
+        if distributed.world_size() > 1:
+            # one message: every gradient (a missing one as zeros, so all ranks send the same
+            # layout) and the loss, which becomes the global batch's
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            distributed.all_reduce_([p.grad for p in params] + [loss.view(1)])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -188,8 +209,10 @@ def run_stage(model, tok, data: DataSource, optim_cfg: OptimConfig, loop: LoopCo
         trainer.load_state_dict(run.trainer_state, data, run.metrics)
 
     def save_fn(step: int, trainer_state: dict, metrics: list) -> None:
-        save_run(save, model, tok, stage=stage, trainer_state=trainer_state, metrics=metrics,
-                 extra={"step": step, "train": meta})
+        if distributed.is_main():  # one writer; the others wait so that no rank runs ahead of the run dir
+            save_run(save, model, tok, stage=stage, trainer_state=trainer_state, metrics=metrics,
+                     extra={"step": step, "train": meta, "world_size": distributed.world_size()})
+        distributed.barrier()
 
     metrics = trainer.fit(data, Callbacks(save=save_fn, evaluate=evaluate, sample=sample), loss_fn, count_fn)
     final = metrics[-1] if metrics else {}

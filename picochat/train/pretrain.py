@@ -6,12 +6,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import distributed
 from ..checkpoint import check_tokenizer
 from ..common import PicochatError, choose_device, choose_dtype, log, seed_everything, set_threads
 from ..config import ModelConfig
 from ..data.loader import PackingLoader, TokenDataset
 from ..engine import generate
 from ..evals.bpb import evaluate_bpb
+from ..memory import check_training_memory
 from ..model import GPT
 from ..optim import OptimConfig
 from ..tokenizer import Tokenizer, train_tokenizer
@@ -36,6 +38,7 @@ class PretrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    grad_checkpoint: bool = False  # recompute activations in the backward pass: less memory, ~30% more compute
     seed: int = 42
     eval_every: int = 0
     eval_tokens: int = 65536  # validation tokens per bpb evaluation
@@ -49,20 +52,21 @@ class PretrainConfig:
     cache_dir: str | None = None  # token cache; default: <save>.cache next to the run dir
 
 
-def _grad_accum(cfg: PretrainConfig) -> int:
-    rows_tokens = cfg.batch_size * cfg.seq_len
+def _grad_accum(cfg: PretrainConfig, world: int) -> int:
+    rows_tokens = cfg.batch_size * cfg.seq_len * world
     if not cfg.total_batch_tokens:
         return 1
     if cfg.total_batch_tokens % rows_tokens:
         raise PicochatError(f"--total-batch-tokens {cfg.total_batch_tokens} is not a multiple of "
-                            f"batch size x seq len = {rows_tokens}")
+                            f"batch size x seq len x processes = {rows_tokens}")
     return cfg.total_batch_tokens // rows_tokens
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
     set_threads()
-    device = choose_device(cfg.device)
+    device = distributed.local_device(choose_device(cfg.device))
     dtype = choose_dtype(cfg.dtype, device)
+    rank, world = distributed.setup(device)
     run = open_run(cfg.save, cfg.resume, cfg.overwrite, device)
     if run is not None:
         restore_settings(cfg, run, ("depth", "seq_len", "batch_size", "total_batch_tokens", "steps", "seed",
@@ -71,35 +75,44 @@ def pretrain(cfg: PretrainConfig) -> dict:
     else:
         if cfg.tokenizer:
             tok = Tokenizer.load(cfg.tokenizer)
+        elif world > 1:
+            raise PicochatError("under torchrun give --tokenizer (train one first: picochat tokenizer train), "
+                                "so that every process uses the same one")
         else:
             log(f"no --tokenizer given: training one (vocab {cfg.vocab_size}) on the data")
             tok = train_tokenizer(cfg.data, cfg.vocab_size)
         config = ModelConfig.from_depth(cfg.depth, vocab_size=tok.vocab_size, sequence_len=cfg.seq_len,
                                         window_pattern=cfg.window_pattern, window=cfg.window)
         check_tokenizer(tok, config)
+        est = check_training_memory(config, cfg.batch_size, cfg.seq_len, dtype, cfg.grad_checkpoint, device)
+        log(f"memory: about {est.describe()} per process")
         seed_everything(cfg.seed)
         with torch.device(device):
             model = GPT(config)
     config = model.config
+    model.grad_checkpoint = cfg.grad_checkpoint
 
-    grad_accum = _grad_accum(cfg)
-    dataset = TokenDataset.build(cfg.data, tok, cache_dir=cfg.cache_dir or str(cfg.save) + ".cache")
-    train_data = PackingLoader(dataset, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
-    tokens_per_step = cfg.batch_size * cfg.seq_len * grad_accum
+    grad_accum = _grad_accum(cfg, world)
+    with distributed.main_first():  # rank 0 tokenizes into the cache, the others read it
+        dataset = TokenDataset.build(cfg.data, tok, cache_dir=cfg.cache_dir or str(cfg.save) + ".cache")
+    train_data = PackingLoader(dataset, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=rank,
+                               world_size=world)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * grad_accum * world
     if not cfg.steps:
         cfg.steps = max(1, round(cfg.tokens_params_ratio * model.num_params() / tokens_per_step))
     log(f"model: depth {config.n_layer}, dim {config.n_embd}, heads {config.n_head}/{config.n_kv_head} kv, "
         f"{model.num_params() / 1e6:.1f}M params | {cfg.steps} steps x {tokens_per_step:,} tokens "
-        f"({grad_accum} micro-batches) | {device.type} {str(dtype).removeprefix('torch.')} | "
+        f"({grad_accum} micro-batches{f' x {world} processes' if world > 1 else ''}) | {device.type} "
+        f"{str(dtype).removeprefix('torch.')} | "
         f"{dataset.num_tokens:,} tokens in {dataset.num_docs:,} documents")
 
     token_bytes = torch.tensor(tok.token_byte_lengths(), dtype=torch.float32, device=device)
 
-    val = PackingLoader(dataset, "val", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    val = PackingLoader(dataset, "val", cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=rank, world_size=world)
 
     def evaluate() -> dict:
-        val.reset()  # the same validation tokens every time
-        steps = max(1, cfg.eval_tokens // (cfg.batch_size * cfg.seq_len))
+        val.reset()  # the same validation tokens every time (split between the processes)
+        steps = max(1, cfg.eval_tokens // (cfg.batch_size * cfg.seq_len * world))
         return {"val_bpb": round(evaluate_bpb(model, val, steps, token_bytes, device, dtype), 6)}
 
     def sample() -> str:

@@ -46,10 +46,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import distributed
 from ..checkpoint import load_run
 from ..common import PicochatError, autocast, choose_device, choose_dtype, log, seed_everything, set_threads
 from ..conversation import render_for_completion
 from ..engine import Completion, Engine, GenRequest
+from ..memory import check_training_memory
 from ..optim import OptimConfig
 from ..tasks.base import Task
 from ..tasks.mixture import Mixture, build_mixture, parse_mixture
@@ -83,6 +85,7 @@ class RLConfig:
     eval_every: int = 0  # pass@k every N steps (and at the end); 0: at the end only
     eval_examples: int = 100  # 0: no evaluation
     eval_k: int = 1  # samples per question: pass@k (greedy when 1)
+    grad_checkpoint: bool = False
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 42
@@ -211,7 +214,10 @@ class Rollouts:
         # stop at <|assistant_end|> only: the Completion drops its stop token, so it must be known
         self.end = tok.special_id("<|assistant_end|>")
         self.engine.default_stops = frozenset({self.end})
-        self.rows = cfg.prompts_per_step * cfg.group_size
+        # under torchrun each process samples and trains its share of every step's prompts
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.prompts = cfg.prompts_per_step // self.world
+        self.rows = self.prompts * cfg.group_size
         self.micro_batches = math.ceil(self.rows / cfg.batch_size)  # the Trainer's grad_accum
         self.epoch, self.cursor, self.draws = 0, 0, 0
         self._order = self._epoch_order(0)
@@ -265,13 +271,14 @@ class Rollouts:
     def _seed(self, j: int) -> int:
         return int(np.random.SeedSequence([self.cfg.seed, self.draws, j]).generate_state(1)[0])
 
-    def sample_groups(self, indices: list[int]) -> list[tuple[dict, list[int], list[Completion]]]:
-        """(conversation, prompt ids, group_size completions) per prompt, in order."""
+    def sample_groups(self, indices: list[int], first: int = 0) -> list[tuple[dict, list[int], list[Completion]]]:
+        """(conversation, prompt ids, group_size completions) per prompt, in order; `first` is the
+        position of indices[0] in the step's prompts, which seeds the sampling."""
         cfg = self.cfg
         convs = [self.task[i] for i in indices]
         prompts = [self.engine.fit_prompt(render_for_completion(self.tok, c), cfg.max_tokens) for c in convs]
-        requests = [GenRequest(p, cfg.group_size, cfg.max_tokens, cfg.temperature, cfg.top_k, seed=self._seed(j),
-                               key=j) for j, p in enumerate(prompts)]
+        requests = [GenRequest(p, cfg.group_size, cfg.max_tokens, cfg.temperature, cfg.top_k,
+                               seed=self._seed(first + j), key=j) for j, p in enumerate(prompts)]
         with warnings.catch_warnings():  # ast.parse warns on model-made expressions like "3e"
             warnings.simplefilter("ignore", SyntaxWarning)
             out: dict[int, list[Completion]] = dict(self.engine.complete(requests, max_rows=cfg.rollout_rows))
@@ -280,7 +287,8 @@ class Rollouts:
     def _rollout(self) -> None:
         cfg = self.cfg
         t0 = time.perf_counter()
-        groups = self.sample_groups(self._next_prompts())
+        first = self.rank * self.prompts
+        groups = self.sample_groups(self._next_prompts()[first:first + self.prompts], first)
         self.draws += 1
         gen_seconds = time.perf_counter() - t0
         task_rewards = torch.tensor([[float(self.task.reward(conv, c.text)) for c in outs]
@@ -299,16 +307,19 @@ class Rollouts:
         rows = [r for r in rows if any(r[1])]  # rows with nothing sampled (no room) train nothing
         batches = self._micro_batches(rows)
         self.pending = [b for _ in range(cfg.epochs) for b in batches]
-        lengths = [len(c.tokens) for _, _, outs in groups for c in outs]
-        n_gen = sum(lengths)
+        # the statistics of the whole step, summed over the processes
+        n_gen = sum(len(c.tokens) for _, _, outs in groups for c in outs)
+        r_sum, c_sum, f_sum, gen, n, kept, g = distributed.sum_host(
+            [float(rewards.sum()), float(correct.sum()), float(formatted.sum()), n_gen, rewards.numel(),
+             sum(informative), len(informative)])
         self.stats = {
-            "reward": round(float(rewards.mean()), 4),
-            "pass@1": round(float(correct.mean()), 4),
-            **({"format": round(float(formatted.mean()), 4)} if cfg.format_reward else {}),
-            "response_len": round(n_gen / max(len(lengths), 1), 2),
-            "all_equal": round(1.0 - sum(informative) / len(informative), 4),
+            "reward": round(r_sum / n, 4),
+            "pass@1": round(c_sum / n, 4),
+            **({"format": round(f_sum / n, 4)} if cfg.format_reward else {}),
+            "response_len": round(gen / max(n, 1), 2),
+            "all_equal": round(1.0 - kept / g, 4),
             "rollout_s": round(gen_seconds, 3),
-            "gen_tok_per_s": round(n_gen / max(gen_seconds, 1e-9), 1),
+            "gen_tok_per_s": round(gen / max(gen_seconds, 1e-9), 1),
         }
 
     def _micro_batches(self, rows: list) -> list[tuple]:
@@ -345,10 +356,12 @@ def pass_at_k(model, tok, task, indices: list[int], k: int, max_tokens: int, tem
     from ..evals.chat_eval import generative_eval
     engine = Engine(model, tok)
     any_ok, frac_ok = 0, 0.0
-    for _, _, rewards in generative_eval(engine, task, indices, k, max_tokens, temperature, top_k, seed,
+    mine = indices[distributed.rank()::distributed.world_size()]  # under torchrun, a share per process
+    for _, _, rewards in generative_eval(engine, task, mine, k, max_tokens, temperature, top_k, seed,
                                          max_rows=max_rows):
         any_ok += max(rewards) > 0
         frac_ok += sum(r > 0 for r in rewards) / len(rewards)
+    any_ok, frac_ok = distributed.sum_host([any_ok, frac_ok])
     n = max(len(indices), 1)
     out = {"val_pass@1": round(frac_ok / n, 4)}
     if k > 1:
@@ -400,8 +413,9 @@ def _check_chat_model(run, where: str) -> None:
 def rl_train(cfg: RLConfig) -> dict:
     """`picochat rl`: GRPO on graded tasks, through the shared training loop."""
     set_threads()
-    device = choose_device(cfg.device)
+    device = distributed.local_device(choose_device(cfg.device))
     dtype = choose_dtype(cfg.dtype, device)
+    _, world = distributed.setup(device)
     run = open_run(cfg.save, cfg.resume, cfg.overwrite, device)
     if run is not None:
         restore_settings(cfg, run, ("load", "task", "group_size", "prompts_per_step", "steps", "max_tokens",
@@ -418,6 +432,9 @@ def rl_train(cfg: RLConfig) -> dict:
                              ("--eval-k", cfg.eval_k, 1)):
         if value < low:
             raise PicochatError(f"rl: {name} must be at least {low}, not {value}")
+    if cfg.prompts_per_step % world:
+        raise PicochatError(f"rl: --prompts-per-step {cfg.prompts_per_step} does not split evenly over "
+                            f"{world} processes")
     if cfg.temperature <= 0:
         raise PicochatError(f"rl: --temperature must be > 0 for sampling groups, not {cfg.temperature}")
     if not 0 < cfg.clip < 1 or cfg.kl < 0:
@@ -444,9 +461,13 @@ def rl_train(cfg: RLConfig) -> dict:
         ref_model.requires_grad_(False)
     del source
 
+    model.grad_checkpoint = cfg.grad_checkpoint
+    check_training_memory(model.config, cfg.batch_size, model.config.sequence_len, dtype, cfg.grad_checkpoint,
+                          device)  # rows are at most the context long
     data = Rollouts(model, tok, task, cfg, device, dtype, ref_model)
     log(f"rl: {len(task):,} prompts from {cfg.task!r}, {cfg.steps} steps of {cfg.prompts_per_step} prompts x "
-        f"{cfg.group_size} samples ({data.rows} rows, {data.micro_batches} micro-batches of {cfg.batch_size}), "
+        f"{cfg.group_size} samples ({data.rows} rows per process, {data.micro_batches} micro-batches of "
+        f"{cfg.batch_size}), "
         f"epochs {cfg.epochs}, from {cfg.load}")
 
     evaluate = None

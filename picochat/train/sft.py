@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .. import distributed
 from ..checkpoint import load_run
 from ..common import PicochatError, choose_device, choose_dtype, log, seed_everything, set_threads
 from ..conversation import render_conversation
 from ..data.loader import PackingLoader, TokenDataset
+from ..memory import check_training_memory
 from ..optim import OptimConfig
 from ..tasks import build_mixture
 from .loop import LoopConfig, open_run, restore_settings, run_stage, stage_meta
@@ -40,6 +42,7 @@ class ChatTrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    grad_checkpoint: bool = False
     seed: int = 42
     save_every: int = 0
     log_every: int = 1
@@ -49,10 +52,13 @@ class ChatTrainConfig:
 
 
 class PaddedConversations:
-    """One conversation per row, in a seeded order that changes every epoch; resumable."""
+    """One conversation per row, in a seeded order that changes every epoch; resumable. Each call
+    takes the global batch of batch_size * world_size conversations and returns rank `rank`'s
+    rows, so the data does not depend on how many processes share it."""
 
-    def __init__(self, task, tok, batch_size: int, seq_len: int, seed: int):
+    def __init__(self, task, tok, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1):
         self.task, self.tok, self.batch_size, self.seq_len, self.seed = task, tok, batch_size, seq_len, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.cursor = 0, 0
         self._order = self._epoch_order(0)
 
@@ -67,14 +73,15 @@ class PaddedConversations:
         self._order = self._epoch_order(self.epoch)
 
     def next_batch(self):
-        rows = []
-        while len(rows) < self.batch_size:
+        picks = []
+        while len(picks) < self.batch_size * self.world_size:
             if self.cursor == len(self._order):
                 self.epoch, self.cursor = self.epoch + 1, 0
                 self._order = self._epoch_order(self.epoch)
-            conv = self.task[int(self._order[self.cursor])]
+            picks.append(int(self._order[self.cursor]))
             self.cursor += 1
-            rows.append(render_conversation(self.tok, conv, max_tokens=self.seq_len + 1))
+        mine = picks[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        rows = [render_conversation(self.tok, self.task[i], max_tokens=self.seq_len + 1) for i in mine]
         width = max(len(ids) for ids, _ in rows) - 1
         x = torch.full((self.batch_size, width), self.tok.bos_id, dtype=torch.long)
         y = torch.full((self.batch_size, width), -1, dtype=torch.long)
@@ -90,8 +97,9 @@ def chat_train(cfg: ChatTrainConfig) -> dict:
     if cfg.stage not in ("mid", "sft"):
         raise PicochatError(f"unknown chat training stage {cfg.stage!r} (mid or sft)")
     set_threads()
-    device = choose_device(cfg.device)
+    device = distributed.local_device(choose_device(cfg.device))
     dtype = choose_dtype(cfg.dtype, device)
+    rank, world = distributed.setup(device)
     run = open_run(cfg.save, cfg.resume, cfg.overwrite, device)
     if run is not None:
         restore_settings(cfg, run, ("data", "stage", "seq_len", "batch_size", "grad_accum", "steps", "seed",
@@ -105,19 +113,22 @@ def chat_train(cfg: ChatTrainConfig) -> dict:
     if cfg.seq_len > model.config.sequence_len:
         raise PicochatError(f"--seq-len {cfg.seq_len} is longer than the model's context "
                             f"({model.config.sequence_len})")
+    model.grad_checkpoint = cfg.grad_checkpoint
+    check_training_memory(model.config, cfg.batch_size, cfg.seq_len, dtype, cfg.grad_checkpoint, device)
     task = build_mixture(cfg.data, split="train", seed=cfg.seed)
     if cfg.stage == "mid":
         rendered = [render_conversation(tok, task[i], max_tokens=cfg.seq_len + 1) for i in range(len(task))]
         dataset = TokenDataset.from_sequences(rendered, tok.bos_id)
-        data = PackingLoader(dataset, "all", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+        data = PackingLoader(dataset, "all", cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=rank, world_size=world)
         rows_per_epoch = dataset.num_tokens / (cfg.seq_len + 1)
     else:
-        data = PaddedConversations(task, tok, cfg.batch_size, cfg.seq_len, cfg.seed)
+        data = PaddedConversations(task, tok, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
         rows_per_epoch = len(task)
+    rows_per_step = cfg.batch_size * cfg.grad_accum * world
     if not cfg.steps:
-        cfg.steps = max(1, round(rows_per_epoch / (cfg.batch_size * cfg.grad_accum)))
+        cfg.steps = max(1, round(rows_per_epoch / rows_per_step))
     log(f"{cfg.stage}: {len(task):,} conversations from {cfg.data!r}, {cfg.steps} steps of "
-        f"{cfg.batch_size * cfg.grad_accum} rows, from {cfg.load}")
+        f"{rows_per_step} rows{f' over {world} processes' if world > 1 else ''}, from {cfg.load}")
 
     s = cfg.lr_scale
     optim = dataclasses.replace(cfg.optim, matrix_lr=cfg.optim.matrix_lr * s, embedding_lr=cfg.optim.embedding_lr * s,

@@ -1,0 +1,109 @@
+"""Will this training config fit? A peak-memory estimate made before any model is built.
+
+Peak = weights + gradients (fp32, 4 bytes per parameter each) + the larger of
+- the forward/backward peak: the activations autograd keeps for the micro-batch, plus the fp32
+  logits' gradient in flight, and
+- the optimizer step's: Adam's two moments for embeddings, head and scalars, Muon's momentum and
+  the stacked copy of the gradients it orthogonalizes,
+plus a fixed allowance for the runtime (the CUDA context, PyTorch's own libraries).
+
+The activation counts per token were measured with autograd's saved-tensor hooks on this model
+(tests/test_memory.py checks them against the same measurement): a full-attention layer keeps
+about 16 d + 3 kv values per token (d = model width, kv = key/value width; SDPA keeps no T x T
+matrix), a sliding-window layer about 3 d more, the embedding about 3 d, and the soft-capped fp32
+logits 2 x vocab. With --grad-checkpoint a layer keeps only its input (d), and one layer's
+activations are rebuilt at a time during the backward pass.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .common import PicochatError
+from .config import ModelConfig
+
+GiB = 1 << 30
+RUNTIME_BYTES = GiB // 2
+
+
+@dataclass
+class MemoryEstimate:
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int
+    logits: int
+    runtime: int = RUNTIME_BYTES
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + max(self.activations + self.logits, self.optimizer) + self.runtime
+
+    def describe(self) -> str:
+        parts = (("weights", self.weights), ("grads", self.grads), ("optimizer", self.optimizer),
+                 ("activations", self.activations), ("logits", self.logits))
+        return f"{self.total / GiB:.1f} GiB (" + ", ".join(f"{k} {v / GiB:.2f}" for k, v in parts) + ")"
+
+
+def activation_values_per_token(config: ModelConfig, grad_checkpoint: bool) -> tuple[float, float]:
+    """(values kept per token through the backward pass, fp32 logit values per token)."""
+    d, kv = config.n_embd, config.n_kv_head * config.head_dim
+    layers = [16 * d + 3 * kv + (3 * d if w else 0) for w in config.layer_windows()]
+    if grad_checkpoint:  # every layer's input, plus one layer rebuilt at a time
+        hidden = 3 * d + config.n_layer * d + max(layers)
+    else:
+        hidden = 3 * d + sum(layers)
+    # the logits (softcap input and output) are kept; their gradient (and tanh's) pass through
+    return hidden, 4 * config.vocab_size
+
+
+def estimate_training_memory(config: ModelConfig, rows: int, seq_len: int, dtype: torch.dtype,
+                             grad_checkpoint: bool = False) -> MemoryEstimate:
+    """Peak bytes of one process training `rows` x `seq_len` micro-batches."""
+    params = config.num_params()
+    adam = 2 * config.vocab_size * config.n_embd + 2 * config.n_layer
+    matrix = params - adam
+    hidden, logits = activation_values_per_token(config, grad_checkpoint)
+    tokens = rows * seq_len
+    act_bytes = 4 if dtype == torch.float32 else 2.5  # bf16 autocast: matmul outputs bf16, norms fp32
+    return MemoryEstimate(weights=4 * params, grads=4 * params, optimizer=8 * adam + 8 * matrix,
+                          activations=int(tokens * hidden * act_bytes), logits=int(tokens * logits * 4))
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes this process may use on `device`, or None when unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    if device.type == "mps":
+        return int(torch.mps.recommended_max_memory())
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        avail = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        try:
+            avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return avail // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's CPU processes share it
+
+
+def check_training_memory(config: ModelConfig, rows: int, seq_len: int, dtype: torch.dtype,
+                          grad_checkpoint: bool, device: torch.device) -> MemoryEstimate:
+    """The estimate; a clear error, before anything is allocated, when it cannot fit.
+    PICOCHAT_MEMORY_CHECK=0 skips the refusal (the estimate is an estimate)."""
+    est = estimate_training_memory(config, rows, seq_len, dtype, grad_checkpoint)
+    have = available_memory(device)
+    if have is None or os.environ.get("PICOCHAT_MEMORY_CHECK", "1") == "0" or est.total <= have:
+        return est
+    hints = [] if grad_checkpoint else ["--grad-checkpoint"]
+    if rows > 1:
+        hints.append("a smaller --batch-size (keep the batch with --total-batch-tokens / --grad-accum)")
+    hints.append("a smaller --depth or --seq-len")
+    raise PicochatError(f"this config needs about {est.describe()} on {device.type}, which has "
+                        f"{have / GiB:.1f} GiB available: try {', or '.join(hints)} "
+                        "(PICOCHAT_MEMORY_CHECK=0 to try anyway)")

@@ -1,0 +1,96 @@
+"""Activation checkpointing and the peak-memory estimate that refuses configs which cannot fit."""
+
+import json
+
+import pytest
+import torch
+
+from picochat.config import ModelConfig
+from picochat.memory import activation_values_per_token, estimate_training_memory
+from picochat.model import GPT
+from tests.conftest import run_cli
+
+
+def saved_for_backward(model: GPT, x: torch.Tensor) -> int:
+    """Bytes autograd keeps from the forward pass for the backward (weights not counted)."""
+    weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in weights:
+            kept[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, x)
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("depth,seq_len,pattern,vocab", [(2, 128, "L", 512), (4, 64, "SSSL", 4096),
+                                                          (4, 256, "L", 512), (6, 128, "SSL", 2048)])
+def test_the_activation_estimate_matches_what_autograd_keeps(depth, seq_len, pattern, vocab):
+    config = ModelConfig.from_depth(depth, vocab_size=vocab, sequence_len=seq_len, window_pattern=pattern)
+    torch.manual_seed(0)
+    model = GPT(config)
+    x = torch.randint(0, vocab, (2, seq_len))
+    measured = saved_for_backward(model, x)
+    hidden, _ = activation_values_per_token(config, grad_checkpoint=False)
+    predicted = 2 * seq_len * (hidden + 2 * vocab) * 4  # kept: hidden values and the two fp32 logit tensors
+    assert predicted == pytest.approx(measured, rel=0.15)
+
+    model.grad_checkpoint = True
+    with_ckpt = saved_for_backward(model, x)
+    hidden_ckpt, _ = activation_values_per_token(config, grad_checkpoint=True)
+    assert with_ckpt < 0.6 * measured  # most of the activations are no longer kept
+    assert with_ckpt <= 2 * seq_len * (hidden_ckpt + 2 * vocab) * 4  # the estimate bounds it
+
+
+def test_grad_checkpoint_gives_the_same_gradients():
+    config = ModelConfig.from_depth(4, vocab_size=512, sequence_len=128)
+    torch.manual_seed(0)
+    model = GPT(config)
+    for block in model.blocks:  # non-zero output projections, so every block matters
+        torch.nn.init.normal_(block.attn.c_proj.weight, std=0.02)
+        torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.02)
+    x = torch.randint(0, 512, (2, 128))
+    grads = []
+    for ckpt in (False, True):
+        model.grad_checkpoint = ckpt
+        model.zero_grad()
+        model(x, x).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_pretrain_with_grad_checkpoint_trains_the_same(small_corpus, small_tokenizer, tmp_path):
+    common = ["pretrain", "--data", str(small_corpus), "--tokenizer", str(small_tokenizer), "--depth", "2",
+              "--seq-len", "64", "--batch-size", "4", "--steps", "3", "--eval-tokens", "512", "--device", "cpu",
+              "--dtype", "fp32"]
+    for name, extra in (("plain", []), ("ckpt", ["--grad-checkpoint"])):
+        r = run_cli(*common, "--save", str(tmp_path / name), *extra)
+        assert r.returncode == 0, r.stderr
+    losses = [[m["loss"] for m in map(json.loads, (tmp_path / n / "metrics.jsonl").read_text().splitlines())]
+              for n in ("plain", "ckpt")]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
+    assert "memory: about" in r.stdout
+
+
+def test_the_estimate_scales_as_it_should():
+    c = ModelConfig.from_depth(16, vocab_size=65536, sequence_len=1024)
+    plain = estimate_training_memory(c, 8, 1024, torch.float32)
+    ckpt = estimate_training_memory(c, 8, 1024, torch.float32, grad_checkpoint=True)
+    assert plain.weights == plain.grads == 4 * c.num_params()
+    assert ckpt.activations < plain.activations / 5
+    assert estimate_training_memory(c, 16, 1024, torch.float32).activations == 2 * plain.activations
+    # depth 16 at context 1024 (the MPS fork's 335M model), 8 rows: 16 GB is enough with checkpointing only
+    assert ckpt.total < 16e9 < plain.total
+
+
+def test_a_config_that_cannot_fit_is_refused_before_anything_is_built(small_corpus, small_tokenizer, tmp_path):
+    r = run_cli("pretrain", "--data", str(small_corpus), "--tokenizer", str(small_tokenizer), "--depth", "32",
+                "--seq-len", "2048", "--batch-size", "4096", "--device", "cpu", "--save", str(tmp_path / "big"))
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: this config needs about ") and "--grad-checkpoint" in r.stderr
+    assert "GiB available" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "big").exists()
