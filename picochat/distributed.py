@@ -138,12 +138,17 @@ def broadcast_params(module: torch.nn.Module) -> None:
         dist.broadcast(t.data, 0)
 
 
-def all_gather_rows(part: torch.Tensor, n: int) -> torch.Tensor:
+def all_gather_rows(part: torch.Tensor, n: int):
     """Each rank holds rows [r * k, (r + 1) * k) of an (n, ...) tensor, k = ceil(n / world),
-    zero-padded to k rows; returns the whole tensor on every rank."""
+    zero-padded to k rows. Starts gathering the whole tensor and returns a function that waits for
+    it, so the caller can compute the next part while this one travels."""
     parts = [torch.empty_like(part) for _ in range(world_size())]
-    dist.all_gather(parts, part)
-    return torch.cat(parts)[:n]
+    work = dist.all_gather(parts, part, async_op=True)
+
+    def result() -> torch.Tensor:
+        work.wait()
+        return torch.cat(parts)[:n]
+    return result
 
 
 def shard_bounds(n: int) -> tuple[int, int, int]:

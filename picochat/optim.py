@@ -253,7 +253,8 @@ class Muon(torch.optim.Optimizer):
             return loss
         # Data-parallel: the gradients are already summed over ranks, so every rank keeps the same
         # momentum (cheap, element-wise), but each orthogonalizes only its share of every stack —
-        # Newton-Schulz is the expensive part — and the shares are all-gathered.
+        # Newton-Schulz is the expensive part — and the shares are all-gathered, each while the next
+        # group is orthogonalized.
         updates = []
         for group in groups:
             g = self._nesterov_momentum(group)
@@ -262,8 +263,8 @@ class Muon(torch.optim.Optimizer):
             if hi > lo:
                 mine[:hi - lo] = self._orthogonal_update(group, g[lo:hi], lo)
             updates.append(distributed.all_gather_rows(mine, len(g)))
-        for group, u in zip(groups, updates):
-            self._apply_update(group, u)
+        for group, gathered in zip(groups, updates):
+            self._apply_update(group, gathered())
         return loss
 
 

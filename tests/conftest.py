@@ -34,6 +34,17 @@ def small_tokenizer(small_corpus, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For a module of tiny models: they gain nothing from a second thread, and on a busy machine
+    OpenMP's spinning threads make every op many times slower."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "picochat", *args], capture_output=True, text=True,

@@ -15,14 +15,7 @@ TEXT = ("The quick brown fox jumps over the lazy dog. 1+2 makes 3, and 12*7 make
         "Pack my box with five dozen liquor jugs! How vexingly quick daft zebras jump. ") * 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine OpenMP's spinning
-    threads make every op many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

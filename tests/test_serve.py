@@ -36,13 +36,7 @@ TEXT = ("The quick brown fox jumps over the lazy dog. 1+2 makes 3, and 12*7 make
 CONTEXT = 96
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and the machine is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
