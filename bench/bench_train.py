@@ -1,11 +1,16 @@
 """Training throughput and MFU of the real picochat step (forward, backward, Muon + AdamW).
 
     python bench/bench_train.py                      # depths 4 and 8, fp32/bf16, eager/compiled
-    python bench/bench_train.py --depths 4 --steps 3 --no-compile
+    python bench/bench_train.py --depths 4 --steps 3 --no-compile --accum 1
 
 MFU is measured against the matmul peak this script measures first on this machine (2048^2),
 so the percentage says how much of what the hardware can do the step gets. A dtype whose matmul is
 far below fp32 (bf16 on a CPU without AVX512-BF16) is reported and skipped.
+
+--accum sets the micro-batches per optimizer step (default: 1 and 4). The optimizer's cost does not
+grow with the batch: Muon's Newton-Schulz on a depth-8 model is about 0.9 TFLOP per step, more
+than the forward and backward of one 8 x 256 micro-batch (0.8 TFLOP). Real runs take 8K (the tiny
+preset) to 500K tokens per step, so "optimizer" shows its share of the step at each setting.
 """
 
 from __future__ import annotations
@@ -56,28 +61,37 @@ class RandomTokens:
         pass
 
 
-def bench_one(depth, dtype, compile_, args, device, peak) -> dict:
+def bench_one(depth, dtype, compile_, accum, args, device, peak) -> dict:
     cfg = ModelConfig.from_depth(depth, vocab_size=args.vocab, sequence_len=args.seq_len)
     torch.manual_seed(0)
     with torch.device(device):
         model = GPT(cfg)
     opt_cfg = OptimConfig()
-    trainer = Trainer(model, build_optimizer(model, opt_cfg), opt_cfg, LoopConfig(steps=10 ** 6), device, dtype,
-                      flops_per_token=cfg.flops_per_token(), compile=compile_)
+    trainer = Trainer(model, build_optimizer(model, opt_cfg), opt_cfg, LoopConfig(steps=10 ** 6, grad_accum=accum),
+                      device, dtype, flops_per_token=cfg.flops_per_token(), compile=compile_)
+    opt_seconds = []
+    step = trainer.optimizer.step
+
+    def timed_step():
+        t = time.perf_counter()
+        step()
+        opt_seconds.append(time.perf_counter() - t)
+    trainer.optimizer.step = timed_step
     data = RandomTokens(args.batch_size, args.seq_len, args.vocab)
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         float(trainer.train_step(data)[0])
     warm = time.perf_counter() - t0
     times = []
+    opt_seconds.clear()
     for _ in range(args.steps):
         t0 = time.perf_counter()
         float(trainer.train_step(data)[0])
         times.append(time.perf_counter() - t0)
     dt = sorted(times)[len(times) // 2]
-    tok_s = args.batch_size * args.seq_len / dt
+    tok_s = args.batch_size * args.seq_len * accum / dt
     return {"params": model.num_params(), "tok_s": tok_s, "step_s": dt, "warmup_s": warm,
-            "mfu": cfg.flops_per_token() * tok_s / peak}
+            "mfu": cfg.flops_per_token() * tok_s / peak, "opt_share": sorted(opt_seconds)[len(opt_seconds) // 2] / dt}
 
 
 def main():
@@ -90,6 +104,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--accum", type=int, nargs="+", default=[1, 4], help="micro-batches per optimizer step")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     set_threads()
@@ -99,19 +114,21 @@ def main():
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print("matmul peak (2048^2): " + ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in peaks.items()))
     print(f"batch {args.batch_size} x seq {args.seq_len}, vocab {args.vocab}, median of {args.steps} steps\n")
-    print("| depth | params | dtype | compile | tok/s | step (s) | MFU vs measured peak | first steps (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| depth | params | dtype | compile | tokens/step | tok/s | step (s) | optimizer | MFU vs measured peak "
+          "| first steps (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for depth in args.depths:
         for name in args.dtypes:
             if peaks[name] < 0.1 * peaks["fp32" if "fp32" in peaks else name]:
-                print(f"| {depth} | | {name} | | skipped: matmul {peaks[name] / 1e9:.1f} GFLOP/s, no native "
-                      f"support | | | |")
+                print(f"| {depth} | | {name} | | | skipped: matmul {peaks[name] / 1e9:.1f} GFLOP/s, no native "
+                      f"support | | | | |")
                 continue
             for compile_ in ([False] if args.no_compile else [False, True]):
-                r = bench_one(depth, dtypes[name], compile_, args, device, peaks[name])
-                print(f"| {depth} | {r['params'] / 1e6:.1f}M | {name} | {'yes' if compile_ else 'no'} "
-                      f"| {r['tok_s']:,.0f} | {r['step_s']:.3f} | {100 * r['mfu']:.1f}% | {r['warmup_s']:.1f} |",
-                      flush=True)
+                for accum in args.accum:
+                    r = bench_one(depth, dtypes[name], compile_, accum, args, device, peaks[name])
+                    print(f"| {depth} | {r['params'] / 1e6:.1f}M | {name} | {'yes' if compile_ else 'no'} "
+                          f"| {args.batch_size * args.seq_len * accum:,} | {r['tok_s']:,.0f} | {r['step_s']:.3f} "
+                          f"| {100 * r['opt_share']:.0f}% | {100 * r['mfu']:.1f}% | {r['warmup_s']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -141,3 +141,25 @@ def test_config_errors():
         ModelConfig.from_depth(7)
     with pytest.raises(PicochatError, match="window pattern"):
         ModelConfig(window_pattern="SXL")
+
+
+def test_linear_row_block_path_equals_f_linear():
+    """Batch-1 decoding on CPU splits a big weight into row blocks (a batched matmul on every core);
+    the product is the same, and training takes the plain path."""
+    import torch.nn.functional as F
+
+    from picochat.model import Linear
+    torch.manual_seed(0)
+    for out_features in (4096, 1536, 8):  # 4 blocks, 2 blocks, too small: F.linear
+        lin = Linear(384 if out_features > 8 else 4, out_features, bias=False)
+        for shape in ((1, lin.in_features), (1, 1, lin.in_features)):
+            x = torch.randn(shape)
+            with torch.no_grad():
+                y = lin(x)
+            ref = F.linear(x, lin.weight)
+            assert y.shape == ref.shape
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    lin = Linear(384, 4096, bias=False)
+    x = torch.randn(1, 384, requires_grad=True)
+    lin(x).sum().backward()  # with autograd on, F.linear: gradients as usual
+    torch.testing.assert_close(x.grad[0], lin.weight.sum(0), rtol=1e-5, atol=1e-4)
