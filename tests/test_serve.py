@@ -350,7 +350,8 @@ def test_full_queue_503_disconnects_free_rows_and_requests_share_a_step(slow_ser
         m = metrics(url)
         assert m["requests_cancelled"] == 3 and m["batch_rows_last"] <= 2
         # and the server is fine
-        r = http.post("/v1/chat/completions", json={"model": "m", "messages": MSGS, "max_tokens": 3})
+        r = http.post("/v1/chat/completions", json={"model": "m", "messages": MSGS, "max_tokens": 3,
+                                                     "temperature": 0})  # greedy: no sampled early stop
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
@@ -391,7 +392,7 @@ class Markov(nn.Module):
     def forward(self, idx, kv_cache=None):
         if kv_cache is not None:
             kv_cache.advance(idx.size(1))
-        return F.one_hot(self.table[idx], self.config.vocab_size).float() * 10
+        return F.one_hot(self.table[idx], self.config.vocab_size).float() * 100  # sampling cannot stray
 
 
 def test_tool_calls_are_marked_in_the_stream(tok):
@@ -414,7 +415,8 @@ def test_tool_calls_are_marked_in_the_stream(tok):
                 {"part": "text", "text": " ok"}]
         # per choice: 8 sampled + 3 forced (the tool's output) tokens; the stop token is not counted
         assert r.usage.completion_tokens == 2 * 11
-        chunks = list(client.chat.completions.create(model="m", messages=MSGS, max_tokens=50, stream=True))
+        chunks = list(client.chat.completions.create(model="m", messages=MSGS, max_tokens=50, temperature=0,
+                                                     stream=True))
         by_part: dict = {}
         for c in chunks[1:-1]:
             d = c.choices[0].delta
@@ -443,7 +445,7 @@ def test_cli_serve(run_dir, tmp_path):
         url = line.split()[2].rstrip("/")
         assert httpx.get(url + "/health", timeout=10).json() == {"status": "ok"}
         r = httpx.post(url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
-                       json={"model": "tiny-chat", "prompt": "The", "max_tokens": 4})
+                       json={"model": "tiny-chat", "prompt": "The", "max_tokens": 4, "temperature": 0})
         assert r.json()["usage"]["completion_tokens"] == 4
         proc.send_signal(signal.SIGINT)  # Ctrl-C: a clean shutdown
         assert proc.wait(timeout=30) == 0
