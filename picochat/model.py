@@ -299,25 +299,29 @@ class KVCache:
 # ----------------------------------------------------------------------------- the network
 
 class Linear(nn.Linear):
-    """nn.Linear (no bias), with a faster path for the one-row products of batch-1 decoding on CPU.
+    """nn.Linear (no bias), with a faster path for the few-row products of decoding on CPU.
 
-    Decoding one token is a matrix-vector product per layer, bound by reading the weights from
-    memory (a model bigger than the caches is read whole every token). BLAS's matrix-vector kernel
-    reads them at about half the memory bandwidth, on one thread (measured: the depth-4 head,
-    32768 x 384, 4.2 ms = 12 GB/s). Cut into 2 or 4 row blocks, the same product is a batched
-    matmul whose blocks run on every core: 1.9 ms (26 GB/s); bench/bench_decode.py measures the
-    whole step. Only tiny weights, which stay in cache, are left to F.linear."""
+    Decoding is a matrix times a few vectors per layer (one per sequence of the batch), bound by
+    reading the weights from memory: a model bigger than the caches is read whole every step.
+    BLAS reads them slowly for so few rows: a one-row product runs on one thread at about half the
+    memory bandwidth, and 2 to 8 rows are slower still (measured: the depth-4 head, 32768 x 384,
+    4.2 ms for 1 row = 12 GB/s, 10.3 ms for 2). Cut into 2 or 4 row blocks, the same product is a
+    batched matmul whose blocks run on every core: 2.2 ms for 1 row, 2.5 ms for 2, 7.1 ms for 8.
+    bench/bench_decode.py measures the whole step. Tiny weights, which stay in cache, and training
+    (autograd on) take F.linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if x.numel() == x.size(-1) and w.numel() >= 1 << 16 and x.device.type == "cpu" and not (
+        rows = x.numel() // max(x.size(-1), 1)
+        if rows <= 16 and w.numel() >= 1 << 16 and x.device.type == "cpu" and not (
                 torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
             k = 4 if w.numel() >= 1 << 23 else 2
             if w.size(0) % k == 0:
-                # x as a column whose layout reads as transposed: the (k, n, 1) strides of a plain
-                # reshape send BLAS down a path 5x slower
-                y = torch.bmm(w.view(k, -1, w.size(1)), x.reshape(1, 1, -1).expand(k, 1, -1).mT)
-                return y.view(*x.shape[:-1], w.size(0))
+                # the rows as columns whose layout reads as transposed, (k, in, rows) with strides
+                # (0, 1, in): a plain reshape's layout sends BLAS down a path 5x slower
+                xs = x.reshape(1, rows, -1).expand(k, rows, -1).mT
+                y = torch.bmm(w.view(k, -1, w.size(1)), xs)  # (k, out / k, rows)
+                return y.permute(2, 0, 1).reshape(*x.shape[:-1], w.size(0))
         return F.linear(x, w)
 
 

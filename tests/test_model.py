@@ -144,15 +144,16 @@ def test_config_errors():
 
 
 def test_linear_row_block_path_equals_f_linear():
-    """Batch-1 decoding on CPU splits a big weight into row blocks (a batched matmul on every core);
-    the product is the same, and training takes the plain path."""
+    """Decoding a few rows on CPU splits a big weight into row blocks (a batched matmul on every
+    core); the product is the same, and training takes the plain path."""
     import torch.nn.functional as F
 
     from picochat.model import Linear
     torch.manual_seed(0)
     for out_features in (4096, 1536, 8):  # 4 blocks, 2 blocks, too small: F.linear
         lin = Linear(384 if out_features > 8 else 4, out_features, bias=False)
-        for shape in ((1, lin.in_features), (1, 1, lin.in_features)):
+        for shape in ((1, lin.in_features), (1, 1, lin.in_features), (3, 1, lin.in_features),
+                      (2, 4, lin.in_features), (40, lin.in_features)):
             x = torch.randn(shape)
             with torch.no_grad():
                 y = lin(x)
