@@ -128,6 +128,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is pid (Linux /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # the field after the state
+                out.append(int(entry))
+    return sorted(out)
+
+
 def _wait_for_training(procs, run, timeout=120):
     start = time.monotonic()
     while time.monotonic() - start < timeout:
@@ -138,6 +153,7 @@ def _wait_for_training(procs, run, timeout=120):
     raise AssertionError("the job did not start")
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
 def test_a_dead_rank_ends_the_job_under_torchrun(pretrain_args, tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -147,8 +163,7 @@ def test_a_dead_rank_ends_the_job_under_torchrun(pretrain_args, tmp_path):
                            start_new_session=True)
     try:
         _wait_for_training([job], run)
-        workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True,
-                                                  text=True).stdout.split()]
+        workers = _children(job.pid)
         assert len(workers) == 2
         os.kill(workers[1], signal.SIGKILL)
         out, _ = job.communicate(timeout=60)  # no hang: torchrun stops the other rank and fails
