@@ -399,7 +399,6 @@ COMMANDS = {"tokenizer": _cmd_tokenizer, "data": _cmd_data, "pretrain": _cmd_pre
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from . import distributed
     try:
         COMMANDS[args.command](args)
     except PicochatError as e:
@@ -409,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as e:
+        from . import distributed
         if not distributed.peer_lost(e):
             raise
         first = str(e).strip().splitlines()[0]
@@ -416,7 +416,9 @@ def main(argv: list[str] | None = None) -> int:
               f"answering; see the first failing rank's output): {first[:300]}", file=sys.stderr)
         return 1
     finally:
-        distributed.teardown()
+        if "torch.distributed" in sys.modules:  # commands that never load torch stay fast
+            from . import distributed
+            distributed.teardown()
     return 0
 
 
