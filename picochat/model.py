@@ -298,6 +298,11 @@ class KVCache:
 
 # ----------------------------------------------------------------------------- the network
 
+def loss_chunk_rows(vocab_size: int) -> int:
+    """Tokens per chunk of the checkpointed loss: about 32M logits (128 MB in fp32) at a time."""
+    return max(128, (1 << 25) // vocab_size)
+
+
 class Linear(nn.Linear):
     """nn.Linear (no bias), with a faster path for the few-row products of decoding on CPU.
 
@@ -459,11 +464,32 @@ class GPT(nn.Module):
                 raise ValueError("forward: `where` selects logits; it cannot be combined with targets")
             x = x[where]
 
-        logits = self.lm_head(x).float()
-        cap = self.config.softcap
-        logits = cap * torch.tanh(logits / cap)
+        if targets is not None and recompute:
+            return self._chunked_loss(x, targets, loss_reduction)
+        logits = self._logits(x)
         if targets is None:
             return logits
         # targets of -1 (padding, masked turns) contribute nothing
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(x).float()
+        cap = self.config.softcap
+        return cap * torch.tanh(logits / cap)
+
+    def _chunked_loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+        """The loss a few rows of logits at a time, each chunk recomputed in the backward pass: with
+        --grad-checkpoint the fp32 logits (4 x vocab values per token kept or in flight) would
+        otherwise be most of the memory left."""
+        x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+        rows = loss_chunk_rows(self.config.vocab_size)
+
+        def part(xc, tc):
+            return F.cross_entropy(self._logits(xc), tc, ignore_index=-1, reduction="none")
+        losses = torch.cat([checkpoint(part, xc, tc, use_reentrant=False)
+                            for xc, tc in zip(x.split(rows), targets.split(rows))])
+        if reduction == "none":
+            return losses
+        total = losses.sum()
+        return total if reduction == "sum" else total / (targets != -1).sum()
