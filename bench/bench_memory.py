@@ -46,7 +46,8 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=["4:4096:256:16", "8:32768:512:8"],
                    help="depth:vocab:seq:rows")
     a = p.parse_args()
-    print("| depth | vocab | seq x rows | grad checkpoint | params | peak RSS (GiB) | estimate (GiB) | estimate / RSS |")
+    print("| depth | vocab | seq x rows | grad checkpoint | params | peak RSS (GiB) | estimate (GiB) "
+          "| estimate / RSS |")
     print("|---|---|---|---|---|---|---|---|")
     for spec in a.configs:
         depth, vocab, seq, rows = (int(v) for v in spec.split(":"))
