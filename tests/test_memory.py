@@ -84,7 +84,7 @@ def test_pretrain_with_grad_checkpoint_trains_the_same(small_corpus, small_token
         assert r.returncode == 0, r.stderr
     losses = [[m["loss"] for m in map(json.loads, (tmp_path / n / "metrics.jsonl").read_text().splitlines())]
               for n in ("plain", "ckpt")]
-    assert losses[1] == pytest.approx(losses[0], abs=1e-5) and len(losses[0]) == 3
+    assert losses[1] == pytest.approx(losses[0], abs=1e-4) and len(losses[0]) == 3
     assert "memory: about" in r.stdout
 
 
