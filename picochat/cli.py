@@ -413,8 +413,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         first = str(e).strip().splitlines()[0]
         print(f"error: rank {distributed.rank()}: lost contact with the other processes (one died or stopped "
-              f"answering; see the first failing rank's output): {first[:300]}", file=sys.stderr)
-        return 1
+              f"answering; see the first failing rank's output): {first[:300]}", file=sys.stderr, flush=True)
+        # exit now: tearing down a process group whose peer is gone can abort the process (SIGABRT
+        # from the backend's destructor); the run dir on disk is whole either way
+        sys.stdout.flush()
+        os._exit(1)
     finally:
         if "torch.distributed" in sys.modules:  # commands that never load torch stay fast
             from . import distributed
