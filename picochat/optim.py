@@ -21,7 +21,7 @@ and it keeps every rank's optimizer state identical, so rank 0's checkpoint resu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -63,6 +63,13 @@ class OptimConfig:
     warmup_frac: float = 0.0
     warmdown_frac: float = 0.2
     final_lr_frac: float = 0.0
+
+
+def scale_lrs(cfg: OptimConfig, scale: float) -> OptimConfig:
+    """cfg with every base learning rate times `scale` (fine-tuning and RL train gentler than
+    pretraining: their --lr-scale)."""
+    return replace(cfg, matrix_lr=cfg.matrix_lr * scale, embedding_lr=cfg.embedding_lr * scale,
+                   head_lr=cfg.head_lr * scale, scalar_lr=cfg.scalar_lr * scale)
 
 
 # ----------------------------------------------------------------------------- schedules

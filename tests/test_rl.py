@@ -38,8 +38,7 @@ def one_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("picochat.train.rl.set_threads", lambda: None)
-        mp.setattr("picochat.train.sft.set_threads", lambda: None)
+        mp.setattr("picochat.train.loop.set_threads", lambda: None)  # every stage's start_stage
         yield
     torch.set_num_threads(n)
 

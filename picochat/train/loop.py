@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 import torch
 
 from .. import distributed
-from ..common import PicochatError, Progress, autocast, log, peak_flops
+from ..common import PicochatError, Progress, autocast, choose_device, choose_dtype, log, peak_flops, set_threads
 from ..optim import OptimConfig, lr_multiplier, muon_momentum
 
 
@@ -166,6 +166,17 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------- a stage, end to end
+
+def start_stage(cfg):
+    """What every training stage does first: take the cores, choose the device and dtype, join the
+    process group under torchrun, and open the run dir. Returns (device, dtype, rank, world, run),
+    run being the run dir to resume or None."""
+    set_threads()
+    device = distributed.local_device(choose_device(cfg.device))
+    dtype = choose_dtype(cfg.dtype, device)
+    rank, world = distributed.setup(device)
+    return device, dtype, rank, world, open_run(cfg.save, cfg.resume, cfg.overwrite, device)
+
 
 def open_run(save: str, resume: bool, overwrite: bool, device):
     """The run dir to resume (model, tokenizer, trainer state), or None to start fresh; refuses to

@@ -8,7 +8,7 @@ import torch
 
 from .. import distributed
 from ..checkpoint import check_tokenizer
-from ..common import PicochatError, choose_device, choose_dtype, log, seed_everything, set_threads
+from ..common import PicochatError, log, seed_everything
 from ..config import ModelConfig
 from ..data.loader import PackingLoader, TokenDataset
 from ..engine import generate
@@ -17,7 +17,7 @@ from ..memory import check_training_memory
 from ..model import GPT
 from ..optim import OptimConfig
 from ..tokenizer import Tokenizer, train_tokenizer
-from .loop import LoopConfig, open_run, restore_settings, run_stage, stage_meta
+from .loop import LoopConfig, restore_settings, run_stage, stage_meta, start_stage
 
 
 @dataclass
@@ -63,11 +63,7 @@ def _grad_accum(cfg: PretrainConfig, world: int) -> int:
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
-    set_threads()
-    device = distributed.local_device(choose_device(cfg.device))
-    dtype = choose_dtype(cfg.dtype, device)
-    rank, world = distributed.setup(device)
-    run = open_run(cfg.save, cfg.resume, cfg.overwrite, device)
+    device, dtype, rank, world, run = start_stage(cfg)
     if run is not None:
         restore_settings(cfg, run, ("depth", "seq_len", "batch_size", "total_batch_tokens", "steps", "seed",
                                     "window", "window_pattern"))

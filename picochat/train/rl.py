@@ -36,7 +36,6 @@ stop token, and the trained sequence must end with the very token the model samp
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 import warnings
@@ -48,14 +47,14 @@ import torch
 
 from .. import distributed
 from ..checkpoint import load_run
-from ..common import PicochatError, autocast, choose_device, choose_dtype, log, seed_everything, set_threads
+from ..common import PicochatError, autocast, log, seed_everything
 from ..conversation import render_for_completion
 from ..engine import Completion, Engine, GenRequest
 from ..memory import check_training_memory
-from ..optim import OptimConfig
+from ..optim import OptimConfig, scale_lrs
 from ..tasks.base import Task
 from ..tasks.mixture import Mixture, build_mixture, parse_mixture
-from .loop import LoopConfig, lm_count, open_run, restore_settings, run_stage, stage_meta
+from .loop import LoopConfig, lm_count, restore_settings, run_stage, stage_meta, start_stage
 
 CHAT_TOKENS = ("<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
                "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
@@ -412,11 +411,7 @@ def _check_chat_model(run, where: str) -> None:
 
 def rl_train(cfg: RLConfig) -> dict:
     """`picochat rl`: GRPO on graded tasks, through the shared training loop."""
-    set_threads()
-    device = distributed.local_device(choose_device(cfg.device))
-    dtype = choose_dtype(cfg.dtype, device)
-    _, world = distributed.setup(device)
-    run = open_run(cfg.save, cfg.resume, cfg.overwrite, device)
+    device, dtype, _, world, run = start_stage(cfg)
     if run is not None:
         restore_settings(cfg, run, ("load", "task", "group_size", "prompts_per_step", "steps", "max_tokens",
                                     "temperature", "top_k", "epochs", "clip", "kl", "std", "format_reward",
@@ -484,9 +479,7 @@ def rl_train(cfg: RLConfig) -> dict:
             eval_start = evaluate()
             log("rl: before training, " + ", ".join(f"{k} {v:.4f}" for k, v in eval_start.items()))
 
-    s = cfg.lr_scale
-    optim = dataclasses.replace(cfg.optim, matrix_lr=cfg.optim.matrix_lr * s, embedding_lr=cfg.optim.embedding_lr * s,
-                                head_lr=cfg.optim.head_lr * s, scalar_lr=cfg.optim.scalar_lr * s)
+    optim = scale_lrs(cfg.optim, cfg.lr_scale)
     loop = LoopConfig(steps=cfg.steps, grad_accum=data.micro_batches, log_every=cfg.log_every,
                       eval_every=cfg.eval_every, save_every=cfg.save_every, stop_at=cfg.stop_at)
 

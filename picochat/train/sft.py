@@ -10,21 +10,19 @@ end-of-turn are targets) and train through the same loop as pretraining. They di
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .. import distributed
 from ..checkpoint import load_run
-from ..common import PicochatError, choose_device, choose_dtype, log, seed_everything, set_threads
+from ..common import PicochatError, log, seed_everything
 from ..conversation import render_conversation
 from ..data.loader import PackingLoader, TokenDataset
 from ..memory import check_training_memory
-from ..optim import OptimConfig
+from ..optim import OptimConfig, scale_lrs
 from ..tasks import build_mixture
-from .loop import LoopConfig, open_run, restore_settings, run_stage, stage_meta
+from .loop import LoopConfig, restore_settings, run_stage, stage_meta, start_stage
 
 
 @dataclass
@@ -96,11 +94,7 @@ def chat_train(cfg: ChatTrainConfig) -> dict:
     """`picochat midtrain` and `picochat sft`."""
     if cfg.stage not in ("mid", "sft"):
         raise PicochatError(f"unknown chat training stage {cfg.stage!r} (mid or sft)")
-    set_threads()
-    device = distributed.local_device(choose_device(cfg.device))
-    dtype = choose_dtype(cfg.dtype, device)
-    rank, world = distributed.setup(device)
-    run = open_run(cfg.save, cfg.resume, cfg.overwrite, device)
+    device, dtype, rank, world, run = start_stage(cfg)
     if run is not None:
         restore_settings(cfg, run, ("data", "stage", "seq_len", "batch_size", "grad_accum", "steps", "seed",
                                     "lr_scale"))
@@ -130,9 +124,7 @@ def chat_train(cfg: ChatTrainConfig) -> dict:
     log(f"{cfg.stage}: {len(task):,} conversations from {cfg.data!r}, {cfg.steps} steps of "
         f"{rows_per_step} rows{f' over {world} processes' if world > 1 else ''}, from {cfg.load}")
 
-    s = cfg.lr_scale
-    optim = dataclasses.replace(cfg.optim, matrix_lr=cfg.optim.matrix_lr * s, embedding_lr=cfg.optim.embedding_lr * s,
-                                head_lr=cfg.optim.head_lr * s, scalar_lr=cfg.optim.scalar_lr * s)
+    optim = scale_lrs(cfg.optim, cfg.lr_scale)
     loop = LoopConfig(steps=cfg.steps, grad_accum=cfg.grad_accum, log_every=cfg.log_every,
                       save_every=cfg.save_every, stop_at=cfg.stop_at)
     return run_stage(model, tok, data, optim, loop, save=cfg.save, stage=cfg.stage, meta=stage_meta(cfg),
