@@ -23,7 +23,14 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (auto: bf16 on CUDA and on CPUs with native bf16, else fp32)")
 
 
-def _grad_checkpoint_flag(p: argparse.ArgumentParser) -> None:
+def _stage_flags(p: argparse.ArgumentParser) -> None:
+    """What every training stage (pretrain, midtrain, sft, rl) takes: seed, checkpoints, resume, memory."""
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--stop-at", type=int, default=0, help="stop after this step, resumable with --resume")
+    p.add_argument("--resume", action="store_true", help="continue the run in --save exactly where it stopped")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run dir")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute activations in the backward pass: much less memory, ~30%% more compute")
 
@@ -64,17 +71,11 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-frac", type=float, default=0.0)
     p.add_argument("--warmdown-frac", type=float, default=0.2)
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    _grad_checkpoint_flag(p)
-    p.add_argument("--seed", type=int, default=42)
     p.add_argument("--eval-every", type=int, default=0, help="validation bpb every N steps (and at the end)")
     p.add_argument("--eval-tokens", type=int, default=65536)
     p.add_argument("--sample-every", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--log-every", type=int, default=1)
-    p.add_argument("--stop-at", type=int, default=0, help="stop after this step, resumable with --resume")
-    p.add_argument("--resume", action="store_true", help="continue the run in --save exactly where it stopped")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run dir")
     p.add_argument("--cache-dir", help="where tokenized data is cached (default: <save>.cache)")
+    _stage_flags(p)
     _common(p)
 
 
@@ -121,14 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--steps", type=int, default=0, help="default: one pass over the mixture")
         c.add_argument("--lr-scale", type=float, default=1.0 if name == "midtrain" else 0.1,
                        help="multiplies the pretraining learning rates")
-        c.add_argument("--seed", type=int, default=42)
-        c.add_argument("--save-every", type=int, default=0)
-        c.add_argument("--log-every", type=int, default=1)
-        c.add_argument("--stop-at", type=int, default=0, help="stop after this step, resumable with --resume")
-        c.add_argument("--resume", action="store_true")
-        c.add_argument("--overwrite", action="store_true")
         c.add_argument("--compile", action="store_true")
-        _grad_checkpoint_flag(c)
+        _stage_flags(c)
         _common(c)
 
     c = sub.add_parser("rl", help="reinforcement learning (GRPO) on graded tasks, calculator on")
@@ -158,13 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-every", type=int, default=0, help="held-out pass@k every N steps (and at the end)")
     c.add_argument("--eval-examples", type=int, default=100, help="held-out questions per eval (0: none)")
     c.add_argument("--eval-k", type=int, default=1, help="samples per question: pass@k (k=1: greedy)")
-    c.add_argument("--seed", type=int, default=42)
-    c.add_argument("--save-every", type=int, default=0)
-    c.add_argument("--log-every", type=int, default=1)
-    c.add_argument("--stop-at", type=int, default=0, help="stop after this step, resumable with --resume")
-    c.add_argument("--resume", action="store_true")
-    c.add_argument("--overwrite", action="store_true")
-    _grad_checkpoint_flag(c)
+    _stage_flags(c)
     _common(c)
 
     ev = sub.add_parser("eval", help="evaluate a model")
