@@ -86,10 +86,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0 = every core); on a busy machine 1 avoids OpenMP spin contention")
     args = ap.parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    else:
-        set_threads()
+    set_threads(args.threads)
     torch.manual_seed(0)
     if args.plain_linear:
         Linear.forward = lambda self, x: torch.nn.functional.linear(x, self.weight)

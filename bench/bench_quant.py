@@ -172,10 +172,7 @@ def main() -> None:
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "picochat-bench-quant"),
                     help="where the trained model and token caches are kept between runs")
     args = ap.parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    else:
-        set_threads()
+    set_threads(args.threads)
     torch.manual_seed(0)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "

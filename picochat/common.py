@@ -94,9 +94,12 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     return per_thread * threads
 
 
-def set_threads() -> None:
-    """Use every core the process may run on (PyTorch sometimes picks fewer); under torchrun, the
-    node's processes split the cores between them."""
+def set_threads(count: int = 0) -> None:
+    """Use `count` threads, or (0) every core the process may run on (PyTorch sometimes picks
+    fewer); under torchrun, the node's processes split the cores between them."""
+    if count > 0:
+        torch.set_num_threads(count)
+        return
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:
