@@ -14,6 +14,10 @@ sends them through F.linear, as before it, for the comparison.
 "engine" is Engine.generate (sampling, bookkeeping, one .tolist() a step); "forward only" feeds a
 fixed token straight into the model with the same cache, so the difference between the two is the
 engine's own overhead. Random weights: speed does not depend on them.
+
+Each depth runs eagerly (KVCache) and compiled (Engine(compile=True): torch.compile of the step on
+a StaticKVCache of the whole context); "compile s" is the first compiled step's time, which is
+short when inductor's on-disk cache already holds the graph. `--modes eager` skips compiling.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from picochat.common import set_threads
 from picochat.config import ModelConfig
 from picochat.engine import Engine
-from picochat.model import GPT, KVCache, Linear
+from picochat.model import GPT, KVCache, Linear, StaticKVCache
 
 
 def read_bandwidth(mbytes: int = 512, reps: int = 5) -> float:
@@ -51,14 +55,18 @@ def weight_bytes(model: GPT) -> int:
 
 
 @torch.inference_mode()
-def forward_only(model: GPT, prompt: list[int], batch: int, tokens: int) -> float:
-    """Seconds for tokens-1 one-token forwards of a batch, after a prefill."""
-    cache = KVCache(model.config, batch, len(prompt) + tokens)
+def forward_only(engine: Engine, prompt: list[int], batch: int, tokens: int) -> float:
+    """Seconds for tokens-1 one-token forwards of a batch, after a prefill, the way the engine
+    steps: eagerly on a KVCache just long enough, or compiled on a StaticKVCache of the context."""
+    model, compiled = engine.model, engine.decode_step is not None
+    cache = KVCache(model.config, batch, engine.context if compiled else len(prompt) + tokens)
     model(torch.tensor([prompt] * batch), kv_cache=cache)
+    if compiled:
+        cache = StaticKVCache(cache)
     nxt = torch.full((batch, 1), prompt[-1])
     t0 = time.perf_counter()
     for _ in range(tokens - 1):
-        model(nxt, kv_cache=cache)
+        engine._decode(nxt, cache)
     return time.perf_counter() - t0
 
 
@@ -82,6 +90,7 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, default=0.0, help="GB/s for the bound (default: measured)")
     ap.add_argument("--plain-linear", action="store_true", help="F.linear for batch-1 products too")
     ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--modes", default="eager,compiled", help="eager and/or compiled decode steps")
     ap.add_argument("--repeats", type=int, default=2, help="best of this many runs")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0 = every core); on a busy machine 1 avoids OpenMP spin contention")
@@ -100,27 +109,30 @@ def main() -> None:
     print(f"load average at start: {load:.2f} (other work on the cores skews every number below)")
     print(f"measured read bandwidth (sum of 512 MiB): {measured / 1e9:.1f} GB/s; "
           f"bound uses {args.bandwidth:.1f} GB/s\n")
-    print("| depth | params | weights read/step | batch | prefill ms | forward only tok/s | engine tok/s "
-          "| ms/step | bound tok/s | of bound |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for depth in (int(d) for d in args.depths.split(",")):
+    print("| depth | params | weights read/step | step | batch | compile s | prefill ms | forward only tok/s "
+          "| engine tok/s | ms/step | bound tok/s | of bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for depth, mode in ((int(d), m) for d in args.depths.split(",") for m in args.modes.split(",")):
         cfg = ModelConfig.from_depth(depth, vocab_size=32768, sequence_len=1024)
+        torch.manual_seed(0)
         model = GPT(cfg).eval()
-        engine = Engine(model)
+        engine = Engine(model, compile=mode == "compiled")
         wbytes = weight_bytes(model)
         prompt = torch.randint(0, cfg.vocab_size, (args.prompt,)).tolist()
-        engine_decode(engine, prompt, 1, 8, args.top_k)  # warm up allocator and kernels
         for batch in (int(b) for b in args.batch_sizes.split(",")):
-            fwd = min(forward_only(model, prompt, batch, args.tokens) for _ in range(args.repeats))
+            t0 = time.perf_counter()
+            engine_decode(engine, prompt, batch, 3, args.top_k)  # warms up; compiles this batch size's graph
+            first = time.perf_counter() - t0
+            fwd = min(forward_only(engine, prompt, batch, args.tokens) for _ in range(args.repeats))
             runs = [engine_decode(engine, prompt, batch, args.tokens, args.top_k) for _ in range(args.repeats)]
             prefill = min(r[0] for r in runs)
             dec = min(r[1] for r in runs)
             n = args.tokens - 1
             tps, fwd_tps = batch * n / dec, batch * n / fwd
             bound = batch / (wbytes / (args.bandwidth * 1e9))
-            print(f"| {depth} | {model.num_params() / 1e6:.1f}M | {wbytes / 1e6:.0f} MB | {batch} "
-                  f"| {prefill * 1e3:.0f} | {fwd_tps:,.0f} | {tps:,.0f} | {dec / n * 1e3:.2f} | {bound:,.0f} "
-                  f"| {tps / bound:.0%} |", flush=True)
+            print(f"| {depth} | {model.num_params() / 1e6:.1f}M | {wbytes / 1e6:.0f} MB | {mode} | {batch} "
+                  f"| {first:.1f} | {prefill * 1e3:.0f} | {fwd_tps:,.0f} | {tps:,.0f} | {dec / n * 1e3:.2f} "
+                  f"| {bound:,.0f} | {tps / bound:.0%} |", flush=True)
 
 
 if __name__ == "__main__":

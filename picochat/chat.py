@@ -55,10 +55,11 @@ class ChatSession:
 
 def chat(load: str, prompt: str | None = None, temperature: float = 0.6, top_k: int | None = 50,
          top_p: float | None = None, max_tokens: int = 512, seed: int | None = None, device: str = "auto",
-         int8: bool = False) -> None:
+         int8: bool = False, compile: bool = False) -> None:
     set_threads()
     run = load_run(load, choose_device(device), int8=int8)
-    session = ChatSession(Engine(run.model, run.tokenizer), temperature, top_k, top_p, max_tokens, seed,
+    engine = Engine(run.model, run.tokenizer, compile=compile)
+    session = ChatSession(engine, temperature, top_k, top_p, max_tokens, seed,
                           color=sys.stdout.isatty())
     if prompt is not None:  # one-shot
         session.answer(prompt)

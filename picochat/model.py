@@ -9,6 +9,9 @@ A decoder-only transformer in the nanochat family:
   embedding x0 (a cheap skip connection that helps small models);
 - logits soft-capped with tanh, in fp32.
 
+Attention is PyTorch SDPA, plus banded_attention for sliding windows; on CUDA, flash-attn's kernel
+where the package is installed (flash_attention, with SDPA as the fallback).
+
 forward(idx, targets=None, kv_cache=None): with targets it returns the loss; without, the logits.
 With a KVCache it attends over the cached prefix and appends the new keys and values, so a prefill
 followed by one-token decodes gives the same logits as one full forward.
@@ -23,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .common import log
 from .config import ModelConfig
 
 
@@ -38,6 +42,39 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 # ----------------------------------------------------------------------------- attention kernels
+
+def _find_flash_attn():
+    """flash_attn_func of the flash-attn package (`pip install flash-attn`, CUDA only), or None.
+    Looked up once, at import, and only where CUDA is."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from flash_attn import flash_attn_func
+    except Exception:  # not installed, or built for another CUDA or torch
+        return None
+    return flash_attn_func
+
+
+FLASH_ATTN = _find_flash_attn()
+
+
+def flash_attention(q, k, v, window: int) -> torch.Tensor | None:
+    """Causal attention by flash-attn's kernel, which takes GQA and the sliding window natively
+    (query i sees keys i - window + 1 .. i), so banded_attention's blocks are not needed. Returns
+    None where it cannot run (not installed, a GPU older than it supports, fp32...): the caller
+    then takes SDPA. Its layout is (B, T, H, D): a transpose of ours, a view, no copy."""
+    global FLASH_ATTN
+    if FLASH_ATTN is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    try:
+        y = FLASH_ATTN(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                       window_size=(window - 1, 0) if window else (-1, -1))
+    except RuntimeError as e:  # e.g. "FlashAttention only supports Ampere GPUs or newer"
+        log(f"flash-attn failed ({(str(e).splitlines() or [''])[0][:200]}); using PyTorch SDPA from now on")
+        FLASH_ATTN = None
+        return None
+    return y.transpose(1, 2)
+
 
 _band_masks: dict = {}
 
@@ -110,6 +147,9 @@ def attention(q, k, v, window: int, q_start: int = 0, k_start: int = 0,
             mask = (mask & causal) | (kpos == qpos)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if Tq == Tk and q_start == k_start:  # no cached prefix: training, or the first prefill
+        y = flash_attention(q, k, v, window)
+        if y is not None:
+            return y
         if window and window < Tq:
             return banded_attention(q, k, v, window)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -158,10 +198,10 @@ class KVCache:
     def _allocate(self, like: torch.Tensor) -> None:
         c = self.config
         shapes = [(self.batch_size, c.n_kv_head, n, c.head_dim) for n in self.slots]
-        # padded rows: masked slots must hold finite numbers (see attention), so no torch.empty
-        new = torch.empty if self.start is None else torch.zeros
-        self.k = [new(s, dtype=like.dtype, device=like.device) for s in shapes]
-        self.v = [new(s, dtype=like.dtype, device=like.device) for s in shapes]
+        # zeros, not torch.empty: padded rows and StaticKVCache mask slots that must hold finite
+        # numbers (see attention)
+        self.k = [torch.zeros(s, dtype=like.dtype, device=like.device) for s in shapes]
+        self.v = [torch.zeros(s, dtype=like.dtype, device=like.device) for s in shapes]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, Hkv, T, D) at the current position; return (keys, values, first_pos)."""
@@ -294,6 +334,48 @@ class KVCache:
             self.k = [t.expand(n, -1, -1, -1).contiguous() for t in self.k]
             self.v = [t.expand(n, -1, -1, -1).contiguous() for t in self.v]
         self.batch_size = n
+
+
+class StaticKVCache:
+    """A KVCache's buffers, written and read at a position held in a tensor, for one-token decode
+    steps only: no Python int changes from one step to the next, so torch.compile traces the step
+    once for every position (and on CUDA can replay it as a graph).
+
+    Every step attends over all the slots of every layer, the unwritten ones (and a padded row's
+    pad keys) masked. That reads the whole cache instead of the filled part, which costs little:
+    with GQA the cache of a depth-8 model at context 2048 is 1/40 of its weights. The cache must
+    have been allocated zero-filled (KVCache(..., start=...), or zero=True): a masked slot must
+    hold a finite number (see attention)."""
+
+    def __init__(self, cache: KVCache):
+        if cache.k is None:
+            raise ValueError("StaticKVCache wraps a cache that has been prefilled")
+        device = cache.k[0].device
+        self.k, self.v, self.windows, self.slots = cache.k, cache.v, cache.windows, cache.slots
+        self.max_len, self.start = cache.max_len, cache.start
+        self.pos = torch.tensor([cache.pos], device=device)
+        self.slot_index = [torch.arange(n, device=device) for n in self.slots]
+        if device.type == "cuda":  # a CUDA graph replays fixed addresses: say that these stay put
+            for t in (*self.k, *self.v, self.pos, *self.slot_index):
+                torch._dynamo.mark_static_address(t)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        n = self.slots[layer]
+        slot = self.pos % n
+        self.k[layer].index_copy_(2, slot, k)
+        self.v[layer].index_copy_(2, slot, v)
+        return self.k[layer], self.v[layer], 0
+
+    def key_valid(self, layer: int, n_keys: int, k_start: int, T: int) -> torch.Tensor:
+        """Slot s holds the latest position p <= pos with p = s (mod slots), negative if none."""
+        s, n = self.slot_index[layer], self.slots[layer]
+        kpos = s + n * torch.div(self.pos - s, n, rounding_mode="floor")
+        if self.start is None:
+            return (kpos >= 0)[None, :]
+        return kpos[None, :] >= self.start[:, None].clamp(min=0)
+
+    def advance(self, n: int) -> None:
+        self.pos.add_(n)
 
 
 # ----------------------------------------------------------------------------- the network
@@ -443,9 +525,12 @@ class GPT(nn.Module):
         positions per sequence, and the head is the biggest matmul of a small model."""
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self._rotary_len:
-            self._set_rotary(2 * (start + T), device=idx.device)
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if isinstance(start, torch.Tensor):  # a StaticKVCache: one token at a position held in a tensor
+            cos, sin = self.rope_cos[start], self.rope_sin[start]
+        else:
+            if start + T > self._rotary_len:
+                self._set_rotary(2 * (start + T), device=idx.device)
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
 
         x = norm(self.wte(idx))
         x0 = x

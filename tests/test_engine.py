@@ -8,7 +8,7 @@ from torch import nn
 
 from picochat.config import ModelConfig
 from picochat.engine import Engine, TextStream, generate, render_text, sample_next
-from picochat.model import GPT, KVCache
+from picochat.model import GPT, KVCache, StaticKVCache
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 TEXT = ("The quick brown fox jumps over the lazy dog. 1+2 makes 3, and 12*7 makes 84. "
@@ -73,6 +73,57 @@ def test_windowed_layers_keep_only_a_ring_of_the_window(model):
     model(torch.randint(0, 100, (2, 20)), kv_cache=cache)
     assert [k.size(2) for k in cache.k] == [8, 8, 60]
     assert cache.k[0].size(1) == model.config.n_kv_head  # GQA: kv heads only
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("padded", [False, True])
+def test_static_cache_steps_equal_the_dynamic_cache(model, padded):
+    """The compiled decode step's cache, run eagerly: every slot of every layer attended with the
+    unwritten ones masked, the position a tensor. 30 steps wrap the rings of window 8 several times;
+    padded: two left-padded rows (the server's batches)."""
+    cfg = model.config
+    torch.manual_seed(1)
+    idx = torch.randint(0, 200, (2, 10))
+    start = torch.tensor([0, 4]) if padded else None
+    dyn, full = KVCache(cfg, 2, 50, start=start), KVCache(cfg, 2, cfg.sequence_len, start=start)
+    model(idx, kv_cache=dyn)
+    model(idx, kv_cache=full)
+    static = StaticKVCache(full)
+    for step in range(30):
+        tok = torch.randint(0, 200, (2, 1))
+        want, got = model(tok, kv_cache=dyn), model(tok, kv_cache=static)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+    assert int(static.pos) == dyn.pos == 40
+
+
+def test_compiled_decode_gives_the_eager_tokens(model, tok):
+    """Engine(compile=True): torch.compile of the one-token step on a StaticKVCache. Greedy tokens
+    equal the eager engine's, also on a second call (the same graph: no recompile) and with 3 rows."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    ids = prompt(tok)
+    eager, compiled = Engine(model, tok), Engine(model, tok, compile=True)
+    for n in (1, 1, 3):
+        want = eager.generate_batch(ids, num_samples=n, max_tokens=30, temperature=0.0)
+        got = compiled.generate_batch(ids, num_samples=n, max_tokens=30, temperature=0.0)
+        assert [c.tokens for c in got] == [c.tokens for c in want]
+    if compiled.decode_step is None:
+        pytest.skip("torch.compile is not usable here (the engine fell back to eager; see its log)")
+    assert counters["stats"]["unique_graphs"] == 2  # one per batch size
+
+
+def test_a_failing_compile_falls_back_to_eager(model, tok, capsys):
+    engine = Engine(model, tok)
+
+    def broken(*args, **kw):
+        raise RuntimeError("no C++ compiler found\nmore detail")
+    engine.decode_step = broken
+    got = engine.generate_batch(prompt(tok), max_tokens=20, temperature=0.0)[0]
+    assert got.tokens == Engine(model, tok).generate_batch(prompt(tok), max_tokens=20, temperature=0.0)[0].tokens
+    assert engine.decode_step is None
+    assert "torch.compile of the decode step failed (RuntimeError: no C++ compiler found); decoding without it" \
+        in capsys.readouterr().out
 
 
 class Recorder(nn.Module):
@@ -292,7 +343,7 @@ def _prompts(tok):
 def test_complete_streams_requests_through_a_bounded_batch(model, tok):
     """Engine.complete: more requests than rows; each joins as rows free up, and every request's
     completions equal its run alone (greedy, and seeded sampling with n rows)."""
-    from picochat.engine import GenRequest
+    from picochat.decode_batch import GenRequest
     engine = Engine(model, tok)
     ids = [tok.bos_id] + tok.encode(TEXT)
     prompts = [ids[k:k + 4 + 3 * k] for k in range(6)]
@@ -334,7 +385,7 @@ def test_decode_batch_rows_join_and_leave_between_steps(model, tok):
     """Continuous batching: requests join a running batch (longer prompts than its position move
     it right; leading positions nobody uses are dropped), n rows share a prefill, a row can be
     dropped; every row still gets exactly the tokens it gets alone."""
-    from picochat.engine import DecodeBatch, GenRequest
+    from picochat.decode_batch import DecodeBatch, GenRequest
     engine = Engine(model, tok)
     p = _prompts(tok)
     joins = {0: [GenRequest(p[0], max_tokens=12, temperature=0.0, key="a"),
@@ -355,7 +406,9 @@ def test_decode_batch_rows_join_and_leave_between_steps(model, tok):
             out.setdefault((ev.key, ev.index), []).append(ev.token)
         batch.forward()
         step += 1
-    greedy = lambda ids, n: engine.generate_batch(ids, max_tokens=n, temperature=0.0)[0].tokens
+
+    def greedy(ids, n):
+        return engine.generate_batch(ids, max_tokens=n, temperature=0.0)[0].tokens
     c = engine.generate_batch(p[0], num_samples=2, max_tokens=20, temperature=1.0, seed=3)
     assert out[("a", 0)] == greedy(p[0], 12) and out[("long", 0)] == greedy(p[2], 40)
     assert out[("b", 0)] == greedy(p[1], 10)

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from picochat.common import PicochatError
 from picochat.config import DEPTH_PRESETS, ModelConfig
-from picochat.model import GPT, KVCache, banded_attention
+from picochat import model as model_module
+from picochat.model import GPT, KVCache, attention, banded_attention
 
 
 def _randomized(cfg: ModelConfig, seed: int = 0) -> GPT:
@@ -21,7 +22,7 @@ def _randomized(cfg: ModelConfig, seed: int = 0) -> GPT:
 
 def _reference_window_attention(q, k, v, window):
     T = q.size(2)
-    pos = torch.arange(T)
+    pos = torch.arange(T, device=q.device)
     mask = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
@@ -32,6 +33,34 @@ def test_banded_attention_equals_masked_attention(T, window, H, Hkv):
     q, k, v = torch.randn(2, H, T, 16), torch.randn(2, Hkv, T, 16), torch.randn(2, Hkv, T, 16)
     out = banded_attention(q, k, v, window)
     torch.testing.assert_close(out, _reference_window_attention(q, k, v, window), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_takes_sdpa_where_flash_attn_cannot_run(monkeypatch):
+    """flash-attn only runs on CUDA in half precision: anywhere else attention() must not call it
+    and gives SDPA's (here: banded) result, even with the package present."""
+    calls = []
+    monkeypatch.setattr(model_module, "FLASH_ATTN", lambda *a, **kw: calls.append(a))
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 40, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    torch.testing.assert_close(attention(q, k, v, 8), _reference_window_attention(q, k, v, 8))
+    assert not calls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or model_module.FLASH_ATTN is None,
+                    reason="needs CUDA and the flash-attn package")
+@pytest.mark.parametrize("window", [0, 16])
+def test_flash_attention_equals_sdpa_and_falls_back_on_error(window, monkeypatch):
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, 100, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 100, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    want = _reference_window_attention(q, k, v, window or 100)
+    torch.testing.assert_close(model_module.flash_attention(q, k, v, window), want, atol=2e-2, rtol=2e-2)
+
+    def old_gpu(*a, **kw):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+    monkeypatch.setattr(model_module, "FLASH_ATTN", old_gpu)
+    torch.testing.assert_close(attention(q, k, v, window), want, atol=2e-2, rtol=2e-2)
+    assert model_module.FLASH_ATTN is None  # not tried again
 
 
 def test_banded_attention_gradients_match():
@@ -117,7 +146,7 @@ def test_training_is_stable_and_loss_falls(depth):
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    assert all(math.isfinite(l) for l in losses)
+    assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.5 * losses[0]
 
 

@@ -120,7 +120,7 @@ def generative_eval(engine, task, indices: list[int], num_samples: int, max_toke
     """Yield (index, completions, rewards) per example as they finish. Questions decode together
     with continuous batching (num_samples rows each, sharing the prompt's prefill); grading runs
     in a thread pool meanwhile (HumanEval's grader waits on a sandboxed process)."""
-    from ..engine import GenRequest
+    from ..decode_batch import GenRequest
     requests = (GenRequest(render_for_completion(engine.tokenizer, task[i]), num_samples, max_tokens, temperature,
                            top_k, seed=seed + i, key=i) for i in indices)
     with ThreadPoolExecutor(workers) as pool:

@@ -40,7 +40,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..common import PicochatError, choose_device, choose_dtype, log, set_threads
-from ..engine import Engine, GenRequest
+from ..decode_batch import GenRequest
+from ..engine import Engine
 from .protocol import ApiError, ChoiceText, Params, parse_chat, parse_completion
 from .scheduler import QueueFull, Scheduler
 

@@ -4,7 +4,7 @@ HTTP handlers run on the asyncio event loop and must never wait on the model; th
 here, in one thread (torch releases the GIL inside its ops). Requests wait in a bounded FIFO
 queue; between two decode steps the worker drops the rows of clients that left, admits waiting
 requests while their rows fit in `max_concurrent`, prefills them together (one padded forward)
-and lets them join the running batch (engine.DecodeBatch), so a new request never waits for the
+and lets them join the running batch (decode_batch.DecodeBatch), so a new request never waits for the
 others to finish. Each step's tokens go back to their requests' asyncio queues through
 loop.call_soon_threadsafe, before the next forward runs.
 """
@@ -21,7 +21,8 @@ from collections import deque
 import torch
 
 from ..common import autocast, log
-from ..engine import DecodeBatch, Engine, GenRequest, RowEvent
+from ..decode_batch import DecodeBatch, GenRequest, RowEvent
+from ..engine import Engine
 
 
 class QueueFull(Exception):

@@ -49,7 +49,8 @@ from .. import distributed
 from ..checkpoint import load_run
 from ..common import PicochatError, autocast, log, seed_everything
 from ..conversation import render_for_completion
-from ..engine import Completion, Engine, GenRequest
+from ..decode_batch import GenRequest
+from ..engine import Completion, Engine
 from ..memory import check_training_memory
 from ..optim import OptimConfig, scale_lrs
 from ..tasks.base import Task

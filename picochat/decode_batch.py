@@ -1,0 +1,265 @@
+"""DecodeBatch: rows of different prompts decoding together, joining and leaving between steps.
+
+The server's continuous batching, and Engine.generate_many / Engine.complete (evals, RL rollouts).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .common import PicochatError
+from .model import KVCache
+from .sampling import sample_next
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+@dataclass
+class GenRequest:
+    """One prompt for a DecodeBatch: `n` rows that share it (prefilled once) and one generator
+    (so its rows draw exactly what Engine.generate(num_samples=n, seed=...) would)."""
+    ids: list[int]
+    n: int = 1
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: Iterable[int] = ()
+    tools: bool = True
+    key: object = None  # the caller's handle for this request; its events carry it
+
+
+@dataclass
+class RowEvent:
+    key: object  # the GenRequest's key
+    index: int  # the row within its request, 0..n-1
+    token: int
+    forced: bool  # fed in by the engine (tool output), not sampled
+    finish: str | None  # on a row's last event: "stop" (a stop token, yielded) or "length"
+
+
+class _Group:
+    """What the rows of one request share: its key, size and generator."""
+
+    def __init__(self, req: GenRequest, gen: torch.Generator | None):
+        self.key, self.n, self.gen = req.key, req.n, gen
+
+
+class _Row:
+    __slots__ = ("group", "index", "left", "temperature", "top_k", "top_p", "stops", "tools", "call", "queue",
+                 "done")
+
+    def __init__(self, group: _Group, index: int, req: GenRequest, steps: int, stops: frozenset, tools: bool):
+        self.group, self.index, self.left = group, index, steps
+        self.temperature, self.top_k, self.top_p = req.temperature, req.top_k, req.top_p
+        self.stops, self.tools = stops, tools
+        self.call: list[int] | None = None  # tokens of an open tool call
+        self.queue: deque = deque()  # tokens to force (a tool's output)
+        self.done = False
+
+
+class DecodeBatch:
+    """Rows of DIFFERENT prompts decoding together, one batched forward per step, and rows that
+    join (add) or leave (drop, or finish) between steps: continuous batching.
+
+    All rows share one position counter; shorter prompts are left-padded and their pad keys masked
+    (KVCache.start). Newcomers are prefilled together, padded to their longest prompt, so that
+    their prompts end exactly where the running rows are; if they are longer than the running
+    rows' position, the running rows are moved right first (KVCache.relabel: RoPE is relative,
+    so moving a row's every key and query by the same offset changes nothing). Leading positions
+    that no row uses any more are dropped at the same time, so the cache stays as short as the
+    live rows need. A step is split in two so that a server can hand tokens out before the next
+    forward: sample() -> events, then forward()."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.model, self.device = engine, engine.model, engine.device
+        self.context = engine.context
+        self.min_len = max(self.model.config.layer_windows())  # keeps every ring at its window size
+        self.cache: KVCache | None = None
+        self.rows: list[_Row] = []
+        self.logits: torch.Tensor | None = None  # next-token logits of every row, between forward and sample
+        self.next: list[int] | None = None  # tokens to feed, between sample and forward
+        self._plan = None  # sampling layout, rebuilt when the rows change
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def pos(self) -> int:
+        return self.cache.pos if self.cache is not None else 0
+
+    @torch.inference_mode()
+    def add(self, requests: list[GenRequest]) -> list[GenRequest]:
+        """Prefill the requests (one padded forward) and make their rows part of the batch; call
+        between forward() and sample(). Returns the requests with nothing to generate
+        (max_tokens <= 0), which get no events."""
+        if self.next is not None:
+            raise RuntimeError("DecodeBatch.add between sample() and forward(): call forward() first")
+        eng = self.engine
+        new, empty = [], []
+        for req in requests:
+            if not req.ids:
+                raise PicochatError("generate needs a prompt of at least one token (e.g. <|bos|>)")
+            if req.n < 1:
+                raise PicochatError(f"num_samples must be at least 1, not {req.n}")
+            ids = eng.fit_prompt(list(req.ids), req.max_tokens)
+            steps = min(req.max_tokens, self.context - len(ids))
+            (new if steps > 0 else empty).append((req, ids, steps))
+        if not new:
+            return [r for r, _, _ in empty]
+        self.compact()
+        lens = [len(ids) for _, ids, _ in new]
+        longest = max(lens)
+        pos, first = self.pos, 0
+        if self.cache is not None and self.cache.start is not None:
+            first = int(self.cache.start.min())
+        target = max(pos - first, longest)  # the shared position after the prefill
+        need = max([target + r.left - 1 for r in self.rows] + [target + s - 1 for _, _, s in new]
+                   + [self.min_len, target + 1])
+        if self.cache is not None:
+            self.cache.relabel(target - pos, need)
+        padded = any(n != longest for n in lens) or target != longest or self.cache is not None
+        start = torch.tensor([target - n for n in lens], device=self.device) if padded else None
+        cache = KVCache(self.model.config, len(new), need, start=start)
+        cache.pos = target - longest
+        # pad with each row's first token: any id works, pad keys are masked
+        idx = torch.tensor([[ids[0]] * (longest - len(ids)) + ids for _, ids, _ in new], device=self.device)
+        logits = self.model(idx, kv_cache=cache)[:, -1]
+        rep = [i for i, (req, _, _) in enumerate(new) for _ in range(req.n)]
+        if len(rep) != len(new):  # n rows per prompt: copy its cache rows instead of recomputing
+            rep_t = torch.tensor(rep, device=self.device)
+            cache.index_rows(rep_t)
+            logits = logits.index_select(0, rep_t)
+        if self.cache is None:
+            self.cache, self.logits = cache, logits
+        else:
+            self.cache.cat(cache)
+            self.logits = torch.cat([self.logits, logits])
+        for req, _, steps in new:
+            gen = eng._generator(req.seed) if req.temperature > 0 else None
+            group = _Group(req, gen)
+            tools = req.tools and eng.tokenizer is not None
+            stops = eng.default_stops | frozenset(req.stop)
+            self.rows += [_Row(group, i, req, steps, stops, tools) for i in range(req.n)]
+        self._plan = None
+        return [r for r, _, _ in empty]
+
+    @property
+    def running(self) -> int:
+        """Rows still decoding (len() also counts dropped ones until the next compact)."""
+        return sum(not r.done for r in self.rows)
+
+    def drop(self, key, index: int | None = None) -> None:
+        """Stop decoding a request's rows (all, or one): they leave at the next sample/forward."""
+        for row in self.rows:
+            if row.group.key == key and (index is None or row.index == index):
+                row.done = True
+
+    def compact(self) -> None:
+        """Remove finished and dropped rows from the cache and whatever is pending."""
+        keep = [i for i, r in enumerate(self.rows) if not r.done]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.cache, self.rows, self.logits, self.next, self._plan = None, [], None, None, None
+            return
+        idx = torch.tensor(keep, device=self.device)
+        self.cache.index_rows(idx)
+        if self.logits is not None:
+            self.logits = self.logits.index_select(0, idx)
+        if self.next is not None:
+            self.next = [self.next[i] for i in keep]
+        self.rows = [self.rows[i] for i in keep]
+        self._plan = None
+
+    def _sampling_plan(self):
+        """Rows by sampling settings: greedy ones, and buckets of (top_k, top_p) with per-row
+        temperatures as a (B, 1) tensor. Rebuilt only when the rows change."""
+        if self._plan is None:
+            buckets: dict = {}
+            for i, row in enumerate(self.rows):
+                if row.temperature > 0:
+                    buckets.setdefault((row.top_k, row.top_p), []).append(i)
+            plan = []
+            for (top_k, top_p), idx in buckets.items():
+                temps = torch.tensor([[self.rows[i].temperature] for i in idx], device=self.device)
+                every = len(idx) == len(self.rows)
+                plan.append((top_k, top_p, idx, None if every else torch.tensor(idx, device=self.device), temps))
+            self._plan = plan
+        return self._plan
+
+    @torch.inference_mode()
+    def sample(self) -> list[RowEvent]:
+        """One token for every row (sampled, or forced by a tool), as events. Rows that finish
+        here (a stop token, or out of room) leave before the next forward."""
+        self.compact()
+        if not self.rows:
+            return []
+        logits, plan = self.logits, self._sampling_plan()
+        self.logits = None
+        if not plan:
+            sampled = logits.argmax(-1)
+        else:
+            # every group draws one uniform per row per step, as Engine.generate does, whichever of
+            # its rows are still running: the same seed gives the same tokens alone or batched
+            draws = {}
+            for row in self.rows:
+                g = row.group
+                if g.gen is not None and g not in draws:
+                    draws[g] = torch.rand(g.n, 1, generator=g.gen, device=self.device)
+            sampled = None
+            if len(plan) > 1 or plan[0][3] is not None:  # some rows in another bucket or greedy
+                sampled = logits.argmax(-1)
+            for top_k, top_p, idx, sel, temps in plan:
+                u = torch.cat([draws[self.rows[i].group][self.rows[i].index].view(1, 1) for i in idx])
+                sub = logits if sel is None else logits.index_select(0, sel)
+                toks = sample_next(sub, temps, top_k, top_p, u=u)
+                if sel is None:
+                    sampled = toks
+                else:
+                    sampled[sel] = toks
+        toks = sampled.tolist()  # the one device->host sync per step
+        eng, events = self.engine, []
+        for i, row in enumerate(self.rows):
+            finish = None
+            if row.queue:
+                tok = toks[i] = row.queue.popleft()
+                forced = True
+            else:
+                tok, forced = toks[i], False
+                if tok in row.stops:
+                    finish = "stop"
+                elif row.tools:
+                    if tok == eng.python_start:
+                        row.call = []
+                    elif row.call is not None:
+                        if tok == eng.python_end:
+                            row.queue.extend(eng._tool_output(row.call))
+                            row.call = None
+                        else:
+                            row.call.append(tok)
+            row.left -= 1
+            if finish is None and row.left <= 0:
+                finish = "length"
+            if finish is not None:
+                row.done = True
+            events.append(RowEvent(row.group.key, row.index, tok, forced, finish))
+        self.next = toks
+        return events
+
+    @torch.inference_mode()
+    def forward(self) -> None:
+        """Feed every running row its token of the last sample(): next-token logits for all."""
+        self.compact()
+        if not self.rows:
+            return
+        nxt = torch.tensor(self.next, device=self.device).view(-1, 1)
+        self.next = None
+        self.logits = self.model(nxt, kv_cache=self.cache)[:, -1]
