@@ -29,7 +29,8 @@ def sample_next(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0, t
     descending), which is much cheaper than masking the whole vocabulary."""
     if not isinstance(temperature, torch.Tensor) and temperature <= 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    if isinstance(temperature, torch.Tensor) or temperature != 1.0:  # a pass over the vocabulary saved
+        logits = logits / temperature
     vocab = logits.size(-1)
     use_p = top_p is not None and top_p < 1.0
     if not top_k and not use_p:

@@ -68,6 +68,7 @@ class Trainer:
         self.peak = peak_flops(device, dtype) * distributed.world_size()
         distributed.broadcast_params(model)
         self.train_model = torch.compile(model, dynamic=False) if compile else model
+        self.compiled_once = False  # a compiled micro-batch has run (see _forward_backward)
         self.step = 0
         self.elapsed = 0.0  # training seconds, excluding evaluation and checkpoints
         self.metrics: list[dict] = []
@@ -109,10 +110,7 @@ class Trainer:
         loss = torch.zeros((), device=self.device)
         for batch in batches:
             batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
-            with autocast(self.device, self.dtype):
-                part = loss_fn(self.train_model, batch) / total
-            part.backward()
-            loss += part.detach()
+            loss += self._forward_backward(loss_fn, batch, total)
         if distributed.world_size() > 1:
             # one message: every gradient (a missing one as zeros, so all ranks send the same
             # layout) and the loss, which becomes the global batch's
@@ -125,6 +123,25 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return loss, total
+
+    def _forward_backward(self, loss_fn, batch, total: int) -> torch.Tensor:
+        """One micro-batch's share of the loss, its gradient accumulated. Should the first compiled
+        micro-batch fail to compile (no C++ compiler, an op inductor cannot lower), training goes
+        on without torch.compile, with one log line: compiling happens before any gradient is
+        written, so the micro-batch is simply run again eagerly."""
+        try:
+            with autocast(self.device, self.dtype):
+                part = loss_fn(self.train_model, batch) / total
+            part.backward()
+        except Exception as e:
+            if self.train_model is self.model or self.compiled_once:
+                raise
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            log(f"torch.compile of the training step failed ({type(e).__name__}: {reason}); training without it")
+            self.train_model = self.model
+            return self._forward_backward(loss_fn, batch, total)
+        self.compiled_once = self.train_model is not self.model
+        return part.detach()
 
     def fit(self, data: DataSource, callbacks: Callbacks, loss_fn=lm_loss, count_fn=lm_count) -> list[dict]:
         loop = self.loop

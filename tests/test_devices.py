@@ -1,0 +1,121 @@
+"""Accelerator paths, and the fallbacks that keep a run going where a device or torch.compile lacks
+something. The CUDA and MPS tests skip on a machine without that device; run the suite on one."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from picochat.config import ModelConfig
+from picochat.engine import Engine
+from picochat.model import GPT
+from picochat.optim import OptimConfig, build_optimizer
+from picochat.train.loop import LoopConfig, Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ACCELERATORS = [d for d, ok in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()))
+                if ok] or [pytest.param("none", marks=pytest.mark.skip(reason="no CUDA or MPS device here"))]
+
+
+def _model(seed: int = 0) -> GPT:
+    """Depth 2 with a sliding-window layer; every weight random so that every path carries signal."""
+    cfg = ModelConfig(vocab_size=256, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, sequence_len=64,
+                      window_pattern="SL", window=16)
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+class FixedBatches:
+    """The same few (inputs, targets) batches in turn: a DataSource for the Trainer."""
+
+    def __init__(self, n: int = 2, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.batches = [torch.randint(0, 256, (2, 65), generator=g) for _ in range(n)]
+        self.i = 0
+
+    def next_batch(self):
+        t = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return t[:, :-1], t[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"i": self.i}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.i = state["i"]
+
+
+def _trainer(model, device, compile: bool = False) -> Trainer:
+    cfg = OptimConfig()
+    return Trainer(model, build_optimizer(model, cfg), cfg, LoopConfig(steps=4, grad_accum=2), torch.device(device),
+                   torch.float32, flops_per_token=model.config.flops_per_token(), compile=compile)
+
+
+def test_mps_fallback_is_switched_on_before_torch_loads():
+    """PyTorch reads PYTORCH_ENABLE_MPS_FALLBACK once, when it loads: picochat sets it (to 1, so an
+    operator without an MPS kernel runs on the CPU instead of stopping a run) before importing
+    torch, and leaves a value the user set alone."""
+    code = ("import os, sys; import picochat; assert 'torch' not in sys.modules; "
+            "print(os.environ['PYTORCH_ENABLE_MPS_FALLBACK'])")
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_ENABLE_MPS_FALLBACK"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "PYTORCH_ENABLE_MPS_FALLBACK": "0"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"
+
+
+def test_a_failing_training_compile_falls_back_to_eager(capsys):
+    """Where torch.compile cannot build the step (no C++ compiler, say), training goes on without it
+    and ends where an eager run ends."""
+    eager, fallback = _model(), _model()
+    data_a, data_b = FixedBatches(), FixedBatches()
+    t_eager, t_fallback = _trainer(eager, "cpu"), _trainer(fallback, "cpu")
+
+    def broken(*args, **kw):
+        raise RuntimeError("InductorError: CppCompileError: C++ compile error\nthe compiler's output")
+    t_fallback.train_model = broken
+    for _ in range(2):
+        loss_a, _ = t_eager.train_step(data_a)
+        loss_b, _ = t_fallback.train_step(data_b)
+        assert float(loss_a) == float(loss_b)
+    assert t_fallback.train_model is fallback
+    for a, b in zip(eager.parameters(), fallback.parameters()):
+        assert torch.equal(a, b)
+    out = capsys.readouterr().out
+    assert out.count("torch.compile of the training step failed (RuntimeError: InductorError: CppCompileError: "
+                     "C++ compile error); training without it") == 1
+
+
+@pytest.mark.parametrize("device", ACCELERATORS)
+def test_the_device_trains_and_decodes_like_the_cpu(device):
+    """fp32 on the accelerator: the same logits, the same two training steps and the same greedy
+    tokens as the CPU, within float tolerance (kernels differ); on CUDA also the compiled decode
+    step, replayed as a CUDA graph."""
+    cpu, acc = _model(), _model().to(device)
+    idx = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(acc(idx.to(device)).cpu(), cpu(idx), atol=2e-3, rtol=2e-3)
+    t_cpu, t_acc = _trainer(cpu, "cpu"), _trainer(acc, device)
+    data_cpu, data_acc = FixedBatches(), FixedBatches()
+    for _ in range(2):
+        a, _ = t_cpu.train_step(data_cpu)
+        b, _ = t_acc.train_step(data_acc)
+        assert abs(float(a) - float(b)) < 1e-3 * float(a)
+    for p, q in zip(cpu.parameters(), acc.parameters()):
+        torch.testing.assert_close(q.detach().cpu(), p.detach(), atol=2e-3, rtol=2e-3)
+    cpu.eval(), acc.eval()
+    prompt = idx[0, :10].tolist()
+    want = Engine(cpu).generate_batch(prompt, max_tokens=20, temperature=0.0)[0].tokens
+    assert Engine(acc).generate_batch(prompt, max_tokens=20, temperature=0.0)[0].tokens == want
+    if device == "cuda":
+        compiled = Engine(acc, compile=True)
+        assert compiled.generate_batch(prompt, max_tokens=20, temperature=0.0)[0].tokens == want
+        assert compiled.decode_step is not None  # it compiled and ran, no fallback
