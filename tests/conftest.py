@@ -59,3 +59,14 @@ def tiny_base(small_corpus, small_tokenizer, tmp_path_factory) -> Path:
     pretrain(PretrainConfig(data=[str(small_corpus)], save=str(save), tokenizer=str(small_tokenizer), depth=2,
                             seq_len=128, batch_size=4, steps=5, device="cpu", dtype="fp32", seed=1))
     return save
+
+
+def randomized(model, seed: int = 0, scale: float = 0.2):
+    """The model with noise added to every weight (the zero-initialized projections too), so that
+    every path carries signal. Returns it."""
+    import torch
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model

@@ -14,6 +14,8 @@ from picochat.model import GPT
 from picochat.optim import OptimConfig, build_optimizer
 from picochat.train.loop import LoopConfig, Trainer
 
+from .conftest import randomized
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ACCELERATORS = [d for d, ok in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()))
@@ -25,11 +27,7 @@ def _model(seed: int = 0) -> GPT:
     cfg = ModelConfig(vocab_size=256, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, sequence_len=64,
                       window_pattern="SL", window=16)
     torch.manual_seed(seed)
-    model = GPT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return model
+    return randomized(GPT(cfg), seed)
 
 
 class FixedBatches:

@@ -9,15 +9,12 @@ from picochat.config import DEPTH_PRESETS, ModelConfig
 from picochat import model as model_module
 from picochat.model import GPT, KVCache, attention, banded_attention
 
+from .conftest import randomized
+
 
 def _randomized(cfg: ModelConfig, seed: int = 0) -> GPT:
-    """A model whose zero-initialized projections are filled, so every path carries signal."""
     torch.manual_seed(seed)
-    model = GPT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return model
+    return randomized(GPT(cfg), seed)
 
 
 def _reference_window_attention(q, k, v, window):
