@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .common import log
 from .config import ModelConfig
@@ -384,30 +385,51 @@ def loss_chunk_rows(vocab_size: int) -> int:
     return max(128, (1 << 25) // vocab_size)
 
 
+# oneDNN's linear on a weight packed ahead of time (the op inductor uses for frozen CPU models).
+# The packed copies live here, not on the modules, so that a model still deep-copies and pickles.
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+PACKED_WEIGHTS = WeakIdKeyDictionary()  # weight -> ((data_ptr, version), packed weight)
+
+
 class Linear(nn.Linear):
-    """nn.Linear (no bias), with a faster path for the few-row products of decoding on CPU.
+    """nn.Linear (no bias), with faster paths for inference on CPU, where BLAS is slow at the
+    few-row products of decoding.
 
     Decoding is a matrix times a few vectors per layer (one per sequence of the batch), bound by
-    reading the weights from memory: a model bigger than the caches is read whole every step.
-    BLAS reads them slowly for so few rows: a one-row product runs on one thread at about half the
-    memory bandwidth, and 2 to 8 rows are slower still (measured: the depth-4 head, 32768 x 384,
-    4.2 ms for 1 row = 12 GB/s, 10.3 ms for 2). Cut into 2 or 4 row blocks, the same product is a
-    batched matmul whose blocks run on every core: 2.2 ms for 1 row, 2.5 ms for 2, 7.1 ms for 8.
-    bench/bench_decode.py measures the whole step. Tiny weights, which stay in cache, and training
-    (autograd on) take F.linear."""
+    reading the weights from memory. BLAS reads them slowly for so few rows: a one-row product
+    runs on one thread at about half the memory bandwidth, and 2 to 16 rows are slower still
+    (measured: the depth-4 head, 32768 x 384, 4.2 ms for 1 row = 12 GB/s, 10.3 ms for 2).
+    - One row (or up to 16 on a smaller weight): cut into 2 or 4 row blocks, the product is a
+      batched matmul whose blocks run on every core: 2.2 ms.
+    - 2 to 256 rows, weights of 2^18 elements or more: oneDNN's linear on a copy of the weight
+      packed for it, repacked when the weight changes (its version counter moves on every in-place
+      update). At 8 rows 1.4x (the head) to 3x (a depth-8 MLP matrix) faster than BLAS, 2x on
+      the head at 32 to 64 rows (a prompt's prefill), even at 512 rows, where BLAS takes over.
+      The packed copy costs the weight's memory once more (the trainer frees it at each step).
+    Small weights, which stay in cache, training (autograd on) and torch.compile (inductor makes
+    its own kernels) take F.linear. bench/bench_decode.py measures the whole step."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
+        if x.device.type != "cpu" or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) \
+                or torch.compiler.is_compiling():
+            return F.linear(x, w)
         rows = x.numel() // max(x.size(-1), 1)
-        if rows <= 16 and w.numel() >= 1 << 16 and x.device.type == "cpu" and not (
-                torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
-            k = 4 if w.numel() >= 1 << 23 else 2
-            if w.size(0) % k == 0:
-                # the rows as columns whose layout reads as transposed, (k, in, rows) with strides
-                # (0, 1, in): a plain reshape's layout sends BLAS down a path 5x slower
-                xs = x.reshape(1, rows, -1).expand(k, rows, -1).mT
-                y = torch.bmm(w.view(k, -1, w.size(1)), xs)  # (k, out / k, rows)
-                return y.permute(2, 0, 1).reshape(*x.shape[:-1], w.size(0))
+        if 2 <= rows <= 256 and w.numel() >= 1 << 18 and _ONEDNN and x.dtype == w.dtype == torch.float32:
+            key, packed = PACKED_WEIGHTS.get(w, (None, None))
+            if key != (w.data_ptr(), w._version):
+                # packed for 8 rows: measured as good as a packing for 1 at 1 to 16 rows, better above
+                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 8)
+                PACKED_WEIGHTS[w] = ((w.data_ptr(), w._version), packed)
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), packed, None, "none", [], "")
+            return y.view(*x.shape[:-1], w.size(0))
+        k = 4 if w.numel() >= 1 << 23 else 2
+        if rows <= 16 and w.numel() >= 1 << 16 and w.size(0) % k == 0:
+            # the rows as columns whose layout reads as transposed, (k, in, rows) with strides
+            # (0, 1, in): a plain reshape's layout sends BLAS down a path 5x slower
+            xs = x.reshape(1, rows, -1).expand(k, rows, -1).mT
+            y = torch.bmm(w.view(k, -1, w.size(1)), xs)  # (k, out / k, rows)
+            return y.permute(2, 0, 1).reshape(*x.shape[:-1], w.size(0))
         return F.linear(x, w)
 
 

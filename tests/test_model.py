@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -169,14 +170,16 @@ def test_config_errors():
         ModelConfig(window_pattern="SXL")
 
 
-def test_linear_row_block_path_equals_f_linear():
-    """Decoding a few rows on CPU splits a big weight into row blocks (a batched matmul on every
-    core); the product is the same, and training takes the plain path."""
+def test_linear_inference_paths_equal_f_linear():
+    """Inference on CPU takes faster paths than BLAS for few rows: row blocks (a batched matmul on
+    every core) and oneDNN on a packed copy of the weight, repacked when the weight changes. The
+    product is the same, and training takes the plain path."""
     import torch.nn.functional as F
 
-    from picochat.model import Linear
+    from picochat.model import _ONEDNN, PACKED_WEIGHTS, Linear
     torch.manual_seed(0)
-    for out_features in (4096, 1536, 8):  # 4 blocks, 2 blocks, too small: F.linear
+    # oneDNN from 2 rows + 4 blocks at 1; oneDNN + 2 blocks; 2 blocks (below oneDNN's size); F.linear
+    for out_features in (4096, 1536, 256, 8):
         lin = Linear(384 if out_features > 8 else 4, out_features, bias=False)
         for shape in ((1, lin.in_features), (1, 1, lin.in_features), (3, 1, lin.in_features),
                       (2, 4, lin.in_features), (40, lin.in_features)):
@@ -186,6 +189,15 @@ def test_linear_row_block_path_equals_f_linear():
             ref = F.linear(x, lin.weight)
             assert y.shape == ref.shape
             torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        assert (lin.weight in PACKED_WEIGHTS) == (_ONEDNN and out_features >= 1536)
+    if _ONEDNN:  # an in-place update (an optimizer step, load_state_dict) is seen: the weight is repacked
+        x = torch.randn(5, 384)
+        with torch.no_grad():
+            lin = Linear(384, 1536, bias=False)
+            lin(x)
+            lin.weight.mul_(-2.0)
+            torch.testing.assert_close(lin(x), F.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
+            copy.deepcopy(lin)  # the packed copy is not part of the module
     lin = Linear(384, 4096, bias=False)
     x = torch.randn(1, 384, requires_grad=True)
     lin(x).sum().backward()  # with autograd on, F.linear: gradients as usual

@@ -17,6 +17,7 @@ import torch
 
 from .. import distributed
 from ..common import PicochatError, Progress, autocast, choose_device, choose_dtype, log, peak_flops, set_threads
+from ..model import PACKED_WEIGHTS
 from ..optim import OptimConfig, lr_multiplier, muon_momentum
 
 
@@ -103,6 +104,7 @@ class Trainer:
             lr_multiplier(self.step, self.loop.steps, cfg.warmup_frac, cfg.warmdown_frac, cfg.final_lr_frac),
             muon_momentum(self.step, cfg))
         batches = [data.next_batch() for _ in range(self.loop.grad_accum)]
+        PACKED_WEIGHTS.clear()  # inference copies (evals, samples, rollouts) go stale at this step
         # counted on the host (no device sync), over the whole global batch: every rank divides by
         # the same total, so the gradients summed over ranks are the global batch's gradient
         total = int(distributed.sum_host([sum(count_fn(b) for b in batches)])[0])
