@@ -406,16 +406,17 @@ class Linear(nn.Linear):
       update). At 8 rows 1.4x (the head) to 3x (a depth-8 MLP matrix) faster than BLAS, 2x on
       the head at 32 to 64 rows (a prompt's prefill), even at 512 rows, where BLAS takes over.
       The packed copy costs the weight's memory once more (the trainer frees it at each step).
-    Small weights, which stay in cache, training (autograd on) and torch.compile (inductor makes
-    its own kernels) take F.linear. bench/bench_decode.py measures the whole step."""
+    Small weights, which stay in cache, and training (autograd on) take F.linear. Under
+    torch.compile the row blocks are what inductor turns into fused kernels of its own (F.linear
+    would stay a BLAS call). bench/bench_decode.py measures the whole step."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if x.device.type != "cpu" or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) \
-                or torch.compiler.is_compiling():
+        if x.device.type != "cpu" or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
             return F.linear(x, w)
         rows = x.numel() // max(x.size(-1), 1)
-        if 2 <= rows <= 256 and w.numel() >= 1 << 18 and _ONEDNN and x.dtype == w.dtype == torch.float32:
+        if 2 <= rows <= 256 and w.numel() >= 1 << 18 and _ONEDNN and x.dtype == w.dtype == torch.float32 \
+                and not torch.compiler.is_compiling():
             key, packed = PACKED_WEIGHTS.get(w, (None, None))
             if key != (w.data_ptr(), w._version):
                 # packed for 8 rows: measured as good as a packing for 1 at 1 to 16 rows, better above
