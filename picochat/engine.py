@@ -260,6 +260,8 @@ class Engine:
     def _decode(self, tokens: torch.Tensor, cache) -> torch.Tensor:
         """Next-token logits (B, vocab) after one token per row."""
         if self.decode_step is not None:
+            if self.device.type == "cuda":  # a new CUDA-graph iteration: the last step's output is spent
+                torch.compiler.cudagraph_mark_step_begin()
             try:
                 return self.decode_step(tokens, kv_cache=cache)[:, -1]
             except Exception as e:  # raised while compiling, before the step touched the cache

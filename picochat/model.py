@@ -65,11 +65,18 @@ def flash_attention(q, k, v, window: int) -> torch.Tensor | None:
     None where it cannot run (not installed, a GPU older than it supports, fp32...): the caller
     then takes SDPA. Its layout is (B, T, H, D): a transpose of ours, a view, no copy."""
     global FLASH_ATTN
-    if FLASH_ATTN is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+    if FLASH_ATTN is None or not q.is_cuda:
+        return None
+    dtype = q.dtype
+    if dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+        # autocast runs the norms in fp32 and leaves q, k fp32; SDPA is on its list of ops cast
+        # down, flash-attn (a custom function) is not, so cast here as autocast would
+        dtype = torch.get_autocast_dtype("cuda")
+    if dtype not in (torch.float16, torch.bfloat16):
         return None
     try:
-        y = FLASH_ATTN(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
-                       window_size=(window - 1, 0) if window else (-1, -1))
+        y = FLASH_ATTN(q.transpose(1, 2).to(dtype), k.transpose(1, 2).to(dtype), v.transpose(1, 2).to(dtype),
+                       causal=True, window_size=(window - 1, 0) if window else (-1, -1))
     except RuntimeError as e:  # e.g. "FlashAttention only supports Ampere GPUs or newer"
         log(f"flash-attn failed ({(str(e).splitlines() or [''])[0][:200]}); using PyTorch SDPA from now on")
         FLASH_ATTN = None

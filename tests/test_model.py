@@ -53,6 +53,10 @@ def test_flash_attention_equals_sdpa_and_falls_back_on_error(window, monkeypatch
     k, v = (torch.randn(2, 2, 100, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     want = _reference_window_attention(q, k, v, window or 100)
     torch.testing.assert_close(model_module.flash_attention(q, k, v, window), want, atol=2e-2, rtol=2e-2)
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # training: autocast leaves q, k, v fp32 after the norms
+        y = model_module.flash_attention(q.float(), k.float(), v.float(), window)
+    assert y is not None and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, want, atol=2e-2, rtol=2e-2)
 
     def old_gpu(*a, **kw):
         raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
