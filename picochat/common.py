@@ -152,6 +152,11 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
 
 # ----------------------------------------------------------------------------- logging and progress
 
+def first_line(e: BaseException) -> str:
+    """An exception's first line, for a one-line log (compilers' errors run to pages)."""
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
 def log(msg: str) -> None:
     """The one place that prints. Rank 0 only under torchrun."""
     if int(os.environ.get("RANK", "0")) == 0:

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import PicochatError, log
+from .common import PicochatError, first_line, log
 from .decode_batch import DecodeBatch, GenRequest, RowEvent
 from .model import KVCache, StaticKVCache
 from .sampling import sample_next
@@ -265,8 +265,7 @@ class Engine:
             try:
                 return self.decode_step(tokens, kv_cache=cache)[:, -1]
             except Exception as e:  # raised while compiling, before the step touched the cache
-                reason = (str(e).strip().splitlines() or [""])[0][:200]
-                log(f"engine: torch.compile of the decode step failed ({type(e).__name__}: {reason}); "
+                log(f"engine: torch.compile of the decode step failed ({type(e).__name__}: {first_line(e)}); "
                     "decoding without it")
                 self.decode_step = None
         return self.model(tokens, kv_cache=cache)[:, -1]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .common import log
+from .common import first_line, log
 from .config import ModelConfig
 
 
@@ -78,7 +78,7 @@ def flash_attention(q, k, v, window: int) -> torch.Tensor | None:
         y = FLASH_ATTN(q.transpose(1, 2).to(dtype), k.transpose(1, 2).to(dtype), v.transpose(1, 2).to(dtype),
                        causal=True, window_size=(window - 1, 0) if window else (-1, -1))
     except RuntimeError as e:  # e.g. "FlashAttention only supports Ampere GPUs or newer"
-        log(f"flash-attn failed ({(str(e).splitlines() or [''])[0][:200]}); using PyTorch SDPA from now on")
+        log(f"flash-attn failed ({first_line(e)}); using PyTorch SDPA from now on")
         FLASH_ATTN = None
         return None
     return y.transpose(1, 2)

@@ -16,7 +16,8 @@ from typing import Callable, Protocol
 import torch
 
 from .. import distributed
-from ..common import PicochatError, Progress, autocast, choose_device, choose_dtype, log, peak_flops, set_threads
+from ..common import (PicochatError, Progress, autocast, choose_device, choose_dtype, first_line, log, peak_flops,
+                      set_threads)
 from ..model import PACKED_WEIGHTS
 from ..optim import OptimConfig, lr_multiplier, muon_momentum
 
@@ -138,8 +139,8 @@ class Trainer:
         except Exception as e:
             if self.train_model is self.model or self.compiled_once:
                 raise
-            reason = (str(e).strip().splitlines() or [""])[0][:200]
-            log(f"torch.compile of the training step failed ({type(e).__name__}: {reason}); training without it")
+            log(f"torch.compile of the training step failed ({type(e).__name__}: {first_line(e)}); "
+                "training without it")
             self.train_model = self.model
             return self._forward_backward(loss_fn, batch, total)
         self.compiled_once = self.train_model is not self.model
