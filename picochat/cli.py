@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an existing --save")
 
     r = sub.add_parser("speedrun", help="the whole pipeline in one command (offline by default)")
-    r.add_argument("--preset", default="tiny", help="smoke (one minute), tiny (offline default, <20 min on 2 CPU cores), small, d8, d12, d20")
+    r.add_argument("--preset", default="tiny",
+                   help="smoke (one minute), tiny (offline default, 15-20 min on 2 CPU cores), small, d8, d12, d20")
     r.add_argument("--data", nargs="+", help="your own text instead of the builtin offline corpus")
     r.add_argument("--save", default="runs/speedrun", help="output directory")
     r.add_argument("--steps", type=int, default=0, help="override the preset's step count")

@@ -4,7 +4,8 @@ With no flags it needs no network and no data: it builds a corpus from the text 
 already has (the installed Python's documentation and docstrings), trains a tokenizer on it,
 pretrains a tiny model, measures validation bits per byte and samples; then midtrains and
 fine-tunes it into a chat model that uses the calculator, improves its arithmetic with RL (GRPO,
-rewards from the task's grader), measures its task accuracy after every stage, and writes a report. `picochat chat --load <save>/sft` talks to the result.
+rewards from the task's grader), measures its task accuracy after every stage, and writes a report.
+`picochat chat --load <save>/sft` talks to the result.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .train.sft import ChatTrainConfig, chat_train
 # and rollout batch (rl_steps; rl_batch = prompts per step, samples per prompt) and how many
 # examples each eval task takes (eval_limit: categorical, generative, CORE per task;
 # None = all).
-# tiny is sized for under 20 minutes on 2 CPU cores in fp32.
+# tiny is sized for 15-20 minutes on 2 CPU cores in fp32 (measured: 15m46s and 19m57s).
 PRESETS: dict[str, dict] = {
     "smoke": dict(depth=2, seq_len=128, vocab_size=512, batch_size=4, total_batch_tokens=512, steps=10,
                   eval_every=5, eval_tokens=2048, mid_steps=5, sft_steps=5, rl_steps=2, rl_batch=(4, 4),
@@ -62,7 +63,8 @@ class SpeedrunConfig:
     data: list[str] | None = None  # None: the builtin offline corpus
     save: str = "runs/speedrun"
     steps: int = 0  # 0: the preset's
-    eval_data: str | None = None  # a directory laid out like ../shared/data; None: $PICOCHAT_DATA, else built-in evals only
+    # a directory laid out like ../shared/data; None: $PICOCHAT_DATA, else built-in evals only
+    eval_data: str | None = None
     usd_per_hour: float | None = None  # None: a guess for the device
     overwrite: bool = False
     compile: bool = False
