@@ -8,8 +8,8 @@ rows, so it is left out), whatever the batch size. At batch 1 that read is the f
 time: bound = batch / (weight bytes / bandwidth) tokens per second. The bandwidth is the read
 rate the script measures first (a sum over 512 MiB on every thread), or --bandwidth GB/s.
 
-Batch-1 products go through model.Linear's row-block path (see its docstring); `--plain-linear`
-sends them through F.linear, as before it, for the comparison.
+Few-row products go through model.Linear's CPU paths (row blocks, oneDNN; see its docstring);
+`--plain-linear` sends every product through F.linear, plain BLAS, for the comparison.
 
 "engine" is Engine.generate (sampling, bookkeeping, one .tolist() a step); "forward only" feeds a
 fixed token straight into the model with the same cache, so the difference between the two is the
@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128, help="tokens generated per row")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     ap.add_argument("--bandwidth", type=float, default=0.0, help="GB/s for the bound (default: measured)")
-    ap.add_argument("--plain-linear", action="store_true", help="F.linear for batch-1 products too")
+    ap.add_argument("--plain-linear", action="store_true", help="every product through F.linear (plain BLAS)")
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--modes", default="eager,compiled", help="eager and/or compiled decode steps")
     ap.add_argument("--repeats", type=int, default=2, help="best of this many runs")

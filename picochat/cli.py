@@ -8,7 +8,7 @@ import os
 import sys
 
 from . import __version__
-from .common import DEVICES, DTYPES, PicochatError
+from .common import DEVICES, DTYPES, PicochatError, first_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -404,9 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         from . import distributed
         if not distributed.peer_lost(e):
             raise
-        first = str(e).strip().splitlines()[0]
         print(f"error: rank {distributed.rank()}: lost contact with the other processes (one died or stopped "
-              f"answering; see the first failing rank's output): {first[:300]}", file=sys.stderr, flush=True)
+              f"answering; see the first failing rank's output): {first_line(e, 300)}", file=sys.stderr, flush=True)
         # exit now: tearing down a process group whose peer is gone can abort the process (SIGABRT
         # from the backend's destructor); the run dir on disk is whole either way
         sys.stdout.flush()

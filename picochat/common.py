@@ -152,9 +152,9 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
 
 # ----------------------------------------------------------------------------- logging and progress
 
-def first_line(e: BaseException) -> str:
-    """An exception's first line, for a one-line log (compilers' errors run to pages)."""
-    return (str(e).strip().splitlines() or [""])[0][:200]
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's first line, for a one-line message (compilers' errors run to pages)."""
+    return (str(e).strip().splitlines() or [""])[0][:limit]
 
 
 def log(msg: str) -> None:

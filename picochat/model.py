@@ -410,8 +410,9 @@ class Linear(nn.Linear):
       batched matmul whose blocks run on every core: 2.2 ms.
     - 2 to 256 rows, weights of 2^18 elements or more: oneDNN's linear on a copy of the weight
       packed for it, repacked when the weight changes (its version counter moves on every in-place
-      update). At 8 rows 1.4x (the head) to 3x (a depth-8 MLP matrix) faster than BLAS, 2x on
-      the head at 32 to 64 rows (a prompt's prefill), even at 512 rows, where BLAS takes over.
+      update). At 8 rows 1.4x (the head) to 3x (a depth-8 MLP matrix) faster than BLAS, and 2x on
+      the head at 32 to 64 rows (a prompt's prefill); at 512 rows it is no better, so BLAS keeps
+      the bigger products (evals, training).
       The packed copy costs the weight's memory once more (the trainer frees it at each step).
     Small weights, which stay in cache, and training (autograd on) take F.linear. Under
     torch.compile the row blocks are what inductor turns into fused kernels of its own (F.linear
@@ -424,11 +425,12 @@ class Linear(nn.Linear):
         rows = x.numel() // max(x.size(-1), 1)
         if 2 <= rows <= 256 and w.numel() >= 1 << 18 and _ONEDNN and x.dtype == w.dtype == torch.float32 \
                 and not torch.compiler.is_compiling():
-            key, packed = PACKED_WEIGHTS.get(w, (None, None))
-            if key != (w.data_ptr(), w._version):
+            key = (w.data_ptr(), w._version)
+            packed_key, packed = PACKED_WEIGHTS.get(w, (None, None))
+            if packed_key != key:
                 # packed for 8 rows: measured as good as a packing for 1 at 1 to 16 rows, better above
                 packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 8)
-                PACKED_WEIGHTS[w] = ((w.data_ptr(), w._version), packed)
+                PACKED_WEIGHTS[w] = (key, packed)
             y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), packed, None, "none", [], "")
             return y.view(*x.shape[:-1], w.size(0))
         k = 4 if w.numel() >= 1 << 23 else 2
