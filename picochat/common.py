@@ -43,9 +43,21 @@ def choose_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+CPU_BF16_ENV = "PICOCHAT_CPU_BF16"
+
+
 def cpu_has_fast_bf16() -> bool:
-    # Without AVX512-BF16 or AMX, PyTorch's CPU bf16 matmul falls back to a scalar path that is
-    # hundreds of times slower than fp32 (measured: 0.3 vs 128 GFLOP/s on an AVX2-only EPYC).
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). Without it, PyTorch's CPU
+    bf16 matmul falls back to a scalar path hundreds of times slower than fp32 (measured: 0.3 vs
+    128 GFLOP/s on an AVX2-only EPYC), so every `auto` precision choice on CPU asks this.
+
+    PICOCHAT_CPU_BF16=1 or 0 answers instead of the hardware, so that one machine can run both
+    CPU paths (the tests do: tests/conftest.py)."""
+    forced = os.environ.get(CPU_BF16_ENV, "")
+    if forced:
+        if forced not in ("0", "1"):
+            raise PicochatError(f"{CPU_BF16_ENV} must be 0 or 1, not {forced!r}")
+        return forced == "1"
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 

@@ -5,8 +5,40 @@ from pathlib import Path
 
 import pytest
 
+from picochat.common import CPU_BF16_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+# `auto` precision on CPU follows the hardware (bf16 where the CPU has AVX512-BF16 or AMX), so a
+# test would take another path on another machine. Unless the caller chose one for the whole run
+# (PICOCHAT_CPU_BF16=0 or 1), every test takes the fp32 path, and the tests whose numbers depend
+# on the path take both, through the `cpu_path` fixture: every machine runs the same tests down
+# the same paths, whatever its CPU.
+os.environ.setdefault(CPU_BF16_ENV, "0")
+
+
+@pytest.fixture(params=["fp32", "bf16"], ids=["cpu-fp32", "cpu-bf16"])
+def cpu_path(request, monkeypatch) -> str:
+    """Run the test down each CPU precision path: `auto` dtypes (compute, Newton-Schulz) resolve to
+    fp32, then to bf16 (slow on a CPU without bf16 hardware: keep such tests tiny). Subprocesses
+    the test starts inherit the choice."""
+    monkeypatch.setenv(CPU_BF16_ENV, "1" if request.param == "bf16" else "0")
+    return request.param
+
+
+def relative_error(got, want) -> float:
+    """||got - want|| / ||want||, in fp32."""
+    got, want = got.detach().float(), want.detach().float()
+    return float((got - want).norm() / want.norm())
+
+
+def newton_schulz_tolerance(dtype) -> float:
+    """How far Newton-Schulz in `dtype` may land from exact fp32 arithmetic, relatively: a few
+    roundings to the working precision per iteration, plus fp32 accumulation (measured: 2.5e-6 in
+    fp32, 1.5e-2 in bf16 on 16 to 64-wide matrices)."""
+    import torch
+    return 4 * torch.finfo(dtype).eps + 32 * torch.finfo(torch.float32).eps
 
 
 def shared_data(*parts: str) -> Path:

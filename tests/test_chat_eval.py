@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from picochat.checkpoint import load_run
+from picochat.common import autocast, choose_dtype
 from picochat.conversation import render_for_completion
 from picochat.evals.chat_eval import (
     CHATCORE_TASKS,
@@ -26,22 +27,29 @@ def run(tiny_base):
     return load_run(tiny_base)
 
 
-def test_batched_categorical_equals_one_question_at_a_time(run):
+def test_batched_categorical_equals_one_question_at_a_time(run, cpu_path):
     task = build_eval_task("arc-easy", str(shared_data("arc")))
     indices = list(range(24))
+    device = torch.device("cpu")
+    dtype = choose_dtype("auto", device)  # the path this test runs down (cpu_path)
     # a small token budget: several batches of different widths, padding in most rows
     batched = {i: (pred, scores) for i, pred, scores in
-               categorical_eval(run.model, run.tokenizer, task, indices, "cpu", torch.float32, batch_tokens=600)}
+               categorical_eval(run.model, run.tokenizer, task, indices, device, dtype, batch_tokens=600)}
     assert sorted(batched) == indices
+    # the same numbers up to a few roundings in the compute dtype (batching changes only the order
+    # of the sums): measured 4e-7 in fp32 and 0 in bf16, on logits under 1
     for i in indices:
         ids = render_for_completion(run.tokenizer, task[i])[-run.config.sequence_len:]  # as the eval crops
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, dtype):
             logits = run.model(torch.tensor([ids]))[0, -1]
         letters = task[i]["letters"]
-        want = logits[letter_ids(run.tokenizer, letters)]
+        want = logits[letter_ids(run.tokenizer, letters)].float()
+        atol = 8 * torch.finfo(dtype).eps * max(1.0, float(want.abs().max()))
         pred, scores = batched[i]
-        assert torch.allclose(torch.tensor(scores), want, atol=1e-4), i
-        assert pred == letters[int(want.argmax())]
+        assert torch.allclose(torch.tensor(scores), want, atol=atol), (i, scores, want)
+        top = want.topk(2).values
+        if top[0] - top[1] > 2 * atol:  # a near tie may go either way within the rounding
+            assert pred == letters[int(want.argmax())]
 
 
 def test_centered_and_chatcore_by_hand():

@@ -8,10 +8,11 @@ import sys
 import pytest
 import torch
 
+from picochat.common import CPU_BF16_ENV, PicochatError, choose_dtype
 from picochat.config import ModelConfig
 from picochat.engine import Engine
 from picochat.model import GPT
-from picochat.optim import OptimConfig, build_optimizer
+from picochat.optim import OptimConfig, build_optimizer, ns_dtype_for
 from picochat.train.loop import LoopConfig, Trainer
 
 from .conftest import randomized
@@ -117,3 +118,16 @@ def test_the_device_trains_and_decodes_like_the_cpu(device):
         compiled = Engine(acc, compile=True)
         assert compiled.generate_batch(prompt, max_tokens=20, temperature=0.0)[0].tokens == want
         assert compiled.decode_step is not None  # it compiled and ran, no fallback
+
+
+def test_auto_precision_on_cpu_follows_the_switch(monkeypatch):
+    """PICOCHAT_CPU_BF16 decides what `auto` means on CPU (compute and Newton-Schulz alike), so one
+    machine can run both paths; anything but 0 or 1 is a clear error."""
+    cpu = torch.device("cpu")
+    for forced, dtype in (("1", torch.bfloat16), ("0", torch.float32)):
+        monkeypatch.setenv(CPU_BF16_ENV, forced)
+        assert choose_dtype("auto", cpu) == ns_dtype_for(cpu) == dtype
+        assert choose_dtype("fp32", cpu) == torch.float32  # an explicit choice is kept
+    monkeypatch.setenv(CPU_BF16_ENV, "yes")
+    with pytest.raises(PicochatError, match="PICOCHAT_CPU_BF16 must be 0 or 1, not 'yes'"):
+        choose_dtype("auto", cpu)

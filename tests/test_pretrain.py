@@ -23,12 +23,16 @@ def _cfg(corpus, tok, save, **kw) -> PretrainConfig:
     return PretrainConfig(**base)
 
 
-def test_resume_is_exact(small_corpus, small_tokenizer, tmp_path):
-    straight = pretrain(_cfg(small_corpus, small_tokenizer, tmp_path / "straight"))
-    first = pretrain(_cfg(small_corpus, small_tokenizer, tmp_path / "split", stop_at=10))
-    assert first["steps"] == 10
-    resumed = pretrain(_cfg(small_corpus, small_tokenizer, tmp_path / "split", resume=True))
-    assert resumed["steps"] == 20
+def test_resume_is_exact(small_corpus, small_tokenizer, tmp_path, cpu_path):
+    """Down both CPU paths (auto = fp32, then bf16 autocast and bf16 Newton-Schulz): 12 steps
+    straight, or 6 + resume + 6, give the same weights bit for bit, and the loss falls. Small
+    (256 tokens a step): bf16 crawls on a CPU without bf16 hardware."""
+    kw = dict(dtype="auto", total_batch_tokens=256, steps=12, eval_every=6, eval_tokens=512)
+    straight = pretrain(_cfg(small_corpus, small_tokenizer, tmp_path / "straight", **kw))
+    first = pretrain(_cfg(small_corpus, small_tokenizer, tmp_path / "split", stop_at=6, **kw))
+    assert first["steps"] == 6
+    resumed = pretrain(_cfg(small_corpus, small_tokenizer, tmp_path / "split", resume=True, **kw))
+    assert resumed["steps"] == 12
 
     losses = [m["loss"] for m in straight["metrics"]]
     assert [m["loss"] for m in resumed["metrics"]] == losses  # metrics replayed + continued, identical

@@ -180,9 +180,21 @@ def _jail(layers: set[str], workdir: str, memory_mb: int, cpu_s: int, probe: boo
     return done - {"landlock"}
 
 
+def peak_rss_kb(status_fd: int) -> int:
+    """VmHWM of an open /proc/<pid>/status: the peak resident memory of the process's own address
+    space since its exec (the rusage max RSS is no good for this: on Linux it keeps the peak of
+    the address space the exec replaced, i.e. of the big parent the child was forked from)."""
+    for line in os.pread(status_fd, 1 << 14, 0).splitlines():
+        if line.startswith(b"VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
 def _child_main(argv: list[str]) -> None:
     del sys.path[0]  # this file's directory: the program must not import the project's modules
     mode, layers, memory_mb, cpu_s = argv[0], set(argv[1].split(",")), int(argv[2]), int(argv[3])
+    # opened before the jail (Landlock closes /proc), to report the program's peak memory at the end
+    status = os.open("/proc/self/status", os.O_RDONLY) if mode == "run" and os.path.exists("/proc/self") else -1
     done = _jail(layers, os.getcwd(), memory_mb, cpu_s, probe=mode == "probe")
     if mode == "probe":
         print(",".join(sorted(done)))
@@ -191,7 +203,14 @@ def _child_main(argv: list[str]) -> None:
         code = compile(f.read(), "program.py", "exec")
     sys.argv = ["program.py"]
     _python_guard()
-    exec(code, {"__name__": "__main__", "__builtins__": __builtins__})  # noqa: S102  (what we are here for)
+    try:
+        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})  # noqa: S102  (what we are here for)
+    finally:  # on the way out, even after a MemoryError; a program killed by a signal reports nothing
+        try:
+            if status >= 0:
+                os.write(int(argv[4]), b"%d\n" % peak_rss_kb(status))
+        except (OSError, ValueError, MemoryError):
+            pass
 
 
 if __name__ == "__main__":
@@ -224,11 +243,26 @@ class SandboxResult:
     stderr: str
     seconds: float      # wall time, start to cleanup
     pid: int = 0        # the child's pid, which is also its session and process-group id
+    max_rss_kb: int = 0  # the program's peak resident memory in KiB (Linux; 0 where unknown)
 
 
-def _child_cmd(mode: str, layers, memory_mb: int, cpu_s: int) -> list[str]:
+def _child_cmd(mode: str, layers, memory_mb: int, cpu_s: int, report_fd: int = -1) -> list[str]:
     return [sys.executable, "-s", "-S", os.path.abspath(__file__), mode, ",".join(layers) or "-",
-            str(memory_mb), str(cpu_s)]
+            str(memory_mb), str(cpu_s), str(report_fd)]
+
+
+def _peak_of(pid: int) -> int:
+    """The peak memory (KiB) of a running process, 0 when it cannot be read (gone, not Linux)."""
+    try:
+        fd = os.open(f"/proc/{pid}/status", os.O_RDONLY)
+    except OSError:
+        return 0
+    try:
+        return peak_rss_kb(fd)
+    except (OSError, ValueError):
+        return 0
+    finally:
+        os.close(fd)
 
 
 def _env(workdir: str) -> dict[str, str]:
@@ -294,23 +328,38 @@ def run_python(program: str, timeout: float = 10.0, memory_mb: int = 1024, max_o
     with tempfile.TemporaryDirectory(prefix="picochat-sandbox-", ignore_cleanup_errors=True) as tmp:
         with open(os.path.join(tmp, "program.py"), "w", encoding="utf-8") as f:
             f.write(program)
-        with subprocess.Popen(_child_cmd("run", layers, memory_mb, int(timeout) + 1), cwd=tmp, env=_env(tmp),
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              start_new_session=True) as proc:
+        report_r, report_w = os.pipe()  # the child writes its peak memory here as it exits
+        os.set_blocking(report_r, False)  # read once it has exited: whatever is there, or nothing
+        try:
+            with subprocess.Popen(_child_cmd("run", layers, memory_mb, int(timeout) + 1, report_w), cwd=tmp,
+                                  env=_env(tmp), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, start_new_session=True, pass_fds=(report_w,)) as proc:
+                os.close(report_w)
+                report_w = -1
+                try:
+                    out, err, why = _collect(proc, start + timeout, max_output)
+                finally:
+                    peak = _peak_of(proc.pid)  # if still running: stopped by a limit, about to be killed
+                    try:  # the whole session's process group, whatever the program left behind
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+                    proc.wait()
             try:
-                out, err, why = _collect(proc, start + timeout, max_output)
-            finally:
-                try:  # the whole session's process group, whatever the program left behind
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                proc.wait()
+                peak = int(os.read(report_r, 64).split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+        finally:
+            for fd in (report_r, report_w):
+                if fd >= 0:
+                    os.close(fd)
     rc = proc.returncode
     why = why or ("passed" if rc == 0 else "sandbox_error" if rc == SETUP_FAILED
                   else "timeout" if rc == -signal.SIGXCPU else "killed" if rc == -signal.SIGKILL
                   else "memory" if b"MemoryError" in err[-2000:] else "failed")
     return SandboxResult(passed=why == "passed", status=why, returncode=rc, stdout=out.decode("utf-8", "replace"),
-                         stderr=err.decode("utf-8", "replace"), seconds=time.monotonic() - start, pid=proc.pid)
+                         stderr=err.decode("utf-8", "replace"), seconds=time.monotonic() - start, pid=proc.pid,
+                         max_rss_kb=peak)
 
 
 def run_many(programs, workers: int | None = None, **kw) -> list[SandboxResult]:
