@@ -8,7 +8,7 @@ rows, so it is left out), whatever the batch size. At batch 1 that read is the f
 time: bound = batch / (weight bytes / bandwidth) tokens per second. The bandwidth is the read
 rate the script measures first (a sum over 512 MiB on every thread), or --bandwidth GB/s.
 
-Few-row products go through model.Linear's CPU paths (row blocks, oneDNN; see its docstring);
+Few-row products go through linear.Linear's CPU paths (row blocks, oneDNN; see its docstring);
 `--plain-linear` sends every product through F.linear, plain BLAS, for the comparison.
 
 "engine" is Engine.generate (sampling, bookkeeping, one .tolist() a step); "forward only" feeds a
@@ -33,7 +33,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from picochat.common import set_threads
 from picochat.config import ModelConfig
 from picochat.engine import Engine
-from picochat.model import GPT, KVCache, Linear, StaticKVCache
+from picochat.kv_cache import KVCache, StaticKVCache
+from picochat.linear import Linear
+from picochat.model import GPT
 
 
 def read_bandwidth(mbytes: int = 512, reps: int = 5) -> float:

@@ -13,10 +13,12 @@ import argparse
 import time
 from pathlib import Path
 
-from picochat.checkpoint import load_run
-from picochat.common import choose_device, choose_dtype, format_duration, set_threads
-from picochat.evals.chat_eval import CHAT_EVALS, build_eval_task, evaluate_task
+from picochat.checkpoint import LoadOptions, open_for_inference
+from picochat.common import format_duration
+from picochat.data.datasets import LOCATIONS
+from picochat.evals.chat_eval import build_eval_task, evaluate_task
 from picochat.evals.core import evaluate_core, load_tasks, resolve_bundle
+from picochat.tasks.registry import EVALS
 
 
 def main() -> None:
@@ -27,13 +29,12 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=50, help="examples per task (0: all)")
     ap.add_argument("--generative-limit", type=int, default=16, help="examples per generative task (0: all)")
     args = ap.parse_args()
-    set_threads()
-    device = choose_device("auto")
-    dtype = choose_dtype("auto", device)
     rows = []
+    device = dtype = None
 
     if args.base:
-        run = load_run(args.base, device)
+        run = open_for_inference(LoadOptions(args.base))
+        device, dtype = run.device, run.dtype
         bundle = resolve_bundle(args.data)
         sizes = {t["label"]: sum(1 for _ in open(t["path"])) for t in load_tasks(bundle) if t["path"].is_file()}
         result = evaluate_core(run.model, run.tokenizer, bundle, device, dtype, limit=args.limit or None)
@@ -41,14 +42,15 @@ def main() -> None:
             rows.append((f"core/{label}", r["n"], r["seconds"], sizes[label]))
 
     if args.chat:
-        run = load_run(args.chat, device)
-        for name, spec in CHAT_EVALS.items():
-            if spec.data and not (Path(args.data) / spec.data).exists():
+        run = open_for_inference(LoadOptions(args.chat))
+        device, dtype = run.device, run.dtype
+        for name, spec in EVALS.items():
+            if spec.dataset and not (Path(args.data) / LOCATIONS[spec.dataset]).exists():
                 continue
             task = build_eval_task(name, args.data)
-            limit = args.limit if spec.kind == "categorical" else args.generative_limit
+            limit = args.limit if spec.eval.kind == "categorical" else args.generative_limit
             t0 = time.perf_counter()
-            r = evaluate_task(run, name, task, limit=limit or None, device=device, dtype=dtype, save=False)
+            r = evaluate_task(run, name, task, limit=limit or None, save=False)
             rows.append((name, r["n"], time.perf_counter() - t0, len(task)))
 
     print(f"\ndevice {device}, dtype {dtype}; base {args.base}, chat {args.chat}\n")

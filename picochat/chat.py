@@ -7,14 +7,26 @@ forced outputs included), so the next turn continues the same conversation the m
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
-from .checkpoint import load_run
-from .common import choose_device, set_threads
+from .checkpoint import LoadOptions, open_for_inference
+from .common import autocast
 from .engine import Engine
+from .sample import SamplingOptions
+from .settings import setting
 
 HELP = "commands: /clear starts a new conversation, /quit leaves (or Ctrl-D); Ctrl-C stops an answer"
 STYLE = {"call": "\033[36m", "output": "\033[2m"}  # tool calls cyan, their outputs dim
 RESET = "\033[0m"
+
+
+@dataclass
+class ChatConfig:
+    model: LoadOptions = setting(help="the model to use")
+    prompt: str | None = setting(None, "answer this one message and exit (default: talk until /quit)")
+    compile: bool = setting(False, "torch.compile the decode step: faster tokens once the first reply has "
+                                   "compiled it (15-30 s)")
+    sampling: SamplingOptions = setting(factory=lambda: SamplingOptions(temperature=0.6, max_tokens=512, seed=None))
 
 
 class ChatSession:
@@ -53,17 +65,20 @@ class ChatSession:
         return "".join(pieces)
 
 
-def chat(load: str, prompt: str | None = None, temperature: float = 0.6, top_k: int | None = 50,
-         top_p: float | None = None, max_tokens: int = 512, seed: int | None = None, device: str = "auto",
-         int8: bool = False, compile: bool = False) -> None:
-    set_threads()
-    run = load_run(load, choose_device(device), int8=int8)
-    engine = Engine(run.model, run.tokenizer, compile=compile)
-    session = ChatSession(engine, temperature, top_k, top_p, max_tokens, seed,
+def chat(cfg: ChatConfig) -> None:
+    run = open_for_inference(cfg.model)
+    engine = Engine(run.model, run.tokenizer, compile=cfg.compile)
+    s = cfg.sampling
+    session = ChatSession(engine, s.temperature, s.top_k or None, s.top_p, s.max_tokens, s.seed,
                           color=sys.stdout.isatty())
-    if prompt is not None:  # one-shot
-        session.answer(prompt)
-        return
+    with autocast(run.device, run.decode_dtype):
+        if cfg.prompt is not None:  # one-shot
+            session.answer(cfg.prompt)
+            return
+        _talk(session, run)
+
+
+def _talk(session: ChatSession, run) -> None:
     print(f"picochat — {run.path} ({run.meta.get('stage', '?')}, {run.model.num_params() / 1e6:.1f}M params)")
     print(HELP)
     while True:

@@ -2,14 +2,20 @@
 
     runs/<name>/
       model.safetensors   weights (fp32), readable by the safetensors library alone
-      config.json         model config, stage, picochat version, tokenizer fingerprint, train config
+      config.json         model config, stage, picochat version, tokenizer fingerprint, train
+                          settings and the plan derived from them
       tokenizer.json      Hugging Face tokenizers format
       trainer_state.pt    optimizer state, step, data position, RNG: what exact resume needs
       metrics.jsonl       one JSON object per logged step
+      evals/<name>.json   an eval's summary (save_eval / load_evals); <name>.jsonl its per-example
+                          rows; the report card reads these
 
 A run dir is written whole into `<name>.tmp`, fsynced, then swapped in by rename, so a crash at
 any moment leaves either the old run dir or the new one, never a mix. If the crash falls between
 the two renames, the old one is still at `<name>.old` and load_run puts it back.
+
+open_for_inference(LoadOptions) is what every command that uses a model (sample, chat, serve,
+the evals) does first: take the cores, choose the device and dtype, load the run, quantize it.
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from . import quant as quantlib
-from .common import PicochatError, fsync
+from . import int8 as int8lib
+from .common import DEVICES, DTYPES, PicochatError, choose_device, choose_dtype, fsync, log, set_threads, write_atomic
 from .config import ModelConfig
 from .model import GPT
+from .settings import setting
 from .tokenizer import Tokenizer
 
 WEIGHTS, CONFIG, TOKENIZER, TRAINER, METRICS = (
@@ -44,10 +51,38 @@ class Run:
     meta: dict  # the whole config.json
     trainer_state: dict | None = None
     metrics: list[dict] = field(default_factory=list)
+    dtype: torch.dtype = torch.float32  # compute dtype for scoring many tokens (open_for_inference)
+    decode_dtype: torch.dtype = torch.float32  # and for generating a few rows at a time
 
     @property
     def config(self) -> ModelConfig:
         return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+@dataclass
+class LoadOptions:
+    """Which model a command uses, and how: nested in the config of every command that loads one."""
+    load: str = setting(help="run dir")
+    device: str = setting("auto", f"one of {', '.join(DEVICES)} or cuda:N (auto: cuda > mps > cpu)")
+    dtype: str = setting("auto", "compute dtype (auto: bf16 on CUDA and on CPUs with native bf16, else fp32)",
+                         choices=DTYPES)
+    int8: bool = setting(False, "quantize the weights to INT8 at load time (see picochat quantize)")
+
+
+def open_for_inference(opts: LoadOptions) -> Run:
+    """Every core, the device, the run dir loaded onto it (INT8 if asked), in eval mode, and the
+    compute dtype for it."""
+    set_threads()
+    device = choose_device(opts.device)
+    run = load_run(opts.load, device, int8=opts.int8)
+    run.model.eval()
+    run.dtype = choose_dtype(opts.dtype, device)
+    run.decode_dtype = choose_dtype(opts.dtype, device, decode=True)
+    return run
 
 
 def save_run(path: str | Path, model: GPT, tokenizer: Tokenizer, stage: str, extra: dict | None = None,
@@ -88,18 +123,48 @@ def save_run(path: str | Path, model: GPT, tokenizer: Tokenizer, stage: str, ext
 def _read_config(path: Path) -> tuple[dict, ModelConfig]:
     try:
         meta = json.loads((path / CONFIG).read_text())
-        return meta, ModelConfig.from_dict(meta["model"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError) as e:
         raise PicochatError(f"corrupt run dir {path}: {CONFIG} is unreadable ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise PicochatError(f"corrupt run dir {path}: {CONFIG} has no \"model\" object")
+    try:
+        return meta, ModelConfig.from_dict(meta["model"])
+    except PicochatError as e:
+        raise PicochatError(f"corrupt run dir {path}: {CONFIG}: {e}") from None
 
 
 def _recover(path: Path) -> Path:
     old = path.with_name(path.name + ".old")
     if not path.exists() and old.exists():  # a crash between the two renames of save_run
         os.replace(old, path)
+    if path.is_file():
+        raise PicochatError(f"{path} is a file, not a run dir (a run dir is the directory a training stage "
+                            "wrote, with model.safetensors and config.json)")
     if not path.is_dir():
         raise PicochatError(f"run dir {path} does not exist")
     return path
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl, one object per line. A torn last line (a kill during an append) is dropped
+    with a warning; a bad line before the last one is corruption."""
+    file = Path(path) / METRICS
+    if not file.is_file():
+        return []
+    lines = [line for line in file.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                log(f"warning: {file}: its last line is incomplete (a run killed while writing it); ignored")
+                break
+            raise PicochatError(f"corrupt run dir {path}: {METRICS} line {i + 1} is not a JSON object ({e})") from None
+        out.append(row)
+    return out
 
 
 def load_run(path: str | Path, device: torch.device | str = "cpu", trainer_state: bool = False,
@@ -113,7 +178,7 @@ def load_run(path: str | Path, device: torch.device | str = "cpu", trainer_state
             raise PicochatError(f"corrupt run dir {path}: {name} is missing")
     meta, config = _read_config(path)
     quant = meta.get("quantization")
-    if quant and (not isinstance(quant, dict) or quant.get("method") != quantlib.METHOD):
+    if quant and (not isinstance(quant, dict) or quant.get("method") != int8lib.METHOD):
         raise PicochatError(f"run dir {path}: unknown quantization {quant!r} in {CONFIG}")
     if quant and trainer_state:
         raise PicochatError(f"run dir {path} is INT8-quantized (inference only): it has no trainer "
@@ -127,7 +192,7 @@ def load_run(path: str | Path, device: torch.device | str = "cpu", trainer_state
     with torch.device("meta"):
         model = GPT(config)
         if quant:
-            quantlib.quantized_skeleton(model, bool(quant.get("embeddings")))
+            int8lib.quantized_skeleton(model, bool(quant.get("embeddings")))
     # an INT8 run dir's dtypes are part of its layout (a float tensor there would be cast silently)
     expected = {k: (v.shape, v.dtype if quant else None) for k, v in model.state_dict().items()}
     got = {k: (v.shape, v.dtype if quant else None) for k, v in weights.items()}
@@ -139,9 +204,9 @@ def load_run(path: str | Path, device: torch.device | str = "cpu", trainer_state
     model = model.to_empty(device=device)
     model.load_state_dict(weights)
     if quant:
-        quantlib.finish_loading(model)
+        int8lib.finish_loading(model)
     elif int8:
-        quantlib.quantize_model(model)
+        int8lib.quantize_model(model)
         meta["quantized_on_load"] = True  # evals file their results apart from the fp32 model's
     model._set_rotary(2 * config.sequence_len, device=device)
     state = None
@@ -152,10 +217,7 @@ def load_run(path: str | Path, device: torch.device | str = "cpu", trainer_state
             state = torch.load(path / TRAINER, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for a truncated pickle
             raise PicochatError(f"corrupt run dir {path}: {TRAINER} cannot be read ({e})") from None
-    metrics = []
-    if (path / METRICS).is_file():
-        metrics = [json.loads(line) for line in (path / METRICS).read_text().splitlines() if line.strip()]
-    return Run(path, model, tokenizer, meta, state, metrics)
+    return Run(path, model, tokenizer, meta, state, read_metrics(path))
 
 
 def check_tokenizer(tokenizer: Tokenizer, config: ModelConfig, meta: dict | None = None, where: str = "") -> None:
@@ -167,3 +229,50 @@ def check_tokenizer(tokenizer: Tokenizer, config: ModelConfig, meta: dict | None
     if fp and fp != tokenizer.fingerprint():
         raise PicochatError(f"tokenizer does not match the checkpoint {where}: different merges "
                             "(fingerprint mismatch)")
+
+
+# ----------------------------------------------------------------------------- eval results
+
+EVALS = "evals"
+
+
+def eval_name(run: Run, name: str) -> str:
+    """The name an eval's results go under: a model quantized at load time (--int8) files them
+    apart, so that they never stand for the float model's."""
+    return f"{name}.int8" if run.meta.get("quantized_on_load") else name
+
+
+def save_eval(run_dir: str | Path, name: str, summary: dict, rows: list[dict] | None = None) -> Path:
+    """Write an eval's summary (and per-example rows) into <run>/evals/, atomically. A result over
+    fewer examples than the one already there does not replace it: it is kept next to it, as
+    <name>.n<examples>.json, and said."""
+    out = Path(run_dir) / EVALS
+    out.mkdir(exist_ok=True)
+    stem = name
+    n = summary.get("n")
+    old = out / f"{name}.json"
+    if n is not None and old.is_file():
+        try:
+            before = json.loads(old.read_text()).get("n")
+        except (OSError, ValueError, AttributeError):
+            before = None
+        if isinstance(before, int) and before > n:
+            stem = f"{name}.n{n}"
+            log(f"{name}: kept the result on {before:,} examples in {old}; this one, on {n:,}, is {out / stem}.json")
+    if rows is not None:
+        write_atomic(out / f"{stem}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(out / f"{stem}.json", json.dumps(summary, indent=1) + "\n")
+    return out / f"{stem}.json"
+
+
+def load_evals(run_dir: str | Path) -> dict[str, dict]:
+    """Every eval summary of a run dir, by name (those kept aside on fewer examples excluded)."""
+    out = {}
+    for f in sorted((Path(run_dir) / EVALS).glob("*.json")):
+        if ".n" in f.stem and f.stem.rsplit(".n", 1)[1].isdigit():
+            continue
+        try:
+            out[f.stem] = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            log(f"warning: {f} is unreadable ({e}); left out")
+    return out

@@ -98,10 +98,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
+        """From config.json's "model" object; a key of the wrong type is named, with the type it needs."""
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(types)
         if unknown:
             raise PicochatError(f"unknown model config keys: {sorted(unknown)}")
+        kinds = {"int": (int, "an integer"), "float": ((int, float), "a number"), "str": (str, "a string")}
+        for key, value in d.items():
+            want, what = kinds[types[key]]
+            if isinstance(value, bool) or not isinstance(value, want):
+                raise PicochatError(f"model config key {key!r} must be {what}, not {json.dumps(value)}")
         return cls(**d)
 
     def to_json(self) -> str:

@@ -14,6 +14,8 @@ user's text: the model reads it but is never trained to produce it.
 
 from __future__ import annotations
 
+from collections import Counter
+
 from .common import PicochatError, log
 from .tokenizer import Tokenizer
 
@@ -96,14 +98,16 @@ def _render_message(tok: Tokenizer, msg: dict) -> tuple[list[int], list[int]]:
     return ids, mask
 
 
-def render_conversation(tok: Tokenizer, conversation: dict,
-                        max_tokens: int | None = None) -> tuple[list[int], list[int]]:
+def render_conversation(tok: Tokenizer, conversation: dict, max_tokens: int | None = None,
+                        cuts: Counter | None = None) -> tuple[list[int], list[int]]:
     """A conversation -> (ids, mask), same length. mask[t] == 1 where ids[t] is a training target
     (so SFT's targets are ids[1:] where mask[1:] == 1): the assistant's words, its tool calls and
     <|assistant_end|>. The bos, the user's turns, <|assistant_start|> and tool outputs are 0.
 
     Over max_tokens, whole trailing messages are dropped so that the result ends after a complete
-    user -> assistant exchange; if even the first exchange does not fit, ids are cut at max_tokens."""
+    user -> assistant exchange; if even the first exchange does not fit, ids are cut at max_tokens.
+    Each cut is logged, or, given a Counter `cuts`, counted there ("messages", "mid-turn") for the
+    caller to report once (a training mixture may cut thousands)."""
     if max_tokens is not None and max_tokens < 1:
         raise PicochatError(f"max_tokens must be at least 1, got {max_tokens}")
     messages = validate_conversation(conversation)
@@ -120,13 +124,28 @@ def render_conversation(tok: Tokenizer, conversation: dict,
     fits = [(k + 1, end) for k, end in enumerate(ends) if k % 2 == 1 and end <= max_tokens]
     if fits:
         kept_msgs, kept = fits[-1]
-        log(f"render_conversation: {len(ids)} tokens > max_tokens {max_tokens}: dropped the last "
-            f"{len(messages) - kept_msgs} of {len(messages)} messages ({len(ids) - kept} tokens)")
+        if cuts is not None:
+            cuts["messages"] += 1
+        else:
+            log(f"render_conversation: {len(ids)} tokens > max_tokens {max_tokens}: dropped the last "
+                f"{len(messages) - kept_msgs} of {len(messages)} messages ({len(ids) - kept} tokens)")
     else:
         kept = max_tokens
-        log(f"render_conversation: {len(ids)} tokens > max_tokens {max_tokens} and the first exchange "
-            f"does not fit: cut {len(ids) - kept} tokens mid-turn")
+        if cuts is not None:
+            cuts["mid-turn"] += 1
+        else:
+            log(f"render_conversation: {len(ids)} tokens > max_tokens {max_tokens} and the first exchange "
+                f"does not fit: cut {len(ids) - kept} tokens mid-turn")
     return ids[:kept], mask[:kept]
+
+
+def describe_cuts(cuts: Counter, of: int, max_tokens: int) -> str | None:
+    """One line for what render_conversation counted, or None when nothing was cut."""
+    if not cuts:
+        return None
+    parts = [f"{cuts['messages']:,} lost their last messages"] if cuts["messages"] else []
+    parts += [f"{cuts['mid-turn']:,} were cut mid-turn (the first exchange alone is longer)"] if cuts["mid-turn"] else []
+    return f"{sum(cuts.values()):,} of {of:,} conversations are longer than {max_tokens} tokens: {' and '.join(parts)}"
 
 
 def render_for_completion(tok: Tokenizer, conversation: dict) -> list[int]:

@@ -1,23 +1,52 @@
 """DecodeBatch: rows of different prompts decoding together, joining and leaving between steps.
 
-The server's continuous batching, and Engine.generate_many / Engine.complete (evals, RL rollouts).
+All of the Engine's generation runs through it (one request of n rows for generate, many for
+generate_many and complete: evals, RL rollouts), and so does the server's continuous batching.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from .common import PicochatError
-from .model import KVCache
+from .common import PicochatError, log
+from .kv_cache import KVCache
 from .sampling import sample_next
+from .tool_use import RowState, ToolTokens
 
-if TYPE_CHECKING:
-    from .engine import Engine
+DEFAULT_STOPS = ("<|assistant_end|>", "<|bos|>")
+
+
+def fit_prompt(ids: list[int], max_tokens: int, context: int, bos: int | None) -> list[int]:
+    """The prompt as it will be fed: unchanged unless it leaves no room in the context; then cut
+    from the left, keeping a leading <|bos|>, to leave room for min(max_tokens, context // 2) new
+    tokens, and the cut is logged. (A prompt that fits but leaves less room than max_tokens is kept
+    whole; its rows end with "length" when the context fills.)"""
+    if len(ids) < context:
+        return ids
+    room = max(1, min(max_tokens, context // 2))
+    keep = max(1, context - room)
+    head = [ids[0]] if bos is not None and ids[0] == bos and keep > 1 else []
+    cut = ids[:len(head)] + ids[len(ids) - (keep - len(head)):]
+    log(f"engine: prompt of {len(ids)} tokens reaches the context ({context}); kept its last {len(cut)}")
+    return cut
+
+
+def default_stops(tokenizer) -> frozenset[int]:
+    """Where a reply ends unless the caller says otherwise: <|assistant_end|> and <|bos|>."""
+    return frozenset(tokenizer.special_id(name) for name in DEFAULT_STOPS) if tokenizer is not None else frozenset()
+
+
+def new_generator(device, seed: int | None) -> torch.Generator:
+    """A sampling generator on `device`: seeded, or (None) from fresh entropy."""
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
 
 
 @dataclass
@@ -52,17 +81,14 @@ class _Group:
         self.key, self.n, self.gen = req.key, req.n, gen
 
 
-class _Row:
-    __slots__ = ("group", "index", "left", "temperature", "top_k", "top_p", "stops", "tools", "call", "queue",
-                 "done")
+class _Row(RowState):
+    __slots__ = ("group", "index", "temperature", "top_k", "top_p")
 
-    def __init__(self, group: _Group, index: int, req: GenRequest, steps: int, stops: frozenset, tools: bool):
-        self.group, self.index, self.left = group, index, steps
+    def __init__(self, group: _Group, index: int, req: GenRequest, steps: int, stops: frozenset,
+                 tools: ToolTokens | None):
+        super().__init__(tools, stops, steps)
+        self.group, self.index = group, index
         self.temperature, self.top_k, self.top_p = req.temperature, req.top_k, req.top_p
-        self.stops, self.tools = stops, tools
-        self.call: list[int] | None = None  # tokens of an open tool call
-        self.queue: deque = deque()  # tokens to force (a tool's output)
-        self.done = False
 
 
 class DecodeBatch:
@@ -78,9 +104,13 @@ class DecodeBatch:
     live rows need. A step is split in two so that a server can hand tokens out before the next
     forward: sample() -> events, then forward()."""
 
-    def __init__(self, engine: Engine):
-        self.engine, self.model, self.device = engine, engine.model, engine.device
-        self.context = engine.context
+    def __init__(self, model, tokenizer=None, default_stops_: frozenset | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.context = model.config.sequence_len
+        self.tools = ToolTokens(tokenizer) if tokenizer is not None else None
+        self.bos = tokenizer.bos_id if tokenizer is not None else None
+        self.stops = default_stops(tokenizer) if default_stops_ is None else default_stops_
         self.min_len = max(self.model.config.layer_windows())  # keeps every ring at its window size
         self.cache: KVCache | None = None
         self.rows: list[_Row] = []
@@ -102,14 +132,13 @@ class DecodeBatch:
         (max_tokens <= 0), which get no events."""
         if self.next is not None:
             raise RuntimeError("DecodeBatch.add between sample() and forward(): call forward() first")
-        eng = self.engine
         new, empty = [], []
         for req in requests:
             if not req.ids:
                 raise PicochatError("generate needs a prompt of at least one token (e.g. <|bos|>)")
             if req.n < 1:
                 raise PicochatError(f"num_samples must be at least 1, not {req.n}")
-            ids = eng.fit_prompt(list(req.ids), req.max_tokens)
+            ids = fit_prompt(list(req.ids), req.max_tokens, self.context, self.bos)
             steps = min(req.max_tokens, self.context - len(ids))
             (new if steps > 0 else empty).append((req, ids, steps))
         if not new:
@@ -143,10 +172,9 @@ class DecodeBatch:
             self.cache.cat(cache)
             self.logits = torch.cat([self.logits, logits])
         for req, _, steps in new:
-            gen = eng._generator(req.seed) if req.temperature > 0 else None
-            group = _Group(req, gen)
-            tools = req.tools and eng.tokenizer is not None
-            stops = eng.default_stops | frozenset(req.stop)
+            group = _Group(req, new_generator(self.device, req.seed) if req.temperature > 0 else None)
+            tools = self.tools if req.tools else None
+            stops = self.stops | frozenset(req.stop)
             self.rows += [_Row(group, i, req, steps, stops, tools) for i in range(req.n)]
         self._plan = None
         return [r for r, _, _ in empty]
@@ -181,7 +209,8 @@ class DecodeBatch:
 
     def _sampling_plan(self):
         """Rows by sampling settings: greedy ones, and buckets of (top_k, top_p) with per-row
-        temperatures as a (B, 1) tensor. Rebuilt only when the rows change."""
+        temperatures as a (B, 1) tensor (a number when they are all the same, so that sampling at
+        temperature 1 divides nothing). Rebuilt only when the rows change."""
         if self._plan is None:
             buckets: dict = {}
             for i, row in enumerate(self.rows):
@@ -189,7 +218,8 @@ class DecodeBatch:
                     buckets.setdefault((row.top_k, row.top_p), []).append(i)
             plan = []
             for (top_k, top_p), idx in buckets.items():
-                temps = torch.tensor([[self.rows[i].temperature] for i in idx], device=self.device)
+                temps = [self.rows[i].temperature for i in idx]
+                temps = temps[0] if len(set(temps)) == 1 else torch.tensor([[t] for t in temps], device=self.device)
                 every = len(idx) == len(self.rows)
                 plan.append((top_k, top_p, idx, None if every else torch.tensor(idx, device=self.device), temps))
             self._plan = plan
@@ -207,8 +237,8 @@ class DecodeBatch:
         if not plan:
             sampled = logits.argmax(-1)
         else:
-            # every group draws one uniform per row per step, as Engine.generate does, whichever of
-            # its rows are still running: the same seed gives the same tokens alone or batched
+            # every group draws one uniform per row per step, whichever of its rows are still
+            # running: the same seed gives the same tokens alone or batched
             draws = {}
             for row in self.rows:
                 g = row.group
@@ -218,7 +248,11 @@ class DecodeBatch:
             if len(plan) > 1 or plan[0][3] is not None:  # some rows in another bucket or greedy
                 sampled = logits.argmax(-1)
             for top_k, top_p, idx, sel, temps in plan:
-                u = torch.cat([draws[self.rows[i].group][self.rows[i].index].view(1, 1) for i in idx])
+                only = next(iter(draws)) if sel is None and len(draws) == 1 else None
+                if only is not None and only.n == len(self.rows):  # one request, all its rows running
+                    u = draws[only]
+                else:
+                    u = torch.cat([draws[self.rows[i].group][self.rows[i].index].view(1, 1) for i in idx])
                 sub = logits if sel is None else logits.index_select(0, sel)
                 toks = sample_next(sub, temps, top_k, top_p, u=u)
                 if sel is None:
@@ -226,30 +260,10 @@ class DecodeBatch:
                 else:
                     sampled[sel] = toks
         toks = sampled.tolist()  # the one device->host sync per step
-        eng, events = self.engine, []
+        events = []
         for i, row in enumerate(self.rows):
-            finish = None
-            if row.queue:
-                tok = toks[i] = row.queue.popleft()
-                forced = True
-            else:
-                tok, forced = toks[i], False
-                if tok in row.stops:
-                    finish = "stop"
-                elif row.tools:
-                    if tok == eng.python_start:
-                        row.call = []
-                    elif row.call is not None:
-                        if tok == eng.python_end:
-                            row.queue.extend(eng._tool_output(row.call))
-                            row.call = None
-                        else:
-                            row.call.append(tok)
-            row.left -= 1
-            if finish is None and row.left <= 0:
-                finish = "length"
-            if finish is not None:
-                row.done = True
+            tok, forced, finish = row.step(toks[i])
+            toks[i] = tok
             events.append(RowEvent(row.group.key, row.index, tok, forced, finish))
         self.next = toks
         return events

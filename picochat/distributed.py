@@ -104,10 +104,19 @@ def main_first():
 
 def sum_host(values: list[float]) -> list[float]:
     """Element-wise sum of a few host numbers over all ranks."""
+    return _reduce_host(values, dist.ReduceOp.SUM)
+
+
+def max_host(values: list[float]) -> list[float]:
+    """Element-wise maximum of a few host numbers over all ranks (one rank's "yes" is everyone's)."""
+    return _reduce_host(values, dist.ReduceOp.MAX)
+
+
+def _reduce_host(values: list[float], op) -> list[float]:
     if not dist.is_initialized():
-        return list(values)
+        return [float(v) for v in values]
     t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, group=_host_group)
+    dist.all_reduce(t, op=op, group=_host_group)
     return t.tolist()
 
 

@@ -1,21 +1,22 @@
-"""The Engine: fast generation for sampling, chat, evals and RL.
+"""The Engine: generation for sampling, chat, evals and RL, and the text a reply reads as.
 
-- The prompt is prefilled ONCE with batch 1; its KV cache is then copied to `num_samples` rows,
-  which decode together, one batched forward per step. The cache (model.KVCache) stores the
-  n_kv_head heads of GQA, and only a ring of `window` slots for sliding-window layers.
+- Every call is a decode_batch.DecodeBatch: a prompt is prefilled ONCE and its KV cache copied to
+  its `num_samples` rows, which decode together, one batched forward per step; different prompts
+  (generate_many, complete) decode side by side, left-padded. The cache (kv_cache.KVCache) stores
+  the n_kv_head heads of GQA, and only a ring of `window` slots for sliding-window layers.
 - Sampling (sampling.py): temperature, top-k, top-p; greedy at temperature 0; a seeded
   torch.Generator on the model's device, so the same call gives the same tokens.
 - A row ends at a stop token (`<|assistant_end|>`, `<|bos|>`, plus the caller's) or when it runs
   out of room: `max_tokens`, or the model's context length. Generation never runs past the
   context. A prompt already at or beyond the context is cut from the left (its leading `<|bos|>`
   kept) to leave room for min(max_tokens, context // 2) new tokens, and the cut is logged.
-- The calculator: when a row emits `<|python_start|>expr<|python_end|>`, the engine evaluates
-  expr with tools.calculate and feeds `<|output_start|>result<|output_end|>` into that row, one
-  token per step in place of sampling (so all rows stay at the same position). Those tokens are
-  marked forced, for a loss mask in RL.
+- The calculator (tool_use.py): a row's `<|python_start|>expr<|python_end|>` is answered with
+  `<|output_start|>result<|output_end|>`, fed one token per step in place of sampling and marked
+  forced, for a loss mask in RL.
+- compile=True: one request at a time through a torch.compile'd step on a static cache (below).
 
 API:
-    engine = Engine(model, tokenizer, compile=False)   # compile: see Engine
+    engine = Engine(model, tokenizer, compile=False)
     engine.generate(ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, top_p=None,
                     seed=None, stop=(), tools=True)
         -> iterator, one item per step: a list with, per row, (token_id, forced) or None once the
@@ -27,32 +28,28 @@ API:
         -> iterator, one item per step: a list of RowEvent(key=prompt index, index, token, forced,
            finish) for the rows still running. Different prompts, left-padded, batched per step.
     engine.generate_many_batch(prompts, **same) -> list[Completion], one per prompt
-    decode_batch.DecodeBatch(engine): the same with rows joining and leaving between steps (the
-           server's continuous batching): add([GenRequest...]), sample() -> events, forward(), drop(key)
+    engine.complete(requests, max_rows) -> (key, Completions) as requests finish (continuous batching)
     engine.stream(ids, **same) -> iterator of StreamEvent(token, forced, text, part), row 0
     engine.stream_text(ids, **same) -> iterator of str pieces, row 0, whole UTF-8 characters only
     render_text(tokenizer, tokens) -> str, the readable rendering stream_text produces
     generate(model, ids, max_tokens, ...) -> list[int], the plain sampler pretraining uses
 
-Tool calls read as "[calc: 1+2] = 3": see SPECIAL_TEXT.
+Tool calls read as "[calc: 1+2] = 3": see TextStream.
 """
 
 from __future__ import annotations
 
 import codecs
-from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from .common import PicochatError, first_line, log
-from .decode_batch import DecodeBatch, GenRequest, RowEvent
-from .model import KVCache, StaticKVCache
+from .decode_batch import DecodeBatch, GenRequest, RowEvent, default_stops, fit_prompt, new_generator
+from .kv_cache import KVCache, StaticKVCache
 from .sampling import sample_next
-from .tools import calculate
-
-DEFAULT_STOPS = ("<|assistant_end|>", "<|bos|>")
+from .tool_use import RowState, ToolTokens
 
 # How special tokens read in text. The tool markers become a plain-text rendering of the call;
 # every other special (stops, turn markers) reads as nothing.
@@ -62,6 +59,7 @@ SPECIAL_TEXT = {
     "<|output_start|>": " = ",
     "<|output_end|>": "",
 }
+NO_SPACE_BEFORE = tuple(".,;:!?)]}'\"\n\t ")  # after a tool's output, words get a space, these do not
 
 
 # ----------------------------------------------------------------------------- text rendering
@@ -81,7 +79,12 @@ class TextStream:
     through an incremental UTF-8 decoder, which returns the longest complete prefix and holds
     the incomplete tail back until the next token completes it. Special tokens render through
     SPECIAL_TEXT. `part` tracks whether we are inside a tool call or its output, for UIs that
-    style them differently."""
+    style them differently.
+
+    A call's text is held back until it closes and then comes out whole, "[calc: 1+2]"; one that
+    never closes (the reply ended inside it) comes out at the end as the plain words it was. The
+    words after a tool's output are set off by a space unless they start with one (or with
+    punctuation): "= 3 ok", not "= 3ok"."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -89,27 +92,56 @@ class TextStream:
         self.names = {sid: name for name, sid in tokenizer.special_tokens.items()}
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.part = "text"
+        self.call: str | None = None  # the open call's text so far
+        self.space = False  # the next words follow a tool's output
 
     def push(self, token: int) -> str:
         """The text that `token` completes."""
         if token not in self.special:
-            return self.decoder.decode(self.tokenizer.token_bytes(token))
-        # bytes still pending before a special can never be completed: flush them (as U+FFFD)
-        text = self.flush() + self.special[token]
+            text = self.decoder.decode(self.tokenizer.token_bytes(token))
+            if self.call is not None:
+                self.call += text
+                return ""
+            return self._spaced(text)
+        text = self._drain()  # bytes pending before a special can never be completed: as U+FFFD
+        if self.call is not None:
+            self.call, text = self.call + text, ""
         name = self.names[token]
-        if name == "<|python_start|>":
-            self.part = "call"
-        elif name == "<|output_start|>":
-            self.part = "output"
-        elif name in ("<|python_end|>", "<|output_end|>"):
+        if name == "<|python_start|>":  # (a call still open is abandoned: its words read as words)
+            text = self._unclosed() + text
+            self.part, self.call = "call", self.special[token]
+            return self._spaced(text)
+        if name == "<|python_end|>" and self.call is not None:
+            text, self.call = self.call + self.special[token], None
             self.part = "text"
+            return text
+        if name == "<|output_start|>":
+            self.part = "output"
+        elif name == "<|output_end|>":
+            self.part, self.space = "text", True
+        return self._spaced(text) + self.special[token]
+
+    def _spaced(self, text: str) -> str:
+        if self.space and text:
+            self.space = False
+            return text if text.startswith(NO_SPACE_BEFORE) else " " + text
         return text
 
-    def flush(self) -> str:
-        """Whatever is still pending, at the end of a stream."""
+    def _drain(self) -> str:
         text = self.decoder.decode(b"", final=True)
         self.decoder.reset()
         return text
+
+    def flush(self) -> str:
+        """Whatever is still pending, at the end of a stream (then in part "text")."""
+        text = self._unclosed() + self._drain()
+        self.part = "text"
+        return self._spaced(text)
+
+    def _unclosed(self) -> str:
+        """The words of a call that never closed, without its marker ("" when none is open)."""
+        words, self.call = (self.call or "").removeprefix(SPECIAL_TEXT["<|python_start|>"]), None
+        return words
 
 
 def render_text(tokenizer, tokens: Iterable[int]) -> str:
@@ -136,7 +168,8 @@ class Engine:
     the whole context so that one graph (per batch size) serves every step of every call; on CUDA
     as a CUDA graph ("reduce-overhead"). The first call pays the compile (about 20 s for a small
     model on a laptop CPU; a later process reuses inductor's on-disk cache). Should compiling fail
-    (no C++ compiler, say), the engine logs it and decodes the same static cache eagerly."""
+    (no C++ compiler, say), the engine logs it and decodes the same static cache eagerly. The
+    other calls (generate_many, complete) always decode eagerly."""
 
     def __init__(self, model, tokenizer=None, compile: bool = False):
         self.model = model
@@ -147,118 +180,89 @@ class Engine:
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self.decode_step = torch.compile(model, dynamic=False, mode=mode)
-        if tokenizer is not None:
-            sid = tokenizer.special_id
-            self.default_stops = frozenset(sid(name) for name in DEFAULT_STOPS)
-            self.bos = tokenizer.bos_id
-            self.python_start, self.python_end = sid("<|python_start|>"), sid("<|python_end|>")
-            self.output_start, self.output_end = sid("<|output_start|>"), sid("<|output_end|>")
-        else:
-            self.default_stops = frozenset()
-            self.bos = self.python_start = self.python_end = self.output_start = self.output_end = None
+        self.default_stops = default_stops(tokenizer)  # RL narrows them to <|assistant_end|>
+        self.tools = ToolTokens(tokenizer) if tokenizer is not None else None
 
     def fit_prompt(self, ids: list[int], max_tokens: int) -> list[int]:
-        """The prompt as it will be fed: unchanged unless it leaves no room in the context; then
-        cut from the left, keeping a leading <|bos|>, to leave room for min(max_tokens, context//2)
-        new tokens. (A prompt that fits but leaves less room than max_tokens is kept whole and the
-        rows end with "length" when the context fills.)"""
-        if len(ids) < self.context:
-            return ids
-        room = max(1, min(max_tokens, self.context // 2))
-        keep = max(1, self.context - room)
-        head = [ids[0]] if ids[0] == self.bos and keep > 1 else []
-        cut = ids[:len(head)] + ids[len(ids) - (keep - len(head)):]
-        log(f"engine: prompt of {len(ids)} tokens reaches the context ({self.context}); "
-            f"kept its last {len(cut)}")
-        return cut
+        """The prompt as it will be fed (decode_batch.fit_prompt): cut from the left if it leaves no room."""
+        return fit_prompt(ids, max_tokens, self.context, self.tokenizer.bos_id if self.tokenizer else None)
+
+    def batch(self) -> DecodeBatch:
+        """An empty DecodeBatch with this engine's model, tokenizer and stops."""
+        return DecodeBatch(self.model, self.tokenizer, self.default_stops)
 
     def generate(self, ids: list[int], num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  stop: Iterable[int] = (), tools: bool = True) -> Iterator[list[tuple[int, bool] | None]]:
-        """Yield, per step, [(token_id, forced) or None for each of the num_samples rows]."""
-        ids = list(ids)
+        """Yield, per step, [(token_id, forced) or None for each of the num_samples rows]. Argument
+        errors raise here, at the call, not at the first next()."""
+        req = GenRequest(list(ids), num_samples, max_tokens, temperature, top_k, top_p, seed, tuple(stop), tools)
+        if self.decode_step is not None:
+            return self._generate_static(req)
+        batch = self.batch()
+        if batch.add([req]):  # nothing to generate: max_tokens <= 0, or no room in the context
+            return iter(())
+        return self._rows_of(batch, num_samples)
+
+    @staticmethod
+    def _rows_of(batch: DecodeBatch, n: int) -> Iterator[list[tuple[int, bool] | None]]:
+        for events in Engine._run_batch(batch):
+            step: list[tuple[int, bool] | None] = [None] * n  # None: the row has finished
+            for ev in events:
+                step[ev.index] = (ev.token, ev.forced)
+            yield step
+
+    # ------------------------------------------------------------------ the compiled path
+
+    def _generate_static(self, req: GenRequest) -> Iterator[list[tuple[int, bool] | None]]:
+        ids = list(req.ids)
         if not ids:
             raise PicochatError("generate needs a prompt of at least one token (e.g. <|bos|>)")
-        if num_samples < 1:
-            raise PicochatError(f"num_samples must be at least 1, not {num_samples}")
-        ids = self.fit_prompt(ids, max_tokens)
-        steps = min(max_tokens, self.context - len(ids))
-        if steps <= 0:  # max_tokens <= 0, or a one-token context
+        if req.n < 1:
+            raise PicochatError(f"num_samples must be at least 1, not {req.n}")
+        ids = self.fit_prompt(ids, req.max_tokens)
+        steps = min(req.max_tokens, self.context - len(ids))
+        if steps <= 0:
             return iter(())
-        return self._generate(ids, num_samples, steps, temperature, top_k, top_p, seed,
-                              self.default_stops | frozenset(stop), tools and self.tokenizer is not None)
+        tools = self.tools if req.tools else None
+        rows = [RowState(tools, self.default_stops | frozenset(req.stop), steps) for _ in range(req.n)]
+        return self._static_steps(ids, rows, req)
 
-    def _generator(self, seed: int | None) -> torch.Generator:
-        gen = torch.Generator(device=self.device)
-        if seed is None:
-            gen.seed()  # a fresh random seed
-        else:
-            gen.manual_seed(seed)
-        return gen
-
-    # an explicit generator function (not `generate` itself) so that argument errors raise at
-    # the call, not at the first next(); inference_mode wraps each resumption, not the caller
+    # a generator function of its own (not _generate_static) so that errors raise at the call;
+    # inference_mode wraps each resumption, not the caller
     @torch.inference_mode()
-    def _generate(self, ids, B, steps, temperature, top_k, top_p, seed, stops, tools):
-        model = self.model
-        gen = self._generator(seed) if temperature > 0 else None
-        # the last sampled token is never fed back, so the cache needs one slot less than the
-        # longest sequence; that is at most context - 1: the cache can never overflow. A compiled
-        # step always gets the whole context, so that its shapes never change.
-        static = self.decode_step is not None
-        cache = KVCache(model.config, 1, self.context if static else len(ids) + steps - 1)
+    def _static_steps(self, ids: list[int], rows: list[RowState], req: GenRequest):
+        """The compiled decode step on a StaticKVCache of the whole context, so that its shapes
+        never change: the prompt is prefilled with batch 1, its cache copied to the rows."""
+        model, B = self.model, len(rows)
+        gen = new_generator(self.device, req.seed) if req.temperature > 0 else None
+        cache = KVCache(model.config, 1, self.context)
         logits = model(torch.tensor([ids], device=self.device), kv_cache=cache)[:, -1]
-        if B > 1:  # the rows share the prefix: copy its cache instead of recomputing it
+        if B > 1:
             cache.repeat_rows(B)
             logits = logits.expand(B, -1)
-        if static:
-            cache = StaticKVCache(cache)
-        done = [False] * B
-        # tool state per row: tokens of an open call (None when no call is open), tokens to force
-        call: list[list[int] | None] = [None] * B
-        queue = [deque() for _ in range(B)]
-        n_forcing = 0  # rows with a non-empty queue; when 0 the sampled tensor is fed back as is
-        for step in range(steps):
-            sampled = sample_next(logits, temperature, top_k, top_p, gen)
+        cache = StaticKVCache(cache)
+        while True:
+            sampled = sample_next(logits, req.temperature, req.top_k, req.top_p, gen)
             toks = sampled.tolist()  # the one device->host sync per step
             events: list[tuple[int, bool] | None] = []
             forced_any = False
-            for r in range(B):
-                if done[r]:
+            for r, row in enumerate(rows):
+                if row.done:
                     events.append(None)
                     continue
-                if n_forcing and queue[r]:
-                    tok = toks[r] = queue[r].popleft()
-                    forced_any = True
-                    if not queue[r]:
-                        n_forcing -= 1
-                    events.append((tok, True))
-                    continue
-                tok = toks[r]
-                events.append((tok, False))
-                if tok in stops:
-                    done[r] = True
-                elif tools:
-                    if tok == self.python_start:
-                        call[r] = []
-                    elif call[r] is not None:
-                        if tok == self.python_end:
-                            queue[r].extend(self._tool_output(call[r]))
-                            call[r] = None
-                            n_forcing += 1
-                        else:
-                            call[r].append(tok)
+                tok, forced, _ = row.step(toks[r])
+                toks[r] = tok
+                forced_any |= forced
+                events.append((tok, forced))
             yield events
-            if all(done) or step == steps - 1:
+            if all(row.done for row in rows):
                 return
-            if forced_any:  # some rows were fed a forced token instead of their sample
-                nxt = torch.tensor(toks, device=self.device)
-            else:
-                nxt = sampled
+            nxt = torch.tensor(toks, device=self.device) if forced_any else sampled
             logits = self._decode(nxt.view(B, 1), cache)
 
     def _decode(self, tokens: torch.Tensor, cache) -> torch.Tensor:
-        """Next-token logits (B, vocab) after one token per row."""
+        """Next-token logits (B, vocab) after one token per row, through the compiled step."""
         if self.decode_step is not None:
             if self.device.type == "cuda":  # a new CUDA-graph iteration: the last step's output is spent
                 torch.compiler.cudagraph_mark_step_begin()
@@ -270,9 +274,7 @@ class Engine:
                 self.decode_step = None
         return self.model(tokens, kv_cache=cache)[:, -1]
 
-    def _tool_output(self, expr_tokens: list[int]) -> list[int]:
-        result = calculate(self.tokenizer.decode(expr_tokens))  # never raises: errors are text
-        return [self.output_start, *self.tokenizer.encode(result), self.output_end]
+    # ------------------------------------------------------------------ whole completions
 
     def generate_batch(self, ids: list[int], num_samples: int = 1, **kw) -> list[Completion]:
         """Run generate() to the end; one Completion per row."""
@@ -306,7 +308,7 @@ class Engine:
         temps, ks, ps = (_per_row(v, n, name) for v, name in
                          ((temperature, "temperature"), (top_k, "top_k"), (top_p, "top_p")))
         seeds = [seeds + i for i in range(n)] if isinstance(seeds, int) else _per_row(seeds, n, "seeds")
-        batch = DecodeBatch(self)
+        batch = self.batch()
         batch.add([GenRequest(list(p), 1, max_tokens, temps[i], ks[i], ps[i], seeds[i], tuple(stop), tools, key=i)
                    for i, p in enumerate(prompts)])  # errors raise here, at the call
         return self._run_batch(batch)
@@ -342,7 +344,7 @@ class Engine:
         """Continuous batching over a stream of requests (evals, RL rollouts): up to max_rows rows
         decode together and the next request joins as soon as rows free up, so short answers do
         not wait for long ones. Yields (key, one Completion per row) as each request finishes."""
-        batch = DecodeBatch(self)
+        batch = self.batch()
         todo = iter(requests)
         waiting = next(todo, None)
         state: dict = {}  # key -> [tokens per row, forced per row, reasons, rows left]
@@ -387,8 +389,8 @@ class Engine:
             last = StreamEvent(tok, forced, piece, part)
             yield last
         tail = text.flush()
-        if tail and last is not None:  # an incomplete character at the very end
-            yield StreamEvent(last.token, last.forced, tail, last.part)
+        if tail and last is not None:  # an incomplete character, or a call that never closed
+            yield StreamEvent(last.token, last.forced, tail, text.part)
 
     def stream_text(self, ids: list[int], **kw) -> Iterator[str]:
         """Row 0's readable text, in pieces of whole characters, as tokens arrive."""

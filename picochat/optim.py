@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .settings import setting
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -34,35 +35,36 @@ from . import distributed
 @dataclass
 class OptimConfig:
     # Learning rates, before the schedule multiplier. Defaults are nanochat's.
-    matrix_lr: float = 0.02  # Muon, hidden 2-D weights (times the shape factor sqrt(max(1, rows/cols)))
-    embedding_lr: float = 0.2  # AdamW, token embedding (times (n_embd/768)^-0.5)
-    head_lr: float = 0.004  # AdamW, lm_head (times (n_embd/768)^-0.5)
+    matrix_lr: float = setting(0.02, "Muon learning rate of the hidden matrices")  # x sqrt(max(1, rows/cols))
+    embedding_lr: float = setting(0.2, "AdamW learning rate of the token embedding")  # x (n_embd/768)^-0.5
+    head_lr: float = setting(0.004, "AdamW learning rate of the output head")  # x (n_embd/768)^-0.5
     # AdamW, 1-D per-layer residual scalars (not width-scaled). Adam moves each scalar by about
     # lr per step whatever its gradient, so 0.5 rescales the residual stream by up to 50% in one
     # step: at 8K-token batches that gave one-step loss spikes past log(vocab) (measured: depth 4,
     # Gutenberg, step 20). 0.005 trains smoothly and reached a lower loss by step 24.
-    scalar_lr: float = 0.005
+    scalar_lr: float = setting(0.005, "AdamW learning rate of the per-layer scalars")
     # AdamW. beta1 = 0.8 keeps the short-memory momentum nanochat found best for embeddings; the
     # tiny eps matters because embedding rows of rare tokens get tiny second moments.
-    adam_betas: tuple[float, float] = (0.8, 0.95)
-    adam_eps: float = 1e-10
+    adam_betas: tuple[float, float] = setting((0.8, 0.95), "AdamW betas")
+    adam_eps: float = setting(1e-10, "AdamW epsilon")
     # Decoupled weight decay, applied to the Muon matrices only (p *= 1 - lr * wd, lr scheduled);
     # embeddings, head and scalars are never decayed.
-    weight_decay: float = 0.0
+    weight_decay: float = setting(0.0, "decoupled weight decay of the hidden matrices")
     # Muon momentum warms up linearly from muon_momentum_start to muon_momentum over the first
     # muon_momentum_warmup_steps steps: low momentum early, when the gradients change fast.
-    muon_momentum: float = 0.95
-    muon_momentum_start: float = 0.85
-    muon_momentum_warmup_steps: int = 300
-    ns_steps: int = 5  # Newton–Schulz iterations; 5 is enough with the quintic coefficients below
+    muon_momentum: float = setting(0.95, "Muon momentum after its warmup")
+    muon_momentum_start: float = setting(0.85, "Muon momentum at step 0")
+    muon_momentum_warmup_steps: int = setting(300, "steps of Muon momentum warmup")
+    ns_steps: int = setting(5, "Newton-Schulz iterations")  # 5 is enough with the quintic coefficients below
     # Precision of the Newton–Schulz matmuls: "auto" = bf16 on CUDA and on CPUs with fast bf16
     # (AVX512-BF16 / AMX), fp32 elsewhere (bf16 without hardware support is ~100x slower on CPU).
-    ns_dtype: str = "auto"
+    ns_dtype: str = setting("auto", "precision of Newton-Schulz (auto: bf16 on CUDA and on CPUs with native "
+                                    "bf16, else fp32)", choices=("auto", "fp32", "bf16"))
     # LR schedule, as fractions of the total steps: linear warmup, constant, linear warmdown to
     # final_lr_frac * lr. nanochat uses no warmup and a 20% warmdown to zero.
-    warmup_frac: float = 0.0
-    warmdown_frac: float = 0.2
-    final_lr_frac: float = 0.0
+    warmup_frac: float = setting(0.0, "fraction of the steps spent warming the learning rate up")
+    warmdown_frac: float = setting(0.2, "fraction of the steps spent decaying the learning rate")
+    final_lr_frac: float = setting(0.0, "learning rate at the end, as a fraction of the peak")
 
 
 def scale_lrs(cfg: OptimConfig, scale: float) -> OptimConfig:

@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .checkpoint import load_evals, read_metrics
 from .common import PicochatError, format_duration, log, write_atomic
 from .config import ModelConfig
+from .settings import setting
+from .tasks.registry import CHATCORE, EVALS, NANOCHAT_CHATCORE, TASKS
 
 STAGE_ORDER = ["base", "mid", "sft", "rl"]
-CHAT_ROWS = [("arc-easy", "ARC-Easy"), ("arc-challenge", "ARC-Challenge"), ("mmlu", "MMLU"), ("gsm8k", "GSM8K"),
-             ("humaneval", "HumanEval"), ("spelling", "Spelling"), ("arithmetic", "Arithmetic (tools)")]
+CHAT_ROWS = [(name, TASKS[name].label) for name in EVALS]
 
 
 def system_info() -> dict:
@@ -76,11 +78,7 @@ class StageRecord:
             raise PicochatError(f"report: {path} is not a run dir (no config.json)") from None
         except (OSError, ValueError) as e:
             raise PicochatError(f"report: cannot read {path / 'config.json'}: {e}") from None
-        metrics_file = path / "metrics.jsonl"
-        metrics = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()] \
-            if metrics_file.exists() else []
-        evals = {f.stem: json.loads(f.read_text()) for f in sorted((path / "evals").glob("*.json"))}
-        return cls(path, meta, metrics, evals)
+        return cls(path, meta, read_metrics(path), load_evals(path))
 
 
 def guess_price() -> tuple[float, str]:
@@ -143,12 +141,14 @@ def _pct(r: dict | None) -> str:
     if r is None:
         return "—"
     k = f" (pass@{r['num_samples']})" if r.get("num_samples", 1) > 1 else ""
-    return f"{100 * r['accuracy']:.1f}%{k}"
+    n = f" of {r['n']:,}" if "n" in r else ""
+    return f"{100 * r['accuracy']:.1f}%{n}{k}"
 
 
 def eval_table(stages: list[StageRecord]) -> str | None:
     """nanochat's summary table: a row per metric, a column per stage; CORE is the base model's,
-    ChatCORE the chat stages'. Tasks nobody evaluated are named, not silently left out."""
+    ChatCORE the chat stages'. Each cell says on how many examples it was measured; tasks nobody
+    evaluated are named, not silently left out."""
     from .evals.chat_eval import chatcore
     cols = [s for s in stages if "core" in s.evals or any(name in s.evals for name, _ in CHAT_ROWS)]
     if not cols:
@@ -159,13 +159,27 @@ def eval_table(stages: list[StageRecord]) -> str | None:
     rows += [[label] + [_pct(s.evals.get(name)) for s in cols] for name, label in CHAT_ROWS
              if any(name in s.evals for s in cols)]
     cc = [chatcore(s.evals) if any(name in s.evals for name, _ in CHAT_ROWS) else None for s in cols]
+    nano = [chatcore(s.evals, NANOCHAT_CHATCORE) for s in cols]
+
+    def cell(c, bold=""):
+        if not c or c["chatcore"] is None:
+            return "—"
+        return f"{bold}{c['chatcore']:.4f}{bold}" + (f" ({len(c['tasks'])} tasks)" if c["missing"] else "")
+
     if any(c and c["chatcore"] is not None for c in cc):
-        rows.append(["**ChatCORE**"] + ["—" if not c or c["chatcore"] is None else f"**{c['chatcore']:.4f}**"
-                                        + (f" ({len(c['tasks'])}/6 tasks)" if c["missing"] else "") for c in cc])
+        rows.append(["**ChatCORE**"] + [cell(c, "**") for c in cc])
+        if any(c["chatcore"] is not None for c in nano):
+            rows.append(["ChatCORE, nanochat's 5"] + [cell(c) for c in nano])
     text = table(["metric"] + [s.stage.upper() for s in cols], rows)
+    labels = ", ".join(TASKS[t].label for t in CHATCORE)
+    text += (f"\n\nChatCORE is the mean centered accuracy, (acc - chance) / (1 - chance), of {labels}: "
+             "nanochat's five tasks and spelling, which the models here are trained on; the row below it "
+             "leaves spelling out, as nanochat's does. Percentages are of the n examples shown.")
     missing = sorted({m for c in cc if c for m in c["missing"]})
     if missing:
-        text += f"\n\nNot evaluated (no data given): {', '.join(missing)}. ChatCORE averages the tasks shown."
+        said = "ChatCORE averages those that were." if any(c and c["chatcore"] is not None for c in cc) else \
+            "ChatCORE needs at least one of them."
+        text += f"\n\nNot evaluated (no data given): {', '.join(missing)}. {said}"
     return text
 
 
@@ -259,3 +273,17 @@ def report_card(runs: list[str | Path], save: str | Path, title: str = "picochat
     write_atomic(save, "\n\n".join(parts) + "\n")
     log(f"report: wrote {save}" + (f" and {', '.join(plots)}" if plots else ""))
     return save
+
+
+@dataclass
+class ReportConfig:
+    load: list[str] = setting(help="run dirs: base, mid, sft, rl (any subset)")
+    save: str = setting("report.md", "the markdown file to write (plots go next to it)")
+    title: str = setting("picochat report card", "the report's title")
+    usd_per_hour: float | None = setting(None, "the machine's price, for the cost column (default: a guess for the "
+                                               "training device)", low=0)
+
+
+def report(cfg: ReportConfig) -> Path:
+    """`picochat report`."""
+    return report_card(cfg.load, cfg.save, title=cfg.title, usd_per_hour=cfg.usd_per_hour)

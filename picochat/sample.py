@@ -2,18 +2,39 @@
 
 from __future__ import annotations
 
-from .checkpoint import load_run
-from .common import choose_device, set_threads
+from dataclasses import dataclass
+
+from .checkpoint import LoadOptions, open_for_inference
+from .common import autocast
 from .engine import generate
+from .settings import setting
 
 
-def sample(load: str, prompt: str, max_tokens: int = 128, temperature: float = 0.8, top_k: int | None = 50,
-           num_samples: int = 1, seed: int = 0, device: str = "auto", top_p: float | None = None,
-           int8: bool = False) -> list[str]:
-    set_threads()
-    run = load_run(load, choose_device(device), int8=int8)
-    tok = run.tokenizer
-    ids = [tok.bos_id] + tok.encode(prompt)
-    return [prompt + tok.decode(generate(run.model, ids, max_tokens, temperature, top_k, seed=seed + i,
-                                         stop=(tok.bos_id,), top_p=top_p))
-            for i in range(num_samples)]
+@dataclass
+class SamplingOptions:
+    """How to sample a reply: nested in sample's and chat's configs, each with its own defaults."""
+    temperature: float = setting(0.8, "0 = greedy", low=0)
+    top_k: int = setting(50, "sample from the k most likely tokens (0: from all)", low=0)
+    top_p: float | None = setting(None, "nucleus sampling: the smallest set of tokens with this much probability "
+                                        "(default: off)", low=0, high=1)
+    max_tokens: int = setting(128, "tokens to generate at most", low=1)
+    seed: int | None = setting(0, "random seed (same seed, same text)")
+
+
+@dataclass
+class SampleConfig:
+    model: LoadOptions = setting(help="the model to use")
+    prompt: str = setting("", "the text to continue (default: none, from <|bos|> alone)")
+    num_samples: int = setting(1, "how many continuations", low=1)
+    sampling: SamplingOptions = setting(factory=SamplingOptions)
+
+
+def sample(cfg: SampleConfig) -> list[str]:
+    run = open_for_inference(cfg.model)
+    tok, s = run.tokenizer, cfg.sampling
+    ids = [tok.bos_id] + tok.encode(cfg.prompt)
+    seed = s.seed if s.seed is not None else 0
+    with autocast(run.device, run.decode_dtype):
+        return [cfg.prompt + tok.decode(generate(run.model, ids, s.max_tokens, s.temperature, s.top_k or None,
+                                                 seed=seed + i, stop=(tok.bos_id,), top_p=s.top_p))
+                for i in range(cfg.num_samples)]

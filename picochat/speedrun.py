@@ -16,13 +16,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import PicochatError, log
+from .checkpoint import LoadOptions, open_for_inference
+from .common import DEVICES, DTYPES, PicochatError, autocast, log
+from .data.datasets import LOCATIONS
+from .sample import SampleConfig, SamplingOptions, sample
 from .conversation import render_for_completion
 from .optim import OptimConfig
+from .settings import setting
 from .tokenizer import train_tokenizer
 from .train.pretrain import PretrainConfig, pretrain
 from .train.rl import RLConfig, rl_train
-from .train.sft import ChatTrainConfig, chat_train
+from .train.sft import MidtrainConfig, SFTConfig, chat_train
+from .train.stage import RunControls
 
 # name -> pretraining settings, plus the midtraining and SFT steps (mid_steps, sft_steps), the RL steps
 # and rollout batch (rl_steps; rl_batch = prompts per step, samples per prompt) and how many
@@ -59,17 +64,22 @@ SAMPLE_PROMPTS = ["The", "In Python, a list", "The function returns", "If the fi
 
 @dataclass
 class SpeedrunConfig:
-    preset: str = "tiny"
-    data: list[str] | None = None  # None: the builtin offline corpus
-    save: str = "runs/speedrun"
-    steps: int = 0  # 0: the preset's
-    # a directory laid out like ../shared/data; None: $PICOCHAT_DATA, else built-in evals only
-    eval_data: str | None = None
-    usd_per_hour: float | None = None  # None: a guess for the device
-    overwrite: bool = False
-    compile: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
+    preset: str = setting("tiny", "the recipe: smoke (one minute), tiny (offline, 15-20 min on 2 CPU cores), "
+                                  "small, d8, d12, d20", choices=tuple(PRESETS))
+    data: list[str] | None = setting(None, "your own text instead of the builtin offline corpus (default: the "
+                                           "builtin corpus)")
+    save: str = setting("runs/speedrun", "output directory")
+    steps: int = setting(0, "pretraining steps (default: the preset's)", low=0)
+    eval_data: str | None = setting(None, "a data dir laid out like ../shared/data (CORE bundle, ARC, MMLU, GSM8K, "
+                                          "HumanEval, words) for the report card's evals (default: "
+                                          "$PICOCHAT_DATA; without it only the built-in evals run)")
+    usd_per_hour: float | None = setting(None, "the machine's price, for the report's cost column (default: a "
+                                               "guess for the device)", low=0)
+    overwrite: bool = setting(False, "replace an existing output directory")
+    compile: bool = setting(False, "torch.compile the training steps (pays a compile per stage)")
+    device: str = setting("auto", f"one of {', '.join(DEVICES)} or cuda:N (auto: cuda > mps > cpu)")
+    dtype: str = setting("auto", "compute dtype (auto: bf16 on CUDA and on CPUs with native bf16, else fp32)",
+                         choices=DTYPES)
 
 
 def speedrun(cfg: SpeedrunConfig) -> Path:
@@ -108,30 +118,30 @@ def speedrun(cfg: SpeedrunConfig) -> Path:
     t0 = time.perf_counter()
     if cfg.steps:
         preset["steps"] = cfg.steps
-    pcfg = PretrainConfig(data=data, save=str(out / "base"), tokenizer=str(tok_path), device=cfg.device,
-                          dtype=cfg.dtype, compile=cfg.compile, cache_dir=str(out / "token_cache"),
-                          sample_every=0, optim=OptimConfig(), **preset)
+    controls = RunControls(device=cfg.device, dtype=cfg.dtype, compile=cfg.compile)
+    pcfg = PretrainConfig(data=data, save=str(out / "base"), tokenizer=str(tok_path), cache_dir=str(out / "token_cache"),
+                          sample_every=0, optim=OptimConfig(), run=controls, **preset)
     result = pretrain(pcfg)
     timings["pretrain"] = time.perf_counter() - t0
 
-    from .sample import sample
     t0 = time.perf_counter()
-    samples = {p: sample(str(out / "base"), p, max_tokens=48, temperature=0.0, device=cfg.device)[0]
+    load = LoadOptions(str(out / "base"), device=cfg.device, dtype=cfg.dtype)
+    samples = {p: sample(SampleConfig(load, p, sampling=SamplingOptions(temperature=0.0, max_tokens=48)))[0]
                for p in SAMPLE_PROMPTS}
     timings["sample"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    _evaluate(out / "base", eval_data, limits, cfg.device)
+    _evaluate(out / "base", eval_data, limits, cfg)
     timings["base evals"] = time.perf_counter() - t0
 
     answers = {}
-    for stage, steps, load, lr_scale in (("mid", mid_steps, "base", 1.0), ("sft", sft_steps, "mid", 0.5)):
+    for config, steps, load, lr_scale in ((MidtrainConfig, mid_steps, "base", 1.0), (SFTConfig, sft_steps, "mid", 0.5)):
         t0 = time.perf_counter()
-        chat_train(ChatTrainConfig(load=str(out / load), data=CHAT_DATA, save=str(out / stage), stage=stage,
-                                   batch_size=16, steps=steps, lr_scale=lr_scale, device=cfg.device, dtype=cfg.dtype,
-                                   log_every=10))
+        stage = config.stage
+        chat_train(config(load=str(out / load), data=CHAT_DATA, save=str(out / stage), batch_size=16, steps=steps,
+                          lr_scale=lr_scale, run=RunControls(device=cfg.device, dtype=cfg.dtype, log_every=10)))
         timings[stage] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        answers[stage] = _evaluate(out / stage, eval_data, limits, cfg.device)
+        answers[stage] = _evaluate(out / stage, eval_data, limits, cfg)
         timings[f"{stage} evals"] = time.perf_counter() - t0
 
     # RL on the arithmetic task: rewards from its grader, the calculator on during rollouts; its
@@ -140,10 +150,11 @@ def speedrun(cfg: SpeedrunConfig) -> Path:
     rl_train(RLConfig(load=str(out / "sft"), task="arithmetic::1", save=str(out / "rl"), steps=rl_steps,
                       prompts_per_step=rl_prompts, group_size=rl_group, max_tokens=RL_MAX_TOKENS,
                       batch_size=rl_prompts * rl_group, rollout_rows=rl_prompts * rl_group, lr_scale=RL_LR_SCALE,
-                      eval_examples=0, device=cfg.device, dtype=cfg.dtype, log_every=max(1, rl_steps // 10)))
+                      eval_examples=0, run=RunControls(device=cfg.device, dtype=cfg.dtype,
+                                                       log_every=max(1, rl_steps // 10))))
     timings["rl"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    answers["rl"] = _evaluate(out / "rl", eval_data, limits, cfg.device)
+    answers["rl"] = _evaluate(out / "rl", eval_data, limits, cfg)
     timings["rl evals"] = time.perf_counter() - t0
 
     from .report import report_card, table
@@ -163,30 +174,30 @@ def speedrun(cfg: SpeedrunConfig) -> Path:
     return report
 
 
-def _evaluate(run_dir: Path, eval_data: str | None, limits: tuple, device: str) -> dict[str, str]:
+def _evaluate(run_dir: Path, eval_data: str | None, limits: tuple, cfg: SpeedrunConfig) -> dict[str, str]:
     """A stage's evals, saved into its run dir for the report card: CORE for the base model (when
     the bundle is in the eval data); for chat stages the chat evals whose data is there, built-in
     arithmetic, and greedy answers to a few prompts."""
-    from .checkpoint import load_run
-    from .common import choose_device
     from .engine import Engine
-    from .evals.chat_eval import CHAT_EVALS, build_eval_task, evaluate_task
+    from .evals.chat_eval import build_eval_task, evaluate_task
+    from .tasks.registry import EVALS
     categorical, generative, core = limits
-    run = load_run(run_dir, choose_device(device))
+    run = open_for_inference(LoadOptions(str(run_dir), device=cfg.device, dtype=cfg.dtype))
     if run.meta["stage"] == "base":
         if eval_data and (Path(eval_data) / "core_eval_bundle").is_dir():
             from .evals.core import run_core
             run_core(run, Path(eval_data) / "core_eval_bundle", limit=core)
         return {}
-    for name, spec in CHAT_EVALS.items():
-        if not spec.data or (eval_data and (Path(eval_data) / spec.data).exists()):
+    for name, spec in EVALS.items():
+        if not spec.dataset or (eval_data and (Path(eval_data) / LOCATIONS[spec.dataset]).exists()):
             # arithmetic is cheap (short replies) and the one chat eval that always runs: take more
-            limit = categorical if spec.kind == "categorical" else max(generative or 0, 100) \
+            limit = categorical if spec.eval.kind == "categorical" else max(generative or 0, 100) \
                 if name == "arithmetic" else generative
             evaluate_task(run, name, build_eval_task(name, eval_data), limit=limit)
     engine = Engine(run.model, run.tokenizer)
     answers = {}
-    for prompt in CHAT_PROMPTS:
-        ids = render_for_completion(run.tokenizer, {"messages": [{"role": "user", "content": prompt}]})
-        answers[prompt] = engine.generate_batch(ids, max_tokens=48, temperature=0.0)[0].text
+    with autocast(run.device, run.decode_dtype):
+        for prompt in CHAT_PROMPTS:
+            ids = render_for_completion(run.tokenizer, {"messages": [{"role": "user", "content": prompt}]})
+            answers[prompt] = engine.generate_batch(ids, max_tokens=48, temperature=0.0)[0].text
     return answers

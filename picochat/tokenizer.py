@@ -17,11 +17,13 @@ import json
 import os
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 
 import tiktoken
 
 from picochat.common import PicochatError, log, write_atomic
+from picochat.settings import check, setting
 
 # The one place special tokens are defined. nanochat's nine, plus a pair for reasoning traces
 # (as the Rust picochat has), reserved from the first tokenizer on.
@@ -426,3 +428,30 @@ def format_eval_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['kind']} | {r['bytes']:,} | {r['tokens']:,} | {r['bytes_per_token']:.2f} |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the commands
+
+@dataclass
+class TokenizerTrainConfig:
+    data: list[str] = setting(help="text files or directories (.txt, .jsonl, .parquet with a `text` column)")
+    save: str = setting(help="tokenizer.json to write")
+    vocab_size: int = setting(32768, "tokens in the vocabulary, the special tokens included", low=MIN_VOCAB_SIZE)
+    max_chars: int = setting(2_000_000_000, "stop reading text after this many characters", low=1)
+
+
+def tokenizer_train(cfg: TokenizerTrainConfig) -> Tokenizer:
+    """`picochat tokenizer train`."""
+    check(cfg)
+    return train_tokenizer(cfg.data, cfg.vocab_size, save=cfg.save, max_chars=cfg.max_chars)
+
+
+@dataclass
+class TokenizerEvalConfig:
+    tokenizer: str = setting(help="tokenizer.json, or a run dir")
+
+
+def tokenizer_eval(cfg: TokenizerEvalConfig) -> list[dict]:
+    """`picochat tokenizer eval`: bytes per token on several kinds of text."""
+    path = os.path.join(cfg.tokenizer, "tokenizer.json") if os.path.isdir(cfg.tokenizer) else cfg.tokenizer
+    return eval_tokenizer(Tokenizer.load(path))

@@ -89,8 +89,14 @@ def tiny_base(small_corpus, small_tokenizer, tmp_path_factory) -> Path:
     from picochat.train.pretrain import PretrainConfig, pretrain
     save = tmp_path_factory.mktemp("base") / "run"
     pretrain(PretrainConfig(data=[str(small_corpus)], save=str(save), tokenizer=str(small_tokenizer), depth=2,
-                            seq_len=128, batch_size=4, steps=5, device="cpu", dtype="fp32", seed=1))
+                            seq_len=128, batch_size=4, steps=5, run=cpu_run(dtype="fp32", seed=1)))
     return save
+
+
+def cpu_run(**kw):
+    """RunControls for a test's training stage: on the CPU, and whatever else is given."""
+    from picochat.train.stage import RunControls
+    return RunControls(**{"device": "cpu", **kw})
 
 
 def randomized(model, seed: int = 0, scale: float = 0.2):

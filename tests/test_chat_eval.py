@@ -11,7 +11,6 @@ from picochat.checkpoint import load_run
 from picochat.common import autocast, choose_dtype
 from picochat.conversation import render_for_completion
 from picochat.evals.chat_eval import (
-    CHATCORE_TASKS,
     build_eval_task,
     categorical_eval,
     centered,
@@ -19,6 +18,7 @@ from picochat.evals.chat_eval import (
     evaluate_task,
     letter_ids,
 )
+from picochat.tasks.registry import CHATCORE as CHATCORE_TASKS
 from tests.conftest import run_cli, shared_data
 
 

@@ -82,8 +82,8 @@ def test_a_failing_training_compile_falls_back_to_eager(capsys):
         raise RuntimeError("InductorError: CppCompileError: C++ compile error\nthe compiler's output")
     t_fallback.train_model = broken
     for _ in range(2):
-        loss_a, _ = t_eager.train_step(data_a)
-        loss_b, _ = t_fallback.train_step(data_b)
+        loss_a, *_ = t_eager.train_step(data_a)
+        loss_b, *_ = t_fallback.train_step(data_b)
         assert float(loss_a) == float(loss_b)
     assert t_fallback.train_model is fallback
     for a, b in zip(eager.parameters(), fallback.parameters()):
@@ -105,8 +105,8 @@ def test_the_device_trains_and_decodes_like_the_cpu(device):
     t_cpu, t_acc = _trainer(cpu, "cpu"), _trainer(acc, device)
     data_cpu, data_acc = FixedBatches(), FixedBatches()
     for _ in range(2):
-        a, _ = t_cpu.train_step(data_cpu)
-        b, _ = t_acc.train_step(data_acc)
+        a, *_ = t_cpu.train_step(data_cpu)
+        b, *_ = t_acc.train_step(data_acc)
         assert abs(float(a) - float(b)) < 1e-3 * float(a)
     for p, q in zip(cpu.parameters(), acc.parameters()):
         torch.testing.assert_close(q.detach().cpu(), p.detach(), atol=2e-3, rtol=2e-3)

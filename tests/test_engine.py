@@ -8,7 +8,8 @@ from torch import nn
 
 from picochat.config import ModelConfig
 from picochat.engine import Engine, TextStream, generate, render_text, sample_next
-from picochat.model import GPT, KVCache, StaticKVCache
+from picochat.kv_cache import KVCache, StaticKVCache
+from picochat.model import GPT
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 TEXT = ("The quick brown fox jumps over the lazy dog. 1+2 makes 3, and 12*7 makes 84. "
@@ -197,29 +198,32 @@ def test_top_k_and_top_p_only_sample_candidates():
 class Scripted(nn.Module):
     """A fake model that follows a script per row: it predicts script[i] and moves on when the
     engine feeds that token back; a token it did not predict (a forced one) leaves it in place.
-    Same forward(idx, kv_cache=...) contract and config as GPT."""
+    A row that has been told its script's last token (its stop) is done: the engine drops it from
+    the batch. Same forward(idx, kv_cache=...) contract and config as GPT."""
 
     def __init__(self, tok, scripts, sequence_len=256):
         super().__init__()
         self.config = ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_embd=8, n_head=1, n_kv_head=1,
                                   sequence_len=sequence_len)
         self.dummy = nn.Parameter(torch.zeros(1))  # the engine finds the device through parameters()
-        self.scripts, self.at = scripts, None
+        self.scripts, self.at, self.live = scripts, None, None
 
     def forward(self, idx, kv_cache=None):
         B, T = idx.shape
         if kv_cache.pos == 0:  # the prefill
-            self.at = [0] * len(self.scripts)
+            self.at, self.live = [0] * len(self.scripts), list(range(len(self.scripts)))
         else:
-            for r in range(B):
+            if B < len(self.live):  # rows that stopped left the batch (or fewer rows than scripts)
+                self.live = [r for r in self.live if self.at[r] < len(self.scripts[r]) - 1][:B]
+            for b, r in enumerate(self.live):
                 script = self.scripts[r]
-                if self.at[r] < len(script) and idx[r, -1].item() == script[self.at[r]]:
+                if self.at[r] < len(script) and idx[b, -1].item() == script[self.at[r]]:
                     self.at[r] += 1
         kv_cache.advance(T)
         logits = torch.zeros(B, T, self.config.vocab_size)
-        for r in range(B):
+        for b, r in enumerate(self.live[:B]):
             script = self.scripts[r]
-            logits[r, -1, script[min(self.at[r], len(script) - 1)]] = 10.0
+            logits[b, -1, script[min(self.at[r], len(script) - 1)]] = 10.0
         return logits
 
 
@@ -393,7 +397,7 @@ def test_decode_batch_rows_join_and_leave_between_steps(model, tok):
              3: [GenRequest(p[1], max_tokens=10, temperature=0.0, key="b")],  # 20 tokens > position 11
              14: [GenRequest(p[0], n=2, max_tokens=20, temperature=1.0, seed=3, key="c")],  # "a", "b" left
              20: [GenRequest(p[2], max_tokens=10, temperature=0.0, key="dropped")]}
-    batch, out, step, moves = DecodeBatch(engine), {}, 0, []
+    batch, out, step, moves = engine.batch(), {}, 0, []
     while len(batch) or step in joins:
         if step in joins:
             before = batch.pos

@@ -7,8 +7,10 @@ import torch.nn.functional as F
 
 from picochat.common import PicochatError
 from picochat.config import DEPTH_PRESETS, ModelConfig
-from picochat import model as model_module
-from picochat.model import GPT, KVCache, attention, banded_attention
+from picochat import attention as attention_module
+from picochat.attention import attention, banded_attention
+from picochat.kv_cache import KVCache
+from picochat.model import GPT
 
 from .conftest import randomized
 
@@ -37,14 +39,14 @@ def test_attention_takes_sdpa_where_flash_attn_cannot_run(monkeypatch):
     """flash-attn only runs on CUDA in half precision: anywhere else attention() must not call it
     and gives SDPA's (here: banded) result, even with the package present."""
     calls = []
-    monkeypatch.setattr(model_module, "FLASH_ATTN", lambda *a, **kw: calls.append(a))
+    monkeypatch.setattr(attention_module, "FLASH_ATTN", lambda *a, **kw: calls.append(a))
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 4, 40, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
     torch.testing.assert_close(attention(q, k, v, 8), _reference_window_attention(q, k, v, 8))
     assert not calls
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or model_module.FLASH_ATTN is None,
+@pytest.mark.skipif(not torch.cuda.is_available() or attention_module.FLASH_ATTN is None,
                     reason="needs CUDA and the flash-attn package")
 @pytest.mark.parametrize("window", [0, 16])
 def test_flash_attention_equals_sdpa_and_falls_back_on_error(window, monkeypatch):
@@ -52,17 +54,17 @@ def test_flash_attention_equals_sdpa_and_falls_back_on_error(window, monkeypatch
     q = torch.randn(2, 6, 100, 64, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(2, 2, 100, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     want = _reference_window_attention(q, k, v, window or 100)
-    torch.testing.assert_close(model_module.flash_attention(q, k, v, window), want, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(attention_module.flash_attention(q, k, v, window), want, atol=2e-2, rtol=2e-2)
     with torch.autocast("cuda", dtype=torch.bfloat16):  # training: autocast leaves q, k, v fp32 after the norms
-        y = model_module.flash_attention(q.float(), k.float(), v.float(), window)
+        y = attention_module.flash_attention(q.float(), k.float(), v.float(), window)
     assert y is not None and y.dtype == torch.bfloat16
     torch.testing.assert_close(y, want, atol=2e-2, rtol=2e-2)
 
     def old_gpu(*a, **kw):
         raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
-    monkeypatch.setattr(model_module, "FLASH_ATTN", old_gpu)
+    monkeypatch.setattr(attention_module, "FLASH_ATTN", old_gpu)
     torch.testing.assert_close(attention(q, k, v, window), want, atol=2e-2, rtol=2e-2)
-    assert model_module.FLASH_ATTN is None  # not tried again
+    assert attention_module.FLASH_ATTN is None  # not tried again
 
 
 def test_banded_attention_gradients_match():
@@ -180,7 +182,7 @@ def test_linear_inference_paths_equal_f_linear():
     product is the same, and training takes the plain path."""
     import torch.nn.functional as F
 
-    from picochat.model import _ONEDNN, PACKED_WEIGHTS, Linear
+    from picochat.linear import ONEDNN, Linear, has_packed_copy
     torch.manual_seed(0)
     # oneDNN from 2 rows + 4 blocks at 1; oneDNN + 2 blocks; 2 blocks (below oneDNN's size); F.linear
     for out_features in (4096, 1536, 256, 8):
@@ -193,8 +195,8 @@ def test_linear_inference_paths_equal_f_linear():
             ref = F.linear(x, lin.weight)
             assert y.shape == ref.shape
             torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-        assert (lin.weight in PACKED_WEIGHTS) == (_ONEDNN and out_features >= 1536)
-    if _ONEDNN:  # an in-place update (an optimizer step, load_state_dict) is seen: the weight is repacked
+        assert has_packed_copy(lin.weight) == (ONEDNN and out_features >= 1536)
+    if ONEDNN:  # an in-place update (an optimizer step, load_state_dict) is seen: the weight is repacked
         x = torch.randn(5, 384)
         with torch.no_grad():
             lin = Linear(384, 1536, bias=False)

@@ -12,13 +12,17 @@ from picochat.checkpoint import load_run
 from picochat.optim import OptimConfig
 from picochat.train.pretrain import PretrainConfig, pretrain
 
-from .conftest import REPO, run_cli
+from .conftest import REPO, cpu_run, run_cli
+
+RUN_FIELDS = ("seed", "device", "dtype", "compile", "grad_checkpoint", "save_every", "save_every_minutes", "log_every",
+              "stop_at", "resume", "overwrite")
 
 
 def _cfg(corpus, tok, save, **kw) -> PretrainConfig:
+    controls = {k: kw.pop(k) for k in list(kw) if k in RUN_FIELDS}
     base = dict(data=[str(corpus)], save=str(save), tokenizer=str(tok), depth=2, seq_len=64, batch_size=4,
-                total_batch_tokens=512, steps=20, eval_every=10, eval_tokens=1024, device="cpu", dtype="fp32",
-                seed=3, optim=OptimConfig(warmdown_frac=0.5))
+                total_batch_tokens=512, steps=20, eval_every=10, eval_tokens=1024,
+                run=cpu_run(**{"dtype": "fp32", "seed": 3, **controls}), optim=OptimConfig(warmdown_frac=0.5))
     base.update(kw)
     return PretrainConfig(**base)
 

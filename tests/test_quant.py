@@ -13,17 +13,11 @@ from picochat.checkpoint import WEIGHTS, load_run
 from picochat.cli import main
 from picochat.common import PicochatError
 from picochat.engine import Engine
-from picochat.model import KVCache
-from picochat.quant import (
-    INT8_MM_MAX_ROWS,
-    Int8Embedding,
-    Int8Linear,
-    quantize_model,
-    quantize_run,
-    quantize_weight,
-)
+from picochat.kv_cache import KVCache
+from picochat.int8 import INT8_MM_MAX_ROWS, Int8Embedding, Int8Linear, quantize_model, quantize_weight
+from picochat.quantize import QuantizeConfig, quantize_run
 
-from .conftest import shared_data
+from .conftest import cpu_run, shared_data
 
 
 def _rel(a, b):
@@ -36,14 +30,14 @@ def trained(small_corpus, small_tokenizer, tmp_path_factory):
     from picochat.train.pretrain import PretrainConfig, pretrain
     save = tmp_path_factory.mktemp("quant") / "base"
     pretrain(PretrainConfig(data=[str(small_corpus)], save=str(save), tokenizer=str(small_tokenizer), depth=2,
-                            seq_len=128, batch_size=8, steps=80, device="cpu", dtype="fp32", seed=3))
+                            seq_len=128, batch_size=8, steps=80, run=cpu_run(dtype="fp32", seed=3)))
     return save
 
 
 @pytest.fixture(scope="module")
 def quantized(trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("quant") / "int8"
-    info = quantize_run(str(trained), str(out))
+    info = quantize_run(QuantizeConfig(str(trained), str(out)))
     return out, info
 
 
@@ -174,30 +168,34 @@ def test_safetensors_alone_reads_int8_and_files_shrink(trained, quantized, tmp_p
     assert nbytes(fp32, linears) / nbytes(int8, linears) == 4
     assert info["ratio"] > 2.5  # the fp32 embedding (a third of this tiny model) stays
     full = tmp_path / "int8-emb"
-    info = quantize_run(str(trained), str(full), embeddings=True)
+    info = quantize_run(QuantizeConfig(str(trained), str(full), embeddings=True))
     assert info["ratio"] > 3.7 and json.loads((full / "config.json").read_text())["quantization"]["embeddings"]
     run = load_run(full)
     assert isinstance(run.model.wte, Int8Embedding)
 
 
 def test_bpb_barely_moves(trained, quantized, heldout):
-    from picochat.evals.bpb import eval_bpb_files
+    from picochat.checkpoint import LoadOptions
+    from picochat.evals.bpb import BpbConfig, eval_bpb
     out, _ = quantized
-    kw = {"seq_len": 128, "batch_size": 8, "device": "cpu", "dtype": "fp32"}
-    ref = eval_bpb_files(str(trained), [str(heldout)], **kw)
-    on_the_fly = eval_bpb_files(str(trained), [str(heldout)], int8=True, **kw)
-    saved = eval_bpb_files(str(out), [str(heldout)], **kw)
+
+    def bpb(load, **kw):
+        return eval_bpb(BpbConfig(LoadOptions(str(load), device="cpu", dtype="fp32", **kw), [str(heldout)],
+                                  seq_len=128, batch_size=8))
+    ref = bpb(trained)
+    on_the_fly = bpb(trained, int8=True)
+    saved = bpb(out)
     assert ref < 3.5  # trained: far below the ~9 bits of a uniform guess over 512 tokens
     assert saved == pytest.approx(on_the_fly, abs=1e-6)
     assert abs(on_the_fly - ref) < 0.01 * ref
 
 
 def test_training_a_quantized_run_fails_clearly(quantized, tmp_path):
-    from picochat.train.sft import ChatTrainConfig, chat_train
+    from picochat.train.sft import SFTConfig, chat_train
     out, _ = quantized
     with pytest.raises(PicochatError, match="INT8-quantized"):
-        chat_train(ChatTrainConfig(load=str(out), data="arithmetic::1", save=str(tmp_path / "sft"), steps=1,
-                                   batch_size=2, device="cpu", dtype="fp32"))
+        chat_train(SFTConfig(load=str(out), data="arithmetic::1", save=str(tmp_path / "sft"), steps=1,
+                             batch_size=2, run=cpu_run(dtype="fp32")))
     with pytest.raises(PicochatError, match="INT8-quantized.*cannot be resumed"):
         load_run(out, trainer_state=True)
 

@@ -25,7 +25,7 @@ from picochat.train.rl import (
     well_formed_call,
 )
 
-from .conftest import run_cli
+from .conftest import cpu_run, run_cli
 
 TEXT = "What is 12 + 30? The answer is 42. Compute 7 * 6, then 100 - 58. " * 30
 
@@ -38,7 +38,7 @@ def one_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("picochat.train.loop.set_threads", lambda: None)  # every stage's start_stage
+        mp.setattr("picochat.train.stage.set_threads", lambda: None)  # every stage's start_stage
         yield
     torch.set_num_threads(n)
 
@@ -154,7 +154,7 @@ def test_one_epoch_loss_is_reinforce_by_hand(tok, model):
     count = int((y != -1).sum())
 
     model.zero_grad()
-    loss = grpo_loss(model, (x, y, a, torch.zeros(0, 0), torch.zeros(0, 0))) / count
+    loss = grpo_loss(model, (x, y, a, torch.zeros(0, 0), torch.zeros(0, 0)))[0] / count
     loss.backward()
     got = _grads(model)
 
@@ -183,7 +183,7 @@ def test_masked_positions_get_no_gradient(tok, model):
     x, y, a = pad_rows([(*completion_row(prompt, c, end), s) for c, s in zip(comps, [1.0, -1.0, -1.0, 1.0])],
                        tok.bos_id)
     spy = LogitsSpy(model)
-    grpo_loss(spy, (x, y, a, torch.zeros(0, 0), torch.zeros(0, 0)), kl=0.0).backward()
+    grpo_loss(spy, (x, y, a, torch.zeros(0, 0), torch.zeros(0, 0)), kl=0.0)[0].backward()
     per_position = spy.logits.grad.abs().sum(-1)
     assert (per_position[y == -1] == 0).all()  # prompt, forced tool output, padding
     assert (per_position[y != -1] > 0).all()
@@ -202,8 +202,7 @@ def test_clipping_zeroes_the_gradient_outside_the_trust_region(tok, model):
     shift = torch.tensor([math.log(1.5), math.log(1.5), math.log(0.5), math.log(0.5)]).view(4, 1)
     old = logp - shift  # ratio = exp(logp - old) = 1.5, 1.5, 0.5, 0.5
     spy = LogitsSpy(model)
-    stats = {}
-    loss = grpo_loss(spy, (x, y, adv, old, torch.zeros(0, 0)), clip=0.2, stats=stats)
+    loss, stats = grpo_loss(spy, (x, y, adv, old, torch.zeros(0, 0)), clip=0.2)
     loss.backward()
     per_row = spy.logits.grad.abs().sum((1, 2))
     assert per_row[0] == 0 and per_row[2] == 0
@@ -222,11 +221,11 @@ def test_kl_penalty_is_k3_to_the_reference(tok, model):
     with torch.no_grad():
         logp = -model(x, y, loss_reduction="none").view(y.shape)
     ref = logp - 0.3 * (y != -1)
-    loss = grpo_loss(model, (x, y, adv, torch.zeros(0, 0), ref), kl=0.5)
+    loss, _ = grpo_loss(model, (x, y, adv, torch.zeros(0, 0), ref), kl=0.5)
     d = torch.tensor(-0.3)
     want = 0.5 * (torch.exp(d) - d - 1) * int((y != -1).sum())
     torch.testing.assert_close(loss.detach(), want, rtol=1e-4, atol=1e-6)
-    same = grpo_loss(model, (x, y, adv, torch.zeros(0, 0), logp), kl=0.5)
+    same, _ = grpo_loss(model, (x, y, adv, torch.zeros(0, 0), logp), kl=0.5)
     assert abs(float(same.detach())) < 1e-6
 
 
@@ -250,7 +249,7 @@ def test_all_equal_groups_add_nothing_and_are_counted(tok, model, monkeypatch):
     assert sorted(torch.cat([b[2] for b in batches]).tolist()) == [-1.0, -1.0, 1.0, 1.0]
     stats = data.step_stats()
     assert stats["all_equal"] == 0.5 and stats["pass@1"] == 0.25 and stats["reward"] == 0.25
-    empty = grpo_loss(model, batches[2])
+    empty, _ = grpo_loss(model, batches[2])
     empty.backward()  # an empty micro-batch is a valid no-op for the loop
     assert float(empty.detach()) == 0.0
 
@@ -263,16 +262,18 @@ SFT_STEPS = 40  # enough to know the chat format; bench/bench_rl.py starts RL fr
 @pytest.fixture(scope="module")
 def sft_model(tiny_base, tmp_path_factory):
     """A chat model that has seen the arithmetic format (and is mostly wrong)."""
-    from picochat.train.sft import ChatTrainConfig, chat_train
+    from picochat.train.sft import SFTConfig, chat_train
     save = tmp_path_factory.mktemp("rl") / "sft"
-    chat_train(ChatTrainConfig(load=str(tiny_base), data="arithmetic::1", save=str(save), stage="sft",
-                               batch_size=16, steps=SFT_STEPS, device="cpu", dtype="fp32", log_every=50))
+    chat_train(SFTConfig(load=str(tiny_base), data="arithmetic::1", save=str(save), lr_scale=1.0,
+                         batch_size=16, steps=SFT_STEPS, run=cpu_run(dtype="fp32", log_every=50)))
     return save
 
 
 def _rl(load, save, **kw):
+    controls = {k: kw.pop(k) for k in ("stop_at", "resume") if k in kw}
     args = dict(load=str(load), task="arithmetic::1", save=str(save), group_size=4, prompts_per_step=4, steps=4,
-                max_tokens=40, batch_size=6, rollout_rows=16, eval_examples=0, device="cpu", dtype="fp32", seed=3)
+                max_tokens=40, batch_size=6, rollout_rows=16, eval_examples=0,
+                run=cpu_run(dtype="fp32", seed=3, **controls))
     args.update(kw)
     return rl_train(RLConfig(**args))
 

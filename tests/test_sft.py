@@ -4,7 +4,9 @@ from safetensors.torch import load_file
 from picochat.checkpoint import load_run
 from picochat.conversation import render_conversation
 from picochat.tasks import build_mixture
-from picochat.train.sft import ChatTrainConfig, PaddedConversations, chat_train
+from picochat.train.sft import MidtrainConfig, PaddedConversations, SFTConfig, chat_train
+
+from .conftest import cpu_run
 
 
 def test_padding_and_masked_positions_add_nothing_to_the_loss(tiny_base):
@@ -16,7 +18,7 @@ def test_padding_and_masked_positions_add_nothing_to_the_loss(tiny_base):
     together = run.model(x, y, loss_reduction="sum")
     # each conversation alone, unpadded, gives the same summed loss: padding contributes nothing
     alone = torch.zeros(())
-    for i in batches._order[:4]:
+    for i in batches.order._order[:4]:
         ids, mask = render_conversation(run.tokenizer, task[int(i)], max_tokens=129)
         xi = torch.tensor([ids[:-1]])
         yi = torch.tensor([[t if m else -1 for t, m in zip(ids[1:], mask[1:])]])
@@ -28,16 +30,16 @@ def test_padding_and_masked_positions_add_nothing_to_the_loss(tiny_base):
 
 
 def test_midtrain_rows_are_packed_with_masked_user_turns(tiny_base, tmp_path):
-    result = chat_train(ChatTrainConfig(load=str(tiny_base), data="arithmetic::1", save=str(tmp_path / "mid"),
-                                        stage="mid", batch_size=4, steps=3, device="cpu", dtype="fp32"))
+    result = chat_train(MidtrainConfig(load=str(tiny_base), data="arithmetic::1", save=str(tmp_path / "mid"),
+                                       batch_size=4, steps=3, run=cpu_run(dtype="fp32")))
     assert result["steps"] == 3 and all(m["tokens"] < 4 * 128 for m in result["metrics"])
     assert load_run(tmp_path / "mid").meta["stage"] == "mid"
 
 
 def test_sft_resumes_exactly(tiny_base, tmp_path):
     def cfg(save, **kw):
-        return ChatTrainConfig(load=str(tiny_base), data="arithmetic::1,identity::2", save=str(save), stage="sft",
-                               batch_size=4, steps=8, device="cpu", dtype="fp32", seed=7, **kw)
+        return SFTConfig(load=str(tiny_base), data="arithmetic::1,identity::2", save=str(save), lr_scale=1.0,
+                         batch_size=4, steps=8, run=cpu_run(dtype="fp32", seed=7, **kw))
     straight = chat_train(cfg(tmp_path / "a"))
     chat_train(cfg(tmp_path / "b", stop_at=4))
     resumed = chat_train(cfg(tmp_path / "b", resume=True))
@@ -55,8 +57,8 @@ def test_sft_teaches_arithmetic_with_the_calculator(tiny_base, tmp_path):
     held_out = Arithmetic(size=30, seed=12345)  # training uses seed 42: different questions
     kw = dict(max_tokens=40, save=False)
     before = evaluate_task(load_run(tiny_base), "arithmetic", held_out, **kw)["accuracy"]
-    chat_train(ChatTrainConfig(load=str(tiny_base), data="arithmetic::1", save=str(tmp_path / "sft"), stage="sft",
-                               batch_size=16, steps=500, device="cpu", dtype="fp32", log_every=50))
+    chat_train(SFTConfig(load=str(tiny_base), data="arithmetic::1", save=str(tmp_path / "sft"), lr_scale=1.0,
+                         batch_size=16, steps=500, run=cpu_run(dtype="fp32", log_every=50)))
     after = evaluate_task(load_run(tmp_path / "sft"), "arithmetic", held_out, **kw)["accuracy"]
     assert before <= 0.1
     assert after >= 0.6, after

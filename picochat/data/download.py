@@ -16,9 +16,11 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from picochat.common import PicochatError, fsync, log
+from picochat.settings import check, setting
 
 FINEWEB_EDU_URL = ("https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/"
                    "shard_{index:05d}.parquet")
@@ -138,3 +140,17 @@ def download_shards(out_dir: str | Path, num_shards: int, base_url: str = FINEWE
         mb = sum(d.stat().st_size for _, d in todo) / 1e6
         log(f"downloaded {len(todo)} shard(s), {mb:.1f} MB in {time.perf_counter() - t0:.1f}s to {out_dir}")
     return dests
+
+
+@dataclass
+class DownloadConfig:
+    save: str = setting(help="output directory")
+    num_shards: int = setting(8, "how many shards", low=1)
+    start: int = setting(0, "the first shard's number", low=0)
+    base_url: str | None = setting(None, "URL pattern with {index} (default: FineWeb-Edu 100B shuffled)")
+
+
+def download(cfg: DownloadConfig) -> list[Path]:
+    """`picochat data download`."""
+    check(cfg)
+    return download_shards(cfg.save, cfg.num_shards, start=cfg.start, base_url=cfg.base_url or FINEWEB_EDU_URL)

@@ -6,9 +6,11 @@ The shards have the same layout as the downloaded FineWeb-Edu shards, so everyth
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from picochat.common import PicochatError, atomic_path, log
+from picochat.settings import check, setting
 from picochat.data.sources import iter_documents
 
 SHARD_PATTERN = "shard_{index:05d}.parquet"
@@ -66,3 +68,16 @@ def prepare_shards(paths: list[str | Path], out_dir: str | Path, shard_chars: in
     log(f"prepared {len(shards)} shard(s) in {out_dir}: {docs:,} documents, {total_chars:,} characters, "
         f"{size / 1e6:.1f} MB on disk")
     return shards
+
+
+@dataclass
+class PrepareConfig:
+    data: list[str] = setting(help="text files or directories (.txt, .jsonl, .parquet)")
+    save: str = setting(help="output directory")
+    shard_chars: int = setting(50_000_000, "characters per shard", low=1)
+
+
+def prepare(cfg: PrepareConfig) -> list[Path]:
+    """`picochat data prepare`."""
+    check(cfg)
+    return prepare_shards(cfg.data, cfg.save, shard_chars=cfg.shard_chars)

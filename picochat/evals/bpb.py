@@ -6,21 +6,31 @@ out of both sums, so the number depends on the text alone, not on how it is spli
 
 from __future__ import annotations
 
-import json
 import math
+from dataclasses import dataclass
 
 import torch
 
 from .. import distributed
-from ..common import autocast
+from ..checkpoint import LoadOptions, eval_name, open_for_inference, save_eval
+from ..common import PicochatError, Progress, autocast, log
+from ..data.loader import TokenDataset
+from ..data.sources import list_files
+from ..settings import check, setting
+
+
+def rows_desc(x: torch.Tensor) -> str:
+    return f"{x.numel():,} tokens a batch"
 
 
 @torch.no_grad()
-def evaluate_bpb(model, batches, steps: int, token_bytes: torch.Tensor, device, dtype) -> float:
-    """batches: anything with next_batch() -> (x, y) LongTensors; token_bytes[id] = bytes of id."""
+def evaluate_bpb(model, batches, steps: int, token_bytes: torch.Tensor, device, dtype, progress: bool = False) -> float:
+    """batches: anything with next_batch() -> (x, y) LongTensors; token_bytes[id] = bytes of id.
+    progress: a progress line (batches, ETA) as it goes."""
     nats = torch.zeros((), dtype=torch.float64, device=device)
     nbytes = torch.zeros((), dtype=torch.float64, device=device)
-    for _ in range(steps):
+    bar = Progress(steps, desc="bpb", every=max(1, steps // 20)) if progress else None
+    for step in range(steps):
         x, y = (t.to(device) for t in batches.next_batch())
         with autocast(device, dtype):
             loss = model(x, y, loss_reduction="none").view(-1)
@@ -28,6 +38,10 @@ def evaluate_bpb(model, batches, steps: int, token_bytes: torch.Tensor, device, 
         b = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)
         nats += (loss.double() * (b > 0)).sum()
         nbytes += b.double().sum()
+        if bar is not None:
+            bar.update(step + 1, f"| {rows_desc(x)}")
+    if bar is not None:
+        bar.close()
     distributed.all_reduce_([nats.view(1), nbytes.view(1)])  # under torchrun each process saw its share
     return float(nats / (math.log(2) * nbytes.clamp(min=1)))
 
@@ -48,32 +62,34 @@ class _Sequential:
         return chunk[:-1].view(self.B, self.T), chunk[1:].view(self.B, self.T)
 
 
-def eval_bpb_files(load: str, data: list[str], seq_len: int = 0, batch_size: int = 8,
-                   max_tokens: int = 1_000_000, device: str = "auto", dtype: str = "auto",
-                   int8: bool = False) -> float:
-    """`picochat eval bpb`: bits per byte of a run dir's model on every token of `data`."""
-    from ..checkpoint import load_run
-    from ..common import PicochatError, choose_device, choose_dtype, log, set_threads, write_atomic
-    from ..data.loader import TokenDataset
+@dataclass
+class BpbConfig:
+    model: LoadOptions = setting(help="the model to use")
+    data: list[str] = setting(help="held-out text: files or directories (.txt, .jsonl, .parquet)")
+    seq_len: int = setting(0, "tokens per row (default: the model's context)", low=0)
+    batch_size: int = setting(8, "rows per forward", low=1)
+    max_tokens: int = setting(1_000_000, "evaluate at most this many tokens", low=1)
 
-    set_threads()
-    dev = choose_device(device)
-    run = load_run(load, dev, int8=int8)
-    seq_len = seq_len or run.config.sequence_len
+
+def eval_bpb(cfg: BpbConfig) -> float:
+    """`picochat eval bpb`: bits per byte of a run dir's model on every token of `data` (up to
+    max_tokens), with progress; the result goes into <run>/evals/bpb.json."""
+    check(cfg)
+    list_files(cfg.data)  # the data exists before the model loads
+    run = open_for_inference(cfg.model)
+    seq_len = cfg.seq_len or run.config.sequence_len
     if seq_len > run.config.sequence_len:
         raise PicochatError(f"--seq-len {seq_len} is longer than the model's context ({run.config.sequence_len})")
-    ds = TokenDataset.build(data, run.tokenizer)
-    rows = _Sequential(ds.tokens, batch_size, seq_len)
-    steps = min(rows.batches_left(), max(1, max_tokens // (batch_size * seq_len)))
+    ds = TokenDataset.build(cfg.data, run.tokenizer)
+    rows = _Sequential(ds.tokens, cfg.batch_size, seq_len)
+    steps = min(rows.batches_left(), max(1, cfg.max_tokens // (cfg.batch_size * seq_len)))
     if steps < 1:
         rows = _Sequential(ds.tokens, 1, min(seq_len, len(ds.tokens) - 1))
         steps = 1
-    token_bytes = torch.tensor(run.tokenizer.token_byte_lengths(), dtype=torch.float32, device=dev)
+    token_bytes = torch.tensor(run.tokenizer.token_byte_lengths(), dtype=torch.float32, device=run.device)
     tokens = steps * rows.B * rows.T
-    log(f"bpb: {tokens:,} tokens of {ds.num_tokens:,}")
-    bpb = evaluate_bpb(run.model, rows, steps, token_bytes, dev, choose_dtype(dtype, dev))
-    from .chat_eval import eval_stem
-    (run.path / "evals").mkdir(exist_ok=True)  # for the report card
-    write_atomic(run.path / "evals" / f"{eval_stem(run, 'bpb')}.json",
-                 json.dumps({"bpb": bpb, "data": ", ".join(map(str, data)), "tokens": tokens}) + "\n")
+    log(f"bpb: {tokens:,} tokens of {ds.num_tokens:,}, {steps} batches of {rows.B} x {rows.T}")
+    bpb = evaluate_bpb(run.model, rows, steps, token_bytes, run.device, run.dtype, progress=True)
+    save_eval(run.path, eval_name(run, "bpb"), {"bpb": bpb, "data": ", ".join(map(str, cfg.data)),
+                                                 "tokens": tokens, "n": tokens})
     return bpb

@@ -5,13 +5,14 @@ Categorical tasks ask a lettered multiple-choice question and read the answer of
 of questions. Generative tasks sample replies with the Engine (calculator on) and grade them with
 the task; k samples per question give pass@k. ChatCORE centres each accuracy on its chance level,
 (acc - baseline) / (1 - baseline), and averages: 0 is chance, 1 is perfect, as CORE does for base
-models. A run's results go to `<run>/evals/<task>.json` (+ per-example .jsonl) for the report card.
+models. picochat's ChatCORE averages six tasks (tasks.registry.CHATCORE): nanochat's five (ARC-Easy,
+ARC-Challenge, MMLU, GSM8K, HumanEval) and spelling, which the models here train on; the report
+also gives the average over nanochat's five, the number to compare with nanochat's. A run's
+results go to `<run>/evals/<task>.json` (+ per-example .jsonl) through checkpoint.save_eval.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,62 +20,40 @@ from pathlib import Path
 
 import torch
 
-from ..common import PicochatError, Progress, autocast, log, write_atomic
+from ..checkpoint import LoadOptions, eval_name, open_for_inference, save_eval
+from ..common import PicochatError, Progress, autocast, log
 from ..conversation import render_for_completion
+from ..data.datasets import LOCATIONS, data_dir
+from ..settings import check, setting
+from ..tasks.registry import CHATCORE, EVALS, NANOCHAT_CHATCORE, TASKS
 
-
-@dataclass(frozen=True)
-class ChatEval:
-    task: str  # the task's name for tasks.mixture.build_task
-    kind: str  # "categorical" or "generative"
-    baseline: float  # accuracy by chance
-    data: str  # where its files live under a data root laid out like ../shared/data ("" = built in)
-    split: str = "test"
-    max_tokens: int = 256  # generative: reply length cap
-
-
-CHAT_EVALS = {
-    "arc-easy": ChatEval("arc-easy", "categorical", 0.25, "arc"),
-    "arc-challenge": ChatEval("arc-challenge", "categorical", 0.25, "arc"),
-    "mmlu": ChatEval("mmlu", "categorical", 0.25, "mmlu/hf_arrow_mmlu_no_train"),
-    "gsm8k": ChatEval("gsm8k", "generative", 0.0, "gsm8k", max_tokens=384),
-    "humaneval": ChatEval("humaneval", "generative", 0.0, "humaneval", max_tokens=384),
-    "spelling": ChatEval("spelling", "generative", 0.0, "words/words_alpha.txt", max_tokens=96),
-    "arithmetic": ChatEval("arithmetic", "generative", 0.0, "", max_tokens=48),
-}
-# what `picochat eval NAME` runs; ChatCORE averages the six tasks nanochat's does (arithmetic is ours)
-GROUPS = {"arc": ["arc-easy", "arc-challenge"], "chat": ["arc-easy", "arc-challenge", "mmlu", "gsm8k",
-                                                          "humaneval", "spelling"]}
-CHATCORE_TASKS = GROUPS["chat"]
 SYNTHETIC_TEST_SEED, SYNTHETIC_TEST_SIZE = 1_000_003, 256  # spelling/arithmetic: questions no training seed makes
 
 
 def resolve_data(name: str, data: str | None) -> str | None:
-    """The task's path from --data: the task's own file/dir, or a data root holding it."""
-    spec = CHAT_EVALS[name]
-    if not spec.data:
+    """The task's path from --data: the task's own file/dir, or a data dir holding it (default:
+    $PICOCHAT_DATA or ~/.cache/picochat/data)."""
+    dataset = TASKS[name].dataset
+    if dataset is None:
         return None
-    data = data or os.environ.get("PICOCHAT_DATA")
-    if not data:
-        raise PicochatError(f"eval {name}: needs --data (its files, or a directory laid out like "
-                            f"../shared/data with {spec.data}), or PICOCHAT_DATA set")
-    root = Path(data)
-    if (root / spec.data).exists():
-        return str(root / spec.data)
-    if not root.exists():
-        raise PicochatError(f"eval {name}: data not found: {root}")
-    return str(root)
+    root = data_dir(data)
+    if (root / LOCATIONS[dataset]).exists():
+        return str(root / LOCATIONS[dataset])
+    if data:
+        if not root.exists():
+            raise PicochatError(f"eval {name}: data not found: {root}")
+        return str(root)  # the task's own files
+    raise PicochatError(f"eval {name}: no {LOCATIONS[dataset]} in the data dir {root} (fetch it with "
+                        f"`picochat data download {dataset}`, or give --data: its files, or a directory laid out "
+                        "like ../shared/data)")
 
 
 def build_eval_task(name: str, data: str | None, split: str | None = None):
     from ..tasks.mixture import build_task
-    spec = CHAT_EVALS[name]
     path = resolve_data(name, data)
-    if spec.task in ("spelling", "arithmetic"):
-        return build_task(spec.task, path, seed=SYNTHETIC_TEST_SEED, size=SYNTHETIC_TEST_SIZE)
-    if spec.task == "humaneval":
-        return build_task("humaneval", path)
-    return build_task(spec.task, path, split=split or spec.split)
+    if name in ("spelling", "arithmetic"):
+        return build_task(name, path, seed=SYNTHETIC_TEST_SEED, size=SYNTHETIC_TEST_SIZE)
+    return build_task(name, path, split=split or EVALS[name].eval.split)
 
 
 # ----------------------------------------------------------------------------- categorical
@@ -134,13 +113,43 @@ def generative_eval(engine, task, indices: list[int], num_samples: int, max_toke
             yield j, o, [f.result() for f in futures]
 
 
+def pass_at_k(model, tok, task, indices: list[int], k: int, max_tokens: int, temperature: float, top_k,
+              seed: int, max_rows: int) -> dict:
+    """pass@k and pass@1 on held-out questions (RL's eval during training), through
+    generative_eval: the evals' engine settings, default stops, calculator on. Under torchrun
+    each process takes a share of the questions."""
+    from .. import distributed
+    from ..engine import Engine
+    engine = Engine(model, tok)
+    any_ok, frac_ok = 0, 0.0
+    mine = indices[distributed.rank()::distributed.world_size()]
+    for _, _, rewards in generative_eval(engine, task, mine, k, max_tokens, temperature, top_k, seed,
+                                         max_rows=max_rows):
+        any_ok += max(rewards) > 0
+        frac_ok += sum(r > 0 for r in rewards) / len(rewards)
+    any_ok, frac_ok = distributed.sum_host([any_ok, frac_ok])
+    n = max(len(indices), 1)
+    out = {"val_pass@1": round(frac_ok / n, 4)}
+    if k > 1:
+        out[f"val_pass@{k}"] = round(any_ok / n, 4)
+    return out
+
+
+def held_out_task(spec: str, explicit: bool):
+    """The test split of a task mixture (synthetic tasks: the evals' test seed). `explicit`: the
+    spec names held-out files already (RL's --eval-task); otherwise a training file given as a
+    file, not a directory, is its own test set, which is said."""
+    from ..tasks.mixture import Mixture, build_task, parse_mixture
+    parts = []
+    for name, path, _ in parse_mixture(spec):
+        if not explicit and path and not Path(path).is_dir():
+            log(f"rl: held-out eval of {name} reads {path}, the training file itself (give --eval-task "
+                f"with its test file, or the task's directory, for a real held-out split)")
+        parts.append((build_task(name, path, split="test", seed=SYNTHETIC_TEST_SEED), 1.0))
+    return Mixture(parts, seed=SYNTHETIC_TEST_SEED)
+
+
 # ----------------------------------------------------------------------------- driver
-
-def eval_stem(run, name: str) -> str:
-    """Where a run's results for `name` go under <run>/evals/: a model quantized at load time
-    (--int8) files them apart, so they never replace the fp32 model's in the report card."""
-    return f"{name}.int8" if run.meta.get("quantized_on_load") else name
-
 
 def centered(accuracy: float, baseline: float) -> float:
     return (accuracy - baseline) / (1.0 - baseline)
@@ -148,14 +157,11 @@ def centered(accuracy: float, baseline: float) -> float:
 
 def evaluate_task(run, name: str, task, limit: int | None = None, num_samples: int = 1,
                   max_tokens: int | None = None, temperature: float | None = None, top_k: int | None = 50,
-                  seed: int = 0, device=None, dtype=None, batch_tokens: int = 8192, save: bool = True) -> dict:
-    """Evaluate a loaded run on one chat eval; returns the summary and, with `save`, writes it and
-    the per-example rows into `<run>/evals/`."""
-    from ..common import choose_dtype
+                  seed: int = 0, batch_tokens: int = 8192, save: bool = True) -> dict:
+    """Evaluate a loaded run (open_for_inference) on one chat eval; returns the summary and, with
+    `save`, writes it and the per-example rows into `<run>/evals/`."""
     from ..engine import Engine
-    spec = CHAT_EVALS[name]
-    device = device or next(run.model.parameters()).device
-    dtype = dtype or choose_dtype("auto", device)
+    spec = EVALS[name].eval
     n = min(len(task), limit) if limit else len(task)
     if temperature is None:
         temperature = 0.0 if num_samples == 1 else 0.8
@@ -163,7 +169,7 @@ def evaluate_task(run, name: str, task, limit: int | None = None, num_samples: i
     progress = Progress(n, desc=f"eval {name}", every=max(1, n // 20))
     rows, correct, sample_correct = [], 0, 0.0
     if spec.kind == "categorical":
-        results = categorical_eval(run.model, run.tokenizer, task, list(range(n)), device, dtype, batch_tokens)
+        results = categorical_eval(run.model, run.tokenizer, task, list(range(n)), run.device, run.dtype, batch_tokens)
         for k, (i, pred, scores) in enumerate(results, 1):
             ok = pred == task[i]["answer"]
             correct += ok
@@ -173,14 +179,15 @@ def evaluate_task(run, name: str, task, limit: int | None = None, num_samples: i
         sample_correct = correct
     else:
         engine = Engine(run.model, run.tokenizer)
-        results = generative_eval(engine, task, list(range(n)), num_samples, max_tokens or spec.max_tokens,
-                                  temperature, top_k, seed)
-        for k, (i, outs, rewards) in enumerate(results, 1):
-            correct += max(rewards) > 0
-            sample_correct += sum(r > 0 for r in rewards) / len(rewards)
-            rows.append({"index": i, "completions": [c.text for c in outs], "rewards": rewards,
-                         "correct": max(rewards) > 0})
-            progress.update(k, f"| pass@{num_samples} {correct / k:.3f}")
+        with autocast(run.device, run.decode_dtype):
+            results = generative_eval(engine, task, list(range(n)), num_samples, max_tokens or spec.max_tokens,
+                                      temperature, top_k, seed)
+            for k, (i, outs, rewards) in enumerate(results, 1):
+                correct += max(rewards) > 0
+                sample_correct += sum(r > 0 for r in rewards) / len(rewards)
+                rows.append({"index": i, "completions": [c.text for c in outs], "rewards": rewards,
+                             "correct": max(rewards) > 0})
+                progress.update(k, f"| pass@{num_samples} {correct / k:.3f}")
     progress.close()
     rows.sort(key=lambda r: r["index"])  # batches finish out of order
     acc = correct / max(n, 1)
@@ -189,46 +196,59 @@ def evaluate_task(run, name: str, task, limit: int | None = None, num_samples: i
               "centered": centered(acc, spec.baseline), "seconds": round(time.perf_counter() - t0, 2),
               "stage": run.meta.get("stage")}
     if save:
-        out = Path(run.path) / "evals"
-        out.mkdir(exist_ok=True)
-        stem = eval_stem(run, name)
-        write_atomic(out / f"{stem}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        write_atomic(out / f"{stem}.json", json.dumps(result, indent=1) + "\n")
+        save_eval(run.path, eval_name(run, name), result, rows)
     log(f"eval {name}: {'accuracy' if num_samples == 1 else f'pass@{num_samples}'} {acc:.4f} on {n} of "
         f"{len(task)} examples ({result['seconds']:.1f} s)")
     return result
 
 
-def chatcore(results: dict[str, dict]) -> dict:
+def chatcore(results: dict[str, dict], tasks: list[str] = CHATCORE) -> dict:
     """ChatCORE over the tasks present, naming those missing (never silently dropped)."""
-    have = [t for t in CHATCORE_TASKS if t in results]
-    missing = [t for t in CHATCORE_TASKS if t not in results]
+    have = [t for t in tasks if t in results]
+    missing = [t for t in tasks if t not in results]
     value = sum(results[t]["centered"] for t in have) / len(have) if have else None
     return {"chatcore": value, "tasks": have, "missing": missing}
 
 
-def run_chat_evals(load: str, names: list[str], data: str | None = None, split: str | None = None,
-                   device: str = "auto", dtype: str = "auto", int8: bool = False, **kw) -> dict:
+@dataclass
+class ChatEvalConfig:
+    model: LoadOptions = setting(help="the chat model to evaluate")
+    data: str | None = setting(None, "the task's files, or a data dir laid out like ../shared/data (default: "
+                                     "$PICOCHAT_DATA, else ~/.cache/picochat/data)")
+    split: str | None = setting(None, "dataset split (default: test)")
+    limit: int | None = setting(None, "the first N examples only (default: all)", low=1)
+    num_samples: int = setting(1, "k samples per question: pass@k (generative)", low=1)
+    max_tokens: int | None = setting(None, "reply length cap (generative; default: per task)", low=1)
+    temperature: float | None = setting(None, "sampling temperature (default: 0, greedy, for k=1, else 0.8)", low=0)
+    top_k: int = setting(50, "sample from the k most likely tokens (0: from all)", low=0)
+    seed: int = setting(0, "random seed of the samples")
+    batch_tokens: int = setting(8192, "tokens per forward (categorical)", low=1)
+    tasks: tuple[str, ...] = setting((), cli=False)  # which evals: the command's name decides (EVAL_GROUPS)
+
+
+def run_chat_evals(cfg: ChatEvalConfig) -> dict:
     """`picochat eval arc|mmlu|gsm8k|humaneval|spelling|arithmetic|chat`. Every task's data is read
     before the first one runs, so a wrong path fails at once, not after an hour of evals. For `chat`
-    (all six) a task whose files are not under the data root is reported missing instead."""
-    from ..checkpoint import load_run
-    from ..common import choose_device, choose_dtype, set_threads
-    set_threads()
-    dev = choose_device(device)
-    whole = names == CHATCORE_TASKS
-    root = Path(data or os.environ.get("PICOCHAT_DATA") or ".")
-    tasks = {name: build_eval_task(name, data, split) for name in names
-             if not (whole and CHAT_EVALS[name].data and not (root / CHAT_EVALS[name].data).exists())}
-    if not tasks:
+    (ChatCORE's tasks) a task whose files are not in the data dir is reported missing instead."""
+    check(cfg)
+    names = list(cfg.tasks)
+    whole = names == CHATCORE
+    root = data_dir(cfg.data)
+    present = [n for n in names if not (whole and TASKS[n].dataset and not (root / LOCATIONS[TASKS[n].dataset]).exists())]
+    if not present:
         raise PicochatError(f"eval chat: none of the tasks' files are under {root} (expected "
-                            f"{', '.join(CHAT_EVALS[n].data for n in names)})")
-    run = load_run(load, dev, int8=int8)
-    results = {name: evaluate_task(run, name, task, device=dev, dtype=choose_dtype(dtype, dev), **kw)
+                            f"{', '.join(LOCATIONS[TASKS[n].dataset] for n in names if TASKS[n].dataset)}; "
+                            f"`picochat data download chat` fetches them)")
+    tasks = {name: build_eval_task(name, cfg.data, cfg.split) for name in present}
+    run = open_for_inference(cfg.model)
+    results = {name: evaluate_task(run, name, task, limit=cfg.limit, num_samples=cfg.num_samples,
+                                   max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                                   seed=cfg.seed, batch_tokens=cfg.batch_tokens)
                for name, task in tasks.items()}
     out = {"results": results}
     if whole:
         out.update(chatcore(results))
+        out["nanochat"] = chatcore(results, NANOCHAT_CHATCORE)["chatcore"]
     return out
 
 
@@ -240,9 +260,27 @@ def format_chat_results(out: dict) -> str:
         lines.append(f"| {name} | {r['n']} | {metric} | {r['centered']:+.4f} | {r['seconds']:.1f} s |")
     if "chatcore" in out:
         missing = f"; missing (no data): {', '.join(out['missing'])}" if out["missing"] else ""
-        lines.append(f"\nChatCORE {out['chatcore']:.4f} over {len(out['tasks'])} of {len(CHATCORE_TASKS)} "
+        lines.append(f"\nChatCORE {out['chatcore']:.4f} over {len(out['tasks'])} of {len(CHATCORE)} "
                      f"tasks{missing}")
+        if out.get("nanochat") is not None:
+            lines.append(f"(over nanochat's five, without spelling: {out['nanochat']:.4f})")
     return "\n".join(lines)
+
+
+@dataclass
+class HumanEvalConfig(ChatEvalConfig):
+    model: LoadOptions | None = setting(None, "the chat model to evaluate (not with --canonical)")
+    canonical: bool = setting(False, "grade the reference solutions instead of a model (checks the sandbox)")
+    tasks: tuple[str, ...] = setting(("humaneval",), cli=False)
+
+
+def eval_humaneval(cfg: HumanEvalConfig) -> dict:
+    """`picochat eval humaneval`: a model's pass@k, or with --canonical the reference solutions'."""
+    if cfg.canonical:
+        return humaneval_canonical(cfg.data, cfg.limit)
+    if cfg.model is None:
+        raise PicochatError("eval humaneval needs --load RUN (or --canonical)")
+    return run_chat_evals(cfg)
 
 
 def humaneval_canonical(data: str | None, limit: int | None = None) -> dict:

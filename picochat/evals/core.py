@@ -28,13 +28,16 @@ import shutil
 import tempfile
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import LoadOptions, eval_name, open_for_inference, save_eval
 from ..common import PicochatError, Progress, autocast, fsync, log, set_threads, write_atomic
+from ..settings import check, setting
 
 CORE_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 FIELDS = {"multiple_choice": ("query", "choices", "gold"),
@@ -281,10 +284,10 @@ def evaluate_task(model, tokenizer, task: dict, device, dtype, limit: int | None
     return rows
 
 
-def evaluate_core(model, tokenizer, bundle: str | Path, device, dtype, limit: int | None = None,
-                  tasks: list[str] | None = None, results_path: str | Path | None = None,
-                  batch_tokens: int = 8192) -> dict:
-    """CORE over the bundle's tasks (or `tasks`), at most `limit` examples each."""
+def score_core(model, tokenizer, bundle: str | Path, device, dtype, limit: int | None = None,
+               tasks: list[str] | None = None, batch_tokens: int = 8192) -> tuple[dict, list[dict]]:
+    """CORE over the bundle's tasks (or `tasks`), at most `limit` examples each: the summary, and
+    one row per example."""
     if limit is not None and limit < 1:
         raise PicochatError(f"limit must be a positive number of examples per task, got {limit}")
     set_threads()
@@ -308,9 +311,17 @@ def evaluate_core(model, tokenizer, bundle: str | Path, device, dtype, limit: in
             f"| {r['seconds']:.1f}s")
     result = {"core": sum(r["centered"] for r in results.values()) / len(results), "tasks": results,
               "missing": missing, "evaluated": len(results), "total": len(selected)}
-    if results_path is not None:
-        write_atomic(results_path, "".join(json.dumps(r) + "\n" for r in all_rows))
     log(summary(result))
+    return result, all_rows
+
+
+def evaluate_core(model, tokenizer, bundle: str | Path, device, dtype, limit: int | None = None,
+                  tasks: list[str] | None = None, results_path: str | Path | None = None,
+                  batch_tokens: int = 8192) -> dict:
+    """score_core's summary; its rows go to `results_path` (JSONL) if given."""
+    result, rows = score_core(model, tokenizer, bundle, device, dtype, limit, tasks, batch_tokens)
+    if results_path is not None:
+        write_atomic(results_path, "".join(json.dumps(r) + "\n" for r in rows))
     return result
 
 
@@ -330,28 +341,31 @@ def format_core_table(result: dict) -> str:
 
 
 def run_core(run, bundle: str | Path, limit: int | None = None, tasks: list[str] | None = None,
-             results: str | Path | None = None, dtype: str = "auto") -> dict:
+             results: str | Path | None = None) -> dict:
     """CORE of a loaded run; the summary goes to <run>/evals/core.json for the report card, the
-    per-example rows to `results` (default <run>/evals/core.jsonl)."""
-    from ..common import choose_dtype
-    from .chat_eval import eval_stem
-    device = next(run.model.parameters()).device
-    out = Path(run.path) / "evals"
-    out.mkdir(exist_ok=True)
-    stem = eval_stem(run, "core")
-    result = evaluate_core(run.model, run.tokenizer, bundle, device, choose_dtype(dtype, device), limit=limit,
-                           tasks=tasks, results_path=results or out / f"{stem}.jsonl")
-    write_atomic(out / f"{stem}.json", json.dumps({**result, "limit": limit}, indent=1) + "\n")
+    per-example rows to `results` (default: <run>/evals/core.jsonl)."""
+    result, rows = score_core(run.model, run.tokenizer, bundle, run.device, run.dtype, limit=limit, tasks=tasks)
+    if results:
+        write_atomic(results, "".join(json.dumps(r) + "\n" for r in rows))
+    n = sum(r["n"] for r in result["tasks"].values())
+    save_eval(run.path, eval_name(run, "core"), {**result, "limit": limit, "n": n}, None if results else rows)
     return result
 
 
-def eval_core(load: str, bundle: str | None = None, limit: int | None = None, tasks: list[str] | None = None,
-              device: str = "auto", dtype: str = "auto", results: str | None = None,
-              cache_dir: str | None = None, int8: bool = False) -> dict:
-    """`picochat eval core`: CORE of a run dir's model."""
-    from ..checkpoint import load_run
-    from ..common import choose_device
+@dataclass
+class CoreConfig:
+    model: LoadOptions = setting(help="the base model to evaluate")
+    data: str | None = setting(None, "the CORE eval bundle: a directory, or a URL of its zip (default: download "
+                                     "nanochat's eval_bundle.zip once, then use the cache)")
+    limit: int | None = setting(None, "at most N examples per task (default: all)", low=1)
+    tasks: str | None = setting(None, "comma-separated task labels (default: all of core.yaml)")
+    results: str | None = setting(None, "per-example JSONL (default: <load>/evals/core.jsonl)")
 
-    path = resolve_bundle(bundle, cache_dir)
+
+def eval_core(cfg: CoreConfig) -> dict:
+    """`picochat eval core`: CORE of a run dir's model."""
+    check(cfg)
+    path = resolve_bundle(cfg.data)
+    tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()] if cfg.tasks else None
     load_tasks(path, tasks)  # a bad --tasks fails before the model loads
-    return run_core(load_run(load, choose_device(device), int8=int8), path, limit, tasks, results, dtype)
+    return run_core(open_for_inference(cfg.model), path, cfg.limit, tasks, cfg.results)

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import os
 import socket
 import threading
 import time
@@ -39,9 +40,11 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..common import PicochatError, choose_device, choose_dtype, log, set_threads
+from ..checkpoint import LoadOptions, open_for_inference
+from ..common import PicochatError, log
 from ..decode_batch import GenRequest
 from ..engine import Engine
+from ..settings import check, setting
 from .protocol import ApiError, ChoiceText, Params, parse_chat, parse_completion
 from .scheduler import QueueFull, Scheduler
 
@@ -57,15 +60,13 @@ class ClientGone(Exception):
 
 @dataclass
 class ServeConfig:
-    load: str
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_concurrent: int = 8
-    max_queue: int = 64
-    api_key: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    int8: bool = False  # quantize the weights at load time (picochat.quant)
+    model: LoadOptions = setting(help="the model to use")
+    host: str = setting("127.0.0.1", "address to bind (0.0.0.0 exposes the server)")
+    port: int = setting(8000, "port to listen on (0 picks a free one)", low=0, high=65535)
+    max_concurrent: int = setting(8, "rows decoded together in one batch", low=1)
+    max_queue: int = setting(64, "requests that may wait; beyond it: 503", low=0)
+    api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' (default: $PICOCHAT_API_KEY, or "
+                                        "none; /health stays open)")
 
 
 def _no_constant(name: str):
@@ -389,25 +390,18 @@ def start_in_thread(app: Starlette, host: str = "127.0.0.1", port: int = 0):
 
 def serve(cfg: ServeConfig) -> None:
     """Load a run dir and serve it until interrupted."""
-    from ..checkpoint import load_run
-    if not 0 <= cfg.port < 65536:
-        raise PicochatError(f"--port must be in 0..65535, not {cfg.port}")
-    if cfg.max_concurrent < 1 or cfg.max_queue < 0:
-        raise PicochatError(f"--max-concurrent must be >= 1 and --max-queue >= 0 "
-                            f"(got {cfg.max_concurrent} and {cfg.max_queue})")
-    set_threads()
-    device = choose_device(cfg.device)
-    dtype = choose_dtype(cfg.dtype, device)
-    run = load_run(cfg.load, device, int8=cfg.int8)
-    run.model.eval()
+    check(cfg)
+    run = open_for_inference(cfg.model)
+    api_key = cfg.api_key or os.environ.get("PICOCHAT_API_KEY") or None
     sock = bind(cfg.host, cfg.port)
     url = url_of(sock)
+    dtype = run.decode_dtype
     banner = (f"picochat serve: {url}/ (model {run.path.name}, {run.model.num_params() / 1e6:.1f}M params, "
-              f"context {run.model.config.sequence_len}, {device.type} {str(dtype).removeprefix('torch.')}, "
+              f"context {run.model.config.sequence_len}, {run.device.type} {str(dtype).removeprefix('torch.')}, "
               f"max {cfg.max_concurrent} concurrent rows, queue {cfg.max_queue}"
-              f"{', API key required' if cfg.api_key else ''})")
+              f"{', API key required' if api_key else ''})")
     app = create_app(Engine(run.model, run.tokenizer), run.path.name, cfg.max_concurrent, cfg.max_queue,
-                     cfg.api_key, dtype, banner)
+                     api_key, dtype, banner)
     try:
         _uvicorn(app).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn has shut down gracefully and re-raised the Ctrl-C: done

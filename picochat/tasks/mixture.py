@@ -17,47 +17,19 @@ from pathlib import Path
 
 from picochat.common import PicochatError
 from picochat.tasks.base import Task, read_records
-
-TASKS = ("chat", "gsm8k", "arc", "arc-easy", "arc-challenge", "mmlu", "humaneval", "identity",
-         "spelling", "arithmetic")
-NEEDS_PATH = {"chat", "gsm8k", "arc", "arc-easy", "arc-challenge", "mmlu", "humaneval", "spelling"}
-
+from picochat.tasks.registry import TASKS, make_task
 
 def build_task(name: str, path: str | Path | None = None, split: str = "train", seed: int = 0,
                **kwargs) -> Task:
-    """The task called `name`, reading `path` (a file, or a directory in the dataset's layout).
-    kwargs go to the task (size/digits for synthetic tasks, subject for MMLU)."""
+    """The task called `name` (registry.TASKS), reading `path` (a file, or a directory in the
+    dataset's layout). kwargs go to the task (size/digits for synthetic tasks, subject for MMLU)."""
     if name not in TASKS:
         raise PicochatError(f"unknown task {name!r} (known: {', '.join(TASKS)})")
-    if name in NEEDS_PATH and not path:
+    if TASKS[name].needs_path and not path:
         raise PicochatError(f"task {name!r} needs a path (write it as {name}:PATH[:WEIGHT])")
     if path and not Path(path).exists():
         raise PicochatError(f"{name}: path not found: {path}")
-    # Imported here: each module is only loaded when its task is used.
-    if name == "chat":
-        from picochat.tasks.chat import Chat
-        return Chat(path, **kwargs)
-    if name == "gsm8k":
-        from picochat.tasks.gsm8k import GSM8K
-        return GSM8K(path, split=split, **kwargs)
-    if name.startswith("arc"):
-        from picochat.tasks.arc import ARC
-        subset = {"arc-easy": "Easy", "arc-challenge": "Challenge"}.get(name)
-        return ARC(path, split=split, subset=subset, **kwargs)
-    if name == "mmlu":
-        from picochat.tasks.mmlu import MMLU
-        return MMLU(path, split=split, **kwargs)  # no auxiliary_train here: "train" is refused
-    if name == "humaneval":
-        from picochat.tasks.humaneval import HumanEval
-        return HumanEval(path, **kwargs)
-    if name == "identity":
-        from picochat.tasks.identity import Identity
-        return Identity(path or None, **kwargs)
-    if name == "spelling":
-        from picochat.tasks.spelling import Spelling
-        return Spelling(path, seed=seed, **kwargs)
-    from picochat.tasks.arithmetic import Arithmetic
-    return Arithmetic(seed=seed, **kwargs)
+    return make_task(name, path or None, split=split, seed=seed, **kwargs)
 
 
 def infer_task(path: str | Path) -> str:
@@ -132,7 +104,7 @@ def parse_mixture(spec: str) -> list[tuple[str, str | None, float]]:
             name = infer_task(path)
         if path and not Path(path).exists():
             raise PicochatError(f"mixture item {item!r}: path not found: {path}")
-        if name in NEEDS_PATH and not path:
+        if TASKS[name].needs_path and not path:
             raise PicochatError(f"mixture item {item!r}: task {name!r} needs a path")
         out.append((name, path or None, weight))
     return out

@@ -1,24 +1,26 @@
 """The one training loop: every stage (pretrain, midtrain, SFT, RL) runs its steps through here.
 
-A stage supplies a data source (next_batch / state_dict / load_state_dict), a loss function, and
-callbacks for evaluation, sampling and saving; the loop owns gradient accumulation, the LR and
-momentum schedules, timing, MFU, metrics, progress and checkpoint cadence.
+A stage supplies a data source (next_batch / state_dict / load_state_dict), an objective (the loss
+and what counts as a target), and callbacks for evaluation, sampling and saving; the loop owns
+gradient accumulation, the LR and momentum schedules, timing, MFU, metrics, progress and when to
+checkpoint: every `save_every` steps, every `save_every_minutes` of wall time, at the end, and
+when the process is asked to stop (Ctrl-C, SIGTERM: the step in flight finishes, the run dir is
+saved, and Stopped says how to resume).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import signal
+import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
 
 from .. import distributed
-from ..common import (PicochatError, Progress, autocast, choose_device, choose_dtype, first_line, log, peak_flops,
-                      set_threads)
-from ..model import PACKED_WEIGHTS
+from ..common import PicochatError, Progress, autocast, first_line, log, peak_flops
+from ..linear import free_inference_copies
 from ..optim import OptimConfig, lr_multiplier, muon_momentum
 
 
@@ -43,6 +45,20 @@ def lm_count(batch) -> int:
     return int((batch[1] != -1).sum())
 
 
+@dataclass(frozen=True)
+class Objective:
+    """What a step minimizes. `loss(model, batch)` is the loss summed over the batch's targets, or
+    (that, {name: tensor}) with statistics to sum over the step; `count(batch)` is the number of
+    targets (the step divides by the total); `summarize` turns the step's summed statistics into
+    numbers for its metrics row."""
+    loss: Callable = lm_loss
+    count: Callable = lm_count
+    summarize: Callable[[dict], dict] | None = None
+
+
+LM = Objective()
+
+
 @dataclass
 class LoopConfig:
     steps: int
@@ -50,15 +66,55 @@ class LoopConfig:
     log_every: int = 1
     eval_every: int = 0  # 0: only at the end
     sample_every: int = 0  # 0: never during training
-    save_every: int = 0  # 0: only at the end
+    save_every: int = 0  # 0: by time and at the end only
+    save_every_minutes: float = 0.0  # 0: not by time
     stop_at: int = 0  # stop (and save) after this step, to resume later; 0: run to the end
 
 
 @dataclass
 class Callbacks:
-    save: Callable[[int, dict, list], None]  # (step, trainer_state, metrics) -> writes the run dir
-    evaluate: Callable[[], dict] | None = None  # -> {"val_bpb": ...}
-    sample: Callable[[], str] | None = None
+    save: Callable[[int, dict, list], None] | None = None  # (step, trainer_state, metrics) -> writes the run dir
+    evaluate: Callable[[], dict] | None = None  # -> {"val_bpb": ...}, every eval_every steps and at the end
+    eval_every: int = 0
+    sample: Callable[[], str] | None = None  # -> text, every sample_every steps (0: never)
+    sample_every: int = 0
+
+
+class Stopped(PicochatError):
+    """The run was asked to stop (SIGINT, SIGTERM) and saved: exit 128 + the signal's number."""
+    label = "stopped"
+
+    def __init__(self, signum: int, step: int, saved: bool):
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        what = (f"saved at step {step}; continue with the same command and --resume" if saved else
+                "stopped before the first step; nothing to save")
+        super().__init__(f"{name}: {what}")
+
+
+class _StopRequests:
+    """SIGINT and SIGTERM, while the loop runs, ask it to stop after the step in flight instead of
+    killing it mid-step; a second Ctrl-C stops at once (the last checkpoint stays as it was)."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log(f"\n{signal.Signals(signum).name}: finishing this step, then saving (Ctrl-C again to quit now)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 class Trainer:
@@ -97,23 +153,28 @@ class Trainer:
         self.metrics = [m for m in metrics if m.get("step", 0) <= self.step]
 
     # ------------------------------------------------------------------ the loop
-    def train_step(self, data: DataSource, loss_fn=lm_loss, count_fn=lm_count) -> tuple[torch.Tensor, int]:
-        """One optimizer step over grad_accum micro-batches. Returns (mean loss per token, tokens),
-        the loss still on the device so that reading it is the caller's choice of sync."""
+    def train_step(self, data: DataSource, objective: Objective = LM) -> tuple[torch.Tensor, int, dict]:
+        """One optimizer step over grad_accum micro-batches. Returns (mean loss per token, tokens,
+        the objective's statistics summed over the step), the loss still on the device so that
+        reading it is the caller's choice of sync."""
         cfg = self.optim_cfg
         self.optimizer.set_schedule(
             lr_multiplier(self.step, self.loop.steps, cfg.warmup_frac, cfg.warmdown_frac, cfg.final_lr_frac),
             muon_momentum(self.step, cfg))
         batches = [data.next_batch() for _ in range(self.loop.grad_accum)]
-        PACKED_WEIGHTS.clear()  # inference copies (evals, samples, rollouts) go stale at this step
+        free_inference_copies()  # those of evals, samples and rollouts go stale at this step
         # counted on the host (no device sync), over the whole global batch: every rank divides by
         # the same total, so the gradients summed over ranks are the global batch's gradient
-        total = int(distributed.sum_host([sum(count_fn(b) for b in batches)])[0])
+        total = int(distributed.sum_host([sum(objective.count(b) for b in batches)])[0])
         total = max(total, 1)
         loss = torch.zeros((), device=self.device)
+        stats: dict = {}
         for batch in batches:
             batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
-            loss += self._forward_backward(loss_fn, batch, total)
+            part, part_stats = self._forward_backward(objective.loss, batch, total)
+            loss += part
+            for k, v in part_stats.items():
+                stats[k] = stats.get(k, 0) + v
         if distributed.world_size() > 1:
             # one message: every gradient (a missing one as zeros, so all ranks send the same
             # layout) and the loss, which becomes the global batch's
@@ -125,16 +186,18 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return loss, total
+        return loss, total, stats
 
-    def _forward_backward(self, loss_fn, batch, total: int) -> torch.Tensor:
+    def _forward_backward(self, loss_fn, batch, total: int) -> tuple[torch.Tensor, dict]:
         """One micro-batch's share of the loss, its gradient accumulated. Should the first compiled
         micro-batch fail to compile (no C++ compiler, an op inductor cannot lower), training goes
         on without torch.compile, with one log line: compiling happens before any gradient is
         written, so the micro-batch is simply run again eagerly."""
         try:
             with autocast(self.device, self.dtype):
-                part = loss_fn(self.train_model, batch) / total
+                out = loss_fn(self.train_model, batch)
+                loss, stats = out if isinstance(out, tuple) else (out, {})
+                part = loss / total
             part.backward()
         except Exception as e:
             if self.train_model is self.model or self.compiled_once:
@@ -144,109 +207,57 @@ class Trainer:
             self.train_model = self.model
             return self._forward_backward(loss_fn, batch, total)
         self.compiled_once = self.train_model is not self.model
-        return part.detach()
+        return part.detach(), stats
 
-    def fit(self, data: DataSource, callbacks: Callbacks, loss_fn=lm_loss, count_fn=lm_count) -> list[dict]:
+    def fit(self, data: DataSource, callbacks: Callbacks, objective: Objective = LM) -> list[dict]:
         loop = self.loop
-        progress = Progress(loop.steps, desc="step", every=loop.log_every)
+        progress = Progress(loop.steps, desc="step", every=loop.log_every, start=self.step)
         progress.update(self.step, "starting" if self.step == 0 else "resumed", force=True)
         end = min(loop.stop_at or loop.steps, loop.steps)
-        while self.step < end:
-            t0 = time.perf_counter()
-            loss, tokens = self.train_step(data, loss_fn, count_fn)
-            record = {"step": self.step}
-            last = self.step == end
-            if self.step % loop.log_every == 0 or last:
-                record["loss"] = round(float(loss), 6)  # the only host sync of a step
-            dt = time.perf_counter() - t0
-            self.elapsed += dt
-            tok_s = tokens / dt
-            mfu = self.flops_per_token * tok_s / self.peak
-            record.update(tokens=tokens, tok_per_s=round(tok_s, 1), mfu=round(mfu, 4),
-                          elapsed=round(self.elapsed, 3))
-            # a data source may report per-step numbers of its own (RL: reward, pass@1, ...)
-            stats = data.step_stats() if hasattr(data, "step_stats") else {}
-            record.update(stats)
-            if callbacks.evaluate and ((loop.eval_every and self.step % loop.eval_every == 0) or last):
-                record.update(callbacks.evaluate())
-            if callbacks.sample and loop.sample_every and (self.step % loop.sample_every == 0 or last):
-                record["sample"] = callbacks.sample()
-            self.metrics.append(record)
-            if "loss" in record:
-                extra = "".join(f" | {k} {v:.4f}" for k, v in record.items() if k.startswith("val_"))
-                shown = "".join(f" | {k} {v:.4g}" for k, v in stats.items())
-                progress.update(self.step, f"| loss {record['loss']:.4f}{shown}{extra} | {tok_s:,.0f} tok/s "
-                                           f"| mfu {100 * mfu:.1f}%", force=bool(extra))
-            if "sample" in record:
-                log(f"sample: {record['sample']!r}")
-            if (loop.save_every and self.step % loop.save_every == 0) or last:
-                callbacks.save(self.step, self.state_dict(data), self.metrics)
+        last_save = time.monotonic()
+        with _StopRequests() as stop:
+            while self.step < end:
+                t0 = time.perf_counter()
+                loss, tokens, stats = self.train_step(data, objective)
+                record = {"step": self.step}
+                last = self.step == end
+                if self.step % loop.log_every == 0 or last:
+                    record["loss"] = round(float(loss), 6)  # the only host sync of a step
+                dt = time.perf_counter() - t0
+                self.elapsed += dt
+                tok_s = tokens / dt
+                mfu = self.flops_per_token * tok_s / self.peak
+                record.update(tokens=tokens, tok_per_s=round(tok_s, 1), mfu=round(mfu, 4),
+                              elapsed=round(self.elapsed, 3))
+                # the data source and the objective may report per-step numbers (RL: reward, KL...)
+                shown = data.step_stats() if hasattr(data, "step_stats") else {}
+                if objective.summarize is not None:
+                    shown.update(objective.summarize(stats))
+                record.update(shown)
+                if callbacks.evaluate and ((loop.eval_every and self.step % loop.eval_every == 0) or last):
+                    record.update(callbacks.evaluate())
+                if callbacks.sample and loop.sample_every and (self.step % loop.sample_every == 0 or last):
+                    record["sample"] = callbacks.sample()
+                self.metrics.append(record)
+                if "loss" in record:
+                    extra = "".join(f" | {k} {v:.4f}" for k, v in record.items() if k.startswith("val_"))
+                    numbers = "".join(f" | {k} {v:.4g}" for k, v in shown.items())
+                    progress.update(self.step, f"| loss {record['loss']:.4f}{numbers}{extra} | {tok_s:,.0f} tok/s "
+                                               f"| mfu {100 * mfu:.1f}%", force=bool(extra))
+                if "sample" in record:
+                    log(f"sample: {record['sample']!r}")
+                # every rank must agree to stop or save at the same step: one tiny host message
+                due = bool(loop.save_every_minutes) and time.monotonic() - last_save >= 60 * loop.save_every_minutes
+                stopping, due = (bool(x) for x in distributed.max_host([stop.signum, due]))
+                if last or stopping or due or (loop.save_every and self.step % loop.save_every == 0):
+                    if callbacks.save is not None:
+                        callbacks.save(self.step, self.state_dict(data), self.metrics)
+                    last_save = time.monotonic()
+                if stopping:
+                    progress.close()
+                    signum = int(distributed.max_host([stop.signum])[0]) or signal.SIGTERM
+                    raise Stopped(signum, self.step, callbacks.save is not None)
+            if stop.signum:  # asked to stop before any step ran
+                raise Stopped(stop.signum, self.step, saved=False)
         progress.close()
         return self.metrics
-
-
-# ----------------------------------------------------------------------------- a stage, end to end
-
-def start_stage(cfg):
-    """What every training stage does first: take the cores, choose the device and dtype, join the
-    process group under torchrun, and open the run dir. Returns (device, dtype, rank, world, run),
-    run being the run dir to resume or None."""
-    set_threads()
-    device = distributed.local_device(choose_device(cfg.device))
-    dtype = choose_dtype(cfg.dtype, device)
-    rank, world = distributed.setup(device)
-    return device, dtype, rank, world, open_run(cfg.save, cfg.resume, cfg.overwrite, device)
-
-
-def open_run(save: str, resume: bool, overwrite: bool, device):
-    """The run dir to resume (model, tokenizer, trainer state), or None to start fresh; refuses to
-    start over an existing run dir unless asked to."""
-    from ..checkpoint import load_run
-    if resume:
-        run = load_run(save, device, trainer_state=True)
-        log(f"resuming {save} at step {run.trainer_state['step']}")
-        return run
-    if Path(save).exists() and not overwrite:
-        raise PicochatError(f"run dir {save} already exists (use --resume to continue it, or --overwrite)")
-    return None
-
-
-def restore_settings(cfg, run, keys: tuple[str, ...]) -> None:
-    """On resume the run's own settings win: other shapes or seeds would not be the same run."""
-    saved = run.meta.get("train", {})
-    for key in keys:
-        if key in saved:
-            setattr(cfg, key, saved[key])
-
-
-def stage_meta(cfg) -> dict:
-    """A stage config as saved in config.json (what resume restores), without the run controls."""
-    meta = {k: v for k, v in dataclasses.asdict(cfg).items()
-            if k not in ("resume", "overwrite", "stop_at", "optim")}
-    meta["optim"] = dataclasses.asdict(cfg.optim)
-    return meta
-
-
-def run_stage(model, tok, data: DataSource, optim_cfg: OptimConfig, loop: LoopConfig, *, save: str, stage: str,
-              meta: dict, device, dtype, compile: bool = False, run=None, evaluate=None, sample=None,
-              loss_fn=lm_loss, count_fn=lm_count) -> dict:
-    """Train `model` on `data` through the Trainer, checkpointing to the run dir `save`; `run` is the
-    run being resumed, if any. Returns a summary with every metric."""
-    from ..checkpoint import save_run
-    from ..optim import build_optimizer
-    trainer = Trainer(model, build_optimizer(model, optim_cfg), optim_cfg, loop, device, dtype,
-                      flops_per_token=model.config.flops_per_token(), compile=compile)
-    if run is not None:
-        trainer.load_state_dict(run.trainer_state, data, run.metrics)
-
-    def save_fn(step: int, trainer_state: dict, metrics: list) -> None:
-        if distributed.is_main():  # one writer; the others wait so that no rank runs ahead of the run dir
-            save_run(save, model, tok, stage=stage, trainer_state=trainer_state, metrics=metrics,
-                     extra={"step": step, "train": meta, "world_size": distributed.world_size()})
-        distributed.barrier()
-
-    metrics = trainer.fit(data, Callbacks(save=save_fn, evaluate=evaluate, sample=sample), loss_fn, count_fn)
-    final = metrics[-1] if metrics else {}
-    return {"run_dir": str(save), "steps": trainer.step, "params": model.num_params(),
-            "train_seconds": trainer.elapsed, "final_loss": final.get("loss"),
-            "val_bpb": final.get("val_bpb"), "metrics": metrics}

@@ -2,54 +2,57 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .. import distributed
 from ..checkpoint import check_tokenizer
 from ..common import PicochatError, log, seed_everything
-from ..config import ModelConfig
+from ..config import DEPTH_PRESETS, ModelConfig
 from ..data.loader import PackingLoader, TokenDataset
+from ..data.sources import list_files
 from ..engine import generate
 from ..evals.bpb import evaluate_bpb
 from ..memory import check_training_memory
 from ..model import GPT
 from ..optim import OptimConfig
-from ..tokenizer import Tokenizer, train_tokenizer
-from .loop import LoopConfig, restore_settings, run_stage, stage_meta, start_stage
+from ..settings import check, setting
+from ..tokenizer import MIN_VOCAB_SIZE, Tokenizer, train_tokenizer
+from .loop import Callbacks
+from .stage import RunControls, Stage
+
+# what --resume takes from the run: these decide the model and the data it sees
+RESUME_KEYS = ("depth", "seq_len", "batch_size", "total_batch_tokens", "steps", "seed", "window", "window_pattern")
 
 
 @dataclass
 class PretrainConfig:
-    data: list[str]
-    save: str
-    tokenizer: str | None = None  # tokenizer.json; None: train one on the data
-    vocab_size: int = 32768  # only when training a tokenizer here
-    depth: int = 4
-    seq_len: int = 1024
-    window_pattern: str = "SSSL"
-    window: int = 0  # 0: seq_len // 4
-    batch_size: int = 8  # rows per micro-batch
-    total_batch_tokens: int = 0  # tokens per optimizer step; 0: one micro-batch
-    steps: int = 0  # 0: derived from tokens_params_ratio
-    tokens_params_ratio: float = 20.0  # Chinchilla's 20 tokens per parameter
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool = False
-    grad_checkpoint: bool = False  # recompute activations in the backward pass: less memory, ~30% more compute
-    seed: int = 42
-    eval_every: int = 0
-    eval_tokens: int = 65536  # validation tokens per bpb evaluation
-    sample_every: int = 0
-    sample_prompt: str = "The"
-    save_every: int = 0
-    stop_at: int = 0  # stop after this step with a resumable run dir (time-sliced jobs)
-    log_every: int = 1
-    resume: bool = False
-    overwrite: bool = False
-    cache_dir: str | None = None  # token cache; default: <save>.cache next to the run dir
+    data: list[str] = setting(help="text files or directories (.txt, .jsonl, .parquet with a `text` column)")
+    save: str = setting(help="run dir to write")
+    tokenizer: str | None = setting(None, "tokenizer.json (default: train one on --data, of --vocab-size)")
+    vocab_size: int = setting(32768, "vocab of a tokenizer trained here", low=MIN_VOCAB_SIZE)
+    depth: int = setting(4, "model size (width and heads follow; see the README's depth table)",
+                         choices=sorted(DEPTH_PRESETS))
+    seq_len: int = setting(1024, "context length in tokens", low=1)
+    window_pattern: str = setting("SSSL", "per-layer attention, repeated: S(liding window) or L(ong, the whole "
+                                          "context); the last layer is always L")
+    window: int = setting(0, "sliding window in tokens (default: seq-len / 4)", low=0)
+    batch_size: int = setting(8, "rows per micro-batch", low=1)
+    total_batch_tokens: int = setting(0, "tokens per optimizer step, by gradient accumulation (default: one "
+                                         "micro-batch)", low=0)
+    steps: int = setting(0, "optimizer steps (default: --tokens-params-ratio tokens per parameter)", low=0)
+    tokens_params_ratio: float = setting(20.0, "training tokens per parameter when --steps is not given "
+                                               "(Chinchilla's 20)", low=0)
+    optim: OptimConfig = setting(factory=OptimConfig, flags=("matrix_lr", "embedding_lr", "head_lr", "warmup_frac",
+                                                             "warmdown_frac"))
+    eval_every: int = setting(0, "validation bpb every N steps (and at the end)", low=0)
+    eval_tokens: int = setting(65536, "validation tokens per bpb evaluation", low=1)
+    sample_every: int = setting(0, "print a greedy sample every N steps (0: never)", low=0)
+    sample_prompt: str = setting("The", cli=False)
+    cache_dir: str | None = setting(None, "where tokenized data is cached (default: <save>.cache)")
+    run: RunControls = setting(factory=RunControls)
 
 
 def _grad_accum(cfg: PretrainConfig, world: int) -> int:
@@ -62,12 +65,23 @@ def _grad_accum(cfg: PretrainConfig, world: int) -> int:
     return cfg.total_batch_tokens // rows_tokens
 
 
+def _check_inputs(cfg: PretrainConfig) -> None:
+    """Everything the user typed, before anything is announced or loaded."""
+    check(cfg)
+    list_files(cfg.data)  # every data path exists and has text files
+    if cfg.tokenizer and not Path(cfg.tokenizer).is_file():
+        raise PicochatError(f"--tokenizer {cfg.tokenizer}: no such file")
+    ModelConfig.from_depth(cfg.depth, sequence_len=cfg.seq_len, window_pattern=cfg.window_pattern,
+                           window=cfg.window)  # the pattern and sizes make a model
+
+
 def pretrain(cfg: PretrainConfig) -> dict:
-    device, dtype, rank, world, run = start_stage(cfg)
-    if run is not None:
-        restore_settings(cfg, run, ("depth", "seq_len", "batch_size", "total_batch_tokens", "steps", "seed",
-                                    "window", "window_pattern"))
-        tok, model = run.tokenizer, run.model
+    _check_inputs(cfg)
+    stage = Stage("base", cfg)
+    cfg = stage.restored(cfg, RESUME_KEYS)
+    world, device, dtype = stage.world, stage.device, stage.dtype
+    if stage.resumed is not None:
+        tok, model = stage.resumed.tokenizer, stage.resumed.model
     else:
         if cfg.tokenizer:
             tok = Tokenizer.load(cfg.tokenizer)
@@ -75,48 +89,47 @@ def pretrain(cfg: PretrainConfig) -> dict:
             raise PicochatError("under torchrun give --tokenizer (train one first: picochat tokenizer train), "
                                 "so that every process uses the same one")
         else:
-            log(f"no --tokenizer given: training one (vocab {cfg.vocab_size}) on the data")
+            log(f"no --tokenizer given: training one (vocab {cfg.vocab_size:,}) on the data")
             tok = train_tokenizer(cfg.data, cfg.vocab_size)
         config = ModelConfig.from_depth(cfg.depth, vocab_size=tok.vocab_size, sequence_len=cfg.seq_len,
                                         window_pattern=cfg.window_pattern, window=cfg.window)
         check_tokenizer(tok, config)
-        est = check_training_memory(config, cfg.batch_size, cfg.seq_len, dtype, cfg.grad_checkpoint, device)
+        est = check_training_memory(config, cfg.batch_size, cfg.seq_len, dtype, cfg.run.grad_checkpoint, device)
         log(f"memory: about {est.describe()} per process")
-        seed_everything(cfg.seed)
+        seed_everything(cfg.run.seed)
         with torch.device(device):
             model = GPT(config)
     config = model.config
-    model.grad_checkpoint = cfg.grad_checkpoint
+    model.grad_checkpoint = cfg.run.grad_checkpoint
 
     grad_accum = _grad_accum(cfg, world)
     with distributed.main_first():  # rank 0 tokenizes into the cache, the others read it
         dataset = TokenDataset.build(cfg.data, tok, cache_dir=cfg.cache_dir or str(cfg.save) + ".cache")
-    train_data = PackingLoader(dataset, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=rank,
+    train_data = PackingLoader(dataset, "train", cfg.batch_size, cfg.seq_len, seed=cfg.run.seed, rank=stage.rank,
                                world_size=world)
     tokens_per_step = cfg.batch_size * cfg.seq_len * grad_accum * world
-    if not cfg.steps:
-        cfg.steps = max(1, round(cfg.tokens_params_ratio * model.num_params() / tokens_per_step))
+    steps = cfg.steps or max(1, round(cfg.tokens_params_ratio * model.num_params() / tokens_per_step))
+    plan = {"steps": steps, "grad_accum": grad_accum, "tokens_per_step": tokens_per_step}  # derived, recorded
     log(f"model: depth {config.n_layer}, dim {config.n_embd}, heads {config.n_head}/{config.n_kv_head} kv, "
-        f"{model.num_params() / 1e6:.1f}M params | {cfg.steps} steps x {tokens_per_step:,} tokens "
+        f"{model.num_params() / 1e6:.1f}M params | {steps} steps x {tokens_per_step:,} tokens "
         f"({grad_accum} micro-batches{f' x {world} processes' if world > 1 else ''}) | {device.type} "
         f"{str(dtype).removeprefix('torch.')} | "
         f"{dataset.num_tokens:,} tokens in {dataset.num_docs:,} documents")
 
     token_bytes = torch.tensor(tok.token_byte_lengths(), dtype=torch.float32, device=device)
-
-    val = PackingLoader(dataset, "val", cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=rank, world_size=world)
+    val = PackingLoader(dataset, "val", cfg.batch_size, cfg.seq_len, seed=cfg.run.seed, rank=stage.rank,
+                        world_size=world)
 
     def evaluate() -> dict:
         val.reset()  # the same validation tokens every time (split between the processes)
-        steps = max(1, cfg.eval_tokens // (cfg.batch_size * cfg.seq_len * world))
-        return {"val_bpb": round(evaluate_bpb(model, val, steps, token_bytes, device, dtype), 6)}
+        n = max(1, cfg.eval_tokens // (cfg.batch_size * cfg.seq_len * world))
+        return {"val_bpb": round(evaluate_bpb(model, val, n, token_bytes, device, dtype), 6)}
 
     def sample() -> str:
         ids = [tok.bos_id] + tok.encode(cfg.sample_prompt)
         out = generate(model, ids, max_tokens=32, temperature=0.0)
         return cfg.sample_prompt + tok.decode(out)
 
-    loop = LoopConfig(steps=cfg.steps, grad_accum=grad_accum, log_every=cfg.log_every, eval_every=cfg.eval_every,
-                      sample_every=cfg.sample_every, save_every=cfg.save_every, stop_at=cfg.stop_at)
-    return run_stage(model, tok, train_data, cfg.optim, loop, save=cfg.save, stage="base", meta=stage_meta(cfg),
-                     device=device, dtype=dtype, compile=cfg.compile, run=run, evaluate=evaluate, sample=sample)
+    return stage.train(cfg, model, tok, train_data, cfg.optim, plan,
+                       Callbacks(evaluate=evaluate, eval_every=cfg.eval_every, sample=sample,
+                                 sample_every=cfg.sample_every))

@@ -17,18 +17,19 @@ Every step:
        ratio_t = exp(logp_t - old_logp_t)
        loss_t  = -min(ratio_t * A, clip(ratio_t, 1 - eps, 1 + eps) * A)  [+ beta * k3_t]
        k3_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1   (KL to the frozen --load model)
-   summed over the step's generated tokens and divided by their count (the Trainer's count_fn
-   normalization, across micro-batches). Tokens the model did not sample are never targets: the
+   summed over the step's generated tokens and divided by their count (the objective's count,
+   across micro-batches). Tokens the model did not sample are never targets: the
    prompt, padding and the calculator outputs the engine forced. With epochs = 1 the batch is used
    for one step and old_logp = logp.detach(): ratio = 1 and the gradient is A * grad(logp), i.e.
    REINFORCE with a group baseline. With epochs = K > 1 the rollouts are reused for K steps; their
    old_logp are taken (no grad) right after sampling, and the clip keeps the later steps near the
    sampling policy.
 
-Training goes through the one shared loop (loop.run_stage): the Rollouts data source hands the
+Training goes through the one shared loop (Stage.train): the Rollouts data source hands the
 Trainer micro-batches of `batch_size` rows (ceil(rows / batch_size) per step; rows of all-equal
-groups are dropped, so trailing micro-batches may be empty), the loss is `grpo_loss`, and the
-rollout statistics reach metrics.jsonl and the progress line through Rollouts.step_stats().
+groups are dropped, so trailing micro-batches may be empty), the loss is `grpo_loss`, which also
+returns its statistics (KL, clipping), and the rollout statistics reach metrics.jsonl and the
+progress line through Rollouts.step_stats(). The held-out eval is evals.chat_eval.pass_at_k.
 
 Rollouts stop at <|assistant_end|> only (not at <|bos|>, as chat does): a Completion drops its
 stop token, and the trained sequence must end with the very token the model sampled.
@@ -36,10 +37,11 @@ stop token, and the trained sequence must end with the very token the model samp
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +53,21 @@ from ..common import PicochatError, autocast, log, seed_everything
 from ..conversation import render_for_completion
 from ..decode_batch import GenRequest
 from ..engine import Completion, Engine
+from ..evals.chat_eval import held_out_task, pass_at_k
 from ..memory import check_training_memory
 from ..optim import OptimConfig, scale_lrs
+from ..settings import check, setting
 from ..tasks.base import Task
-from ..tasks.mixture import Mixture, build_mixture, parse_mixture
-from .loop import LoopConfig, lm_count, restore_settings, run_stage, stage_meta, start_stage
+from ..tasks.mixture import Mixture, build_mixture
+from ..tasks.registry import graded_names
+from . import rows as rows_lib
+from .loop import Callbacks, Objective
+from .rows import EpochOrder
+from .stage import RunControls, Stage
+
+def _rl_optim() -> OptimConfig:
+    return OptimConfig(warmdown_frac=1.0)
+
 
 CHAT_TOKENS = ("<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
                "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
@@ -63,37 +75,31 @@ CHAT_TOKENS = ("<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assis
 
 @dataclass
 class RLConfig:
-    load: str  # a chat run dir (midtrain or sft), the policy's start and the KL reference
-    task: str  # a task mixture with graders, e.g. "gsm8k:../data/gsm8k:1,arithmetic::0.5"
-    save: str
-    group_size: int = 16  # completions sampled per prompt
-    prompts_per_step: int = 8  # prompts per rollout batch: rows = prompts_per_step * group_size
-    steps: int = 100  # optimizer steps
-    max_tokens: int = 256  # reply length cap of a rollout
-    temperature: float = 1.0
-    top_k: int | None = 50
-    epochs: int = 1  # optimizer steps per rollout batch; > 1 uses the clipped ratio
-    clip: float = 0.2  # PPO/GRPO clip range eps
-    kl: float = 0.0  # beta of the k3 KL penalty to the --load model (0: no reference model)
-    std: bool = True  # divide advantages by the group's std
-    format_reward: float = 0.0  # added when the reply makes a well-formed, non-error calculator call
-    batch_size: int = 16  # training rows per micro-batch
-    rollout_rows: int = 64  # rows decoding at once during rollouts
-    lr_scale: float = 0.05  # multiplies every base learning rate of `optim`
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmdown_frac=1.0))
-    eval_task: str = ""  # held-out mixture; "": the task's test split / a test seed for synthetic tasks
-    eval_every: int = 0  # pass@k every N steps (and at the end); 0: at the end only
-    eval_examples: int = 100  # 0: no evaluation
-    eval_k: int = 1  # samples per question: pass@k (greedy when 1)
-    grad_checkpoint: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = 42
-    save_every: int = 0
-    log_every: int = 1
-    stop_at: int = 0
-    resume: bool = False
-    overwrite: bool = False
+    load: str = setting(help="a chat run dir (midtrain or sft) to start from, and the KL reference")
+    task: str = setting(help='graded task mixture, e.g. "gsm8k:../data/gsm8k:1,arc:../data/arc:0.5,arithmetic::1" '
+                             "(weights are sampling weights)", aliases=("--data",))
+    save: str = setting(help="run dir to write")
+    group_size: int = setting(16, "completions sampled per prompt (advantages are relative to the group)", low=2)
+    prompts_per_step: int = setting(8, "prompts per step (rows = this x group size)", low=1)
+    steps: int = setting(100, "optimizer steps", low=1)
+    max_tokens: int = setting(256, "reply length cap of a rollout", low=1)
+    temperature: float = setting(1.0, "sampling temperature of the rollouts", low=0)
+    top_k: int = setting(50, "sample from the k most likely tokens (0: from all)", low=0)
+    epochs: int = setting(1, "optimizer steps per batch of rollouts (> 1: clipped importance ratio)", low=1)
+    clip: float = setting(0.2, "clip range of the importance ratio", low=0, high=1)
+    kl: float = setting(0.0, "KL penalty (k3) to the --load model; 0: none", low=0)
+    std: bool = setting(True, "advantages = reward - group mean, not divided by the group's std")
+    format_reward: float = setting(0.0, "reward added for a well-formed calculator call whose output is not an error")
+    batch_size: int = setting(16, "training rows per micro-batch", low=1)
+    rollout_rows: int = setting(64, "rows decoding at once during rollouts", low=1)
+    lr_scale: float = setting(0.05, "multiplies the pretraining learning rates", low=0)
+    optim: OptimConfig = setting(factory=_rl_optim, flags=())
+    eval_task: str = setting("", "held-out mixture (default: the tasks' test split; synthetic tasks: a test seed)")
+    eval_every: int = setting(0, "held-out pass@k every N steps (and at the end)", low=0)
+    eval_examples: int = setting(100, "held-out questions per eval (0: none)", low=0)
+    eval_k: int = setting(1, "samples per question: pass@k (k=1: greedy)", low=1)
+    run: RunControls = setting(factory=RunControls, flags=tuple(
+        f.name for f in dataclasses.fields(RunControls) if f.name != "compile"))  # rollouts change shape every step
 
 
 # ----------------------------------------------------------------------------- rewards and advantages
@@ -146,13 +152,14 @@ def token_logprobs(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -model(x, y, loss_reduction="none").view(y.shape)
 
 
-def grpo_loss(model, batch, clip: float = 0.2, kl: float = 0.0, stats: dict | None = None) -> torch.Tensor:
+def grpo_loss(model, batch, clip: float = 0.2, kl: float = 0.0) -> tuple[torch.Tensor, dict]:
     """The summed per-token GRPO loss of one micro-batch (the Trainer divides by the step's token
-    count). batch = (x, y, advantages (B,), old_logp (B, T) or empty, ref_logp (B, T) or empty);
-    targets y of -1 (prompt, forced tool output, padding) add nothing and get no gradient."""
+    count), and its statistics as sums over the batch's targets: tokens, clipped (epochs > 1), kl.
+    batch = (x, y, advantages (B,), old_logp (B, T) or empty, ref_logp (B, T) or empty); targets y
+    of -1 (prompt, forced tool output, padding) add nothing and get no gradient."""
     x, y, adv, old, ref = batch
     if y.numel() == 0:  # a micro-batch with no rows (all-equal groups were dropped)
-        return torch.zeros((), device=x.device, requires_grad=True)
+        return torch.zeros((), device=x.device, requires_grad=True), {}
     logp = token_logprobs(model, x, y)
     mask = y != -1
     reused = old.numel() > 0  # epochs > 1: the policy has moved since sampling
@@ -166,14 +173,24 @@ def grpo_loss(model, batch, clip: float = 0.2, kl: float = 0.0, stats: dict | No
         d = (ref - logp).clamp(-20.0, 20.0)  # exp() cannot overflow, even far from the reference
         k3 = torch.exp(d) - d - 1.0
         loss = loss + kl * k3
-    if stats is not None:
-        with torch.no_grad():
-            if reused:
-                stats["clipped"] = stats.get("clipped", 0) + ((clipped < unclipped) & mask).sum()
-            if k3 is not None:
-                stats["kl"] = stats.get("kl", 0) + torch.where(mask, k3, 0.0).sum()
-            stats["tokens"] = stats.get("tokens", 0) + mask.sum()
-    return torch.where(mask, loss, 0.0).sum()
+    with torch.no_grad():
+        stats = {"tokens": mask.sum()}
+        if reused:
+            stats["clipped"] = ((clipped < unclipped) & mask).sum()
+        if k3 is not None:
+            stats["kl"] = torch.where(mask, k3, 0.0).sum()
+    return torch.where(mask, loss, 0.0).sum(), stats
+
+
+def summarize_loss(stats: dict) -> dict:
+    """A step's summed grpo_loss statistics as fractions per trained token (its metrics row)."""
+    n = max(int(stats.get("tokens", 0)), 1)
+    out = {}
+    if "clipped" in stats:
+        out["clipped"] = round(float(stats["clipped"]) / n, 4)
+    if "kl" in stats:
+        out["kl"] = round(float(stats["kl"]) / n, 6)
+    return out
 
 
 # ----------------------------------------------------------------------------- rollouts: the data source
@@ -191,13 +208,7 @@ def completion_row(prompt: list[int], c: Completion, end_id: int) -> tuple[list[
 def pad_rows(rows: list[tuple[list[int], list[bool], float]], pad_id: int):
     """(sequence, target flags, advantage) rows -> x (B, T) inputs, y (B, T) targets (-1 where not
     a target, and on the right padding), advantages (B,)."""
-    width = max(len(seq) for seq, _, _ in rows) - 1
-    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    y = torch.full((len(rows), width), -1, dtype=torch.long)
-    for r, (seq, target, _) in enumerate(rows):
-        ids = torch.tensor(seq)
-        x[r, :len(seq) - 1] = ids[:-1]
-        y[r, :len(seq) - 1] = torch.where(torch.tensor(target[1:]), ids[1:], -1)
+    x, y = rows_lib.pad_rows([(seq, target) for seq, target, _ in rows], pad_id)
     return x, y, torch.tensor([a for _, _, a in rows], dtype=torch.float32)
 
 
@@ -219,23 +230,19 @@ class Rollouts:
         self.prompts = cfg.prompts_per_step // self.world
         self.rows = self.prompts * cfg.group_size
         self.micro_batches = math.ceil(self.rows / cfg.batch_size)  # the Trainer's grad_accum
-        self.epoch, self.cursor, self.draws = 0, 0, 0
-        self._order = self._epoch_order(0)
+        self.order = EpochOrder(len(task), cfg.run.seed)
+        self.draws = 0  # rollout batches sampled so far: part of every sampling seed
         self.pending: list[tuple] = []  # micro-batches still to hand out (epochs x micro_batches)
         self.stats: dict = {}  # the statistics of the rollout batch being trained on
-        self.loss_stats: dict = {}  # filled by grpo_loss during a step
 
     # ------------------------------------------------------------------ resume
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.task))
-
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "draws": self.draws,
-                "pending": [list(b) for b in self.pending], "stats": dict(self.stats)}
+        return {**self.order.state_dict(), "draws": self.draws, "pending": [list(b) for b in self.pending],
+                "stats": dict(self.stats)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.cursor, self.draws = state["epoch"], state["cursor"], state["draws"]
-        self._order = self._epoch_order(self.epoch)
+        self.order.load_state_dict(state)
+        self.draws = state["draws"]
         self.pending = [tuple(b) for b in state["pending"]]
         self.stats = dict(state["stats"])
 
@@ -246,30 +253,12 @@ class Rollouts:
         return self.pending.pop(0)
 
     def step_stats(self) -> dict:
-        """What the Trainer merges into the step's metric row: the rollout batch's statistics and
-        the loss's (KL to the reference, fraction of tokens clipped) over the step's tokens."""
-        out = dict(self.stats)
-        ls, self.loss_stats = self.loss_stats, {}
-        n = max(int(ls.get("tokens", 0)), 1)
-        if "clipped" in ls:
-            out["clipped"] = round(float(ls["clipped"]) / n, 4)
-        if "kl" in ls:
-            out["kl"] = round(float(ls["kl"]) / n, 6)
-        return out
+        """What the Trainer merges into the step's metric row: the rollout batch's statistics."""
+        return dict(self.stats)
 
     # ------------------------------------------------------------------ sampling
-    def _next_prompts(self) -> list[int]:
-        picks = []
-        for _ in range(self.cfg.prompts_per_step):
-            if self.cursor == len(self._order):
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self._order = self._epoch_order(self.epoch)
-            picks.append(int(self._order[self.cursor]))
-            self.cursor += 1
-        return picks
-
     def _seed(self, j: int) -> int:
-        return int(np.random.SeedSequence([self.cfg.seed, self.draws, j]).generate_state(1)[0])
+        return int(np.random.SeedSequence([self.cfg.run.seed, self.draws, j]).generate_state(1)[0])
 
     def sample_groups(self, indices: list[int], first: int = 0) -> list[tuple[dict, list[int], list[Completion]]]:
         """(conversation, prompt ids, group_size completions) per prompt, in order; `first` is the
@@ -277,7 +266,7 @@ class Rollouts:
         cfg = self.cfg
         convs = [self.task[i] for i in indices]
         prompts = [self.engine.fit_prompt(render_for_completion(self.tok, c), cfg.max_tokens) for c in convs]
-        requests = [GenRequest(p, cfg.group_size, cfg.max_tokens, cfg.temperature, cfg.top_k,
+        requests = [GenRequest(p, cfg.group_size, cfg.max_tokens, cfg.temperature, cfg.top_k or None,
                                seed=self._seed(first + j), key=j) for j, p in enumerate(prompts)]
         with warnings.catch_warnings():  # ast.parse warns on model-made expressions like "3e"
             warnings.simplefilter("ignore", SyntaxWarning)
@@ -288,7 +277,7 @@ class Rollouts:
         cfg = self.cfg
         t0 = time.perf_counter()
         first = self.rank * self.prompts
-        groups = self.sample_groups(self._next_prompts()[first:first + self.prompts], first)
+        groups = self.sample_groups(self.order.take(cfg.prompts_per_step)[first:first + self.prompts], first)
         self.draws += 1
         gen_seconds = time.perf_counter() - t0
         task_rewards = torch.tensor([[float(self.task.reward(conv, c.text)) for c in outs]
@@ -347,49 +336,13 @@ class Rollouts:
             return token_logprobs(model, x.to(self.device), y.to(self.device)).float().cpu()
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-def pass_at_k(model, tok, task, indices: list[int], k: int, max_tokens: int, temperature: float, top_k,
-              seed: int, max_rows: int) -> dict:
-    """pass@k and pass@1 on held-out questions, through chat_eval.generative_eval (the evals'
-    engine settings: default stops, calculator on)."""
-    from ..evals.chat_eval import generative_eval
-    engine = Engine(model, tok)
-    any_ok, frac_ok = 0, 0.0
-    mine = indices[distributed.rank()::distributed.world_size()]  # under torchrun, a share per process
-    for _, _, rewards in generative_eval(engine, task, mine, k, max_tokens, temperature, top_k, seed,
-                                         max_rows=max_rows):
-        any_ok += max(rewards) > 0
-        frac_ok += sum(r > 0 for r in rewards) / len(rewards)
-    any_ok, frac_ok = distributed.sum_host([any_ok, frac_ok])
-    n = max(len(indices), 1)
-    out = {"val_pass@1": round(frac_ok / n, 4)}
-    if k > 1:
-        out[f"val_pass@{k}"] = round(any_ok / n, 4)
-    return out
-
-
-def held_out_task(cfg: RLConfig) -> Mixture:
-    """--eval-task, or the training tasks' test split (synthetic tasks: the evals' test seed)."""
-    from ..evals.chat_eval import SYNTHETIC_TEST_SEED
-    from ..tasks.mixture import build_task
-    spec = cfg.eval_task or cfg.task
-    parts = []
-    for name, path, _ in parse_mixture(spec):
-        if not cfg.eval_task and path and not Path(path).is_dir():
-            log(f"rl: held-out eval of {name} reads {path}, the training file itself (give --eval-task "
-                f"with its test file, or the task's directory, for a real held-out split)")
-        parts.append((build_task(name, path, split="test", seed=SYNTHETIC_TEST_SEED), 1.0))
-    return Mixture(parts, seed=SYNTHETIC_TEST_SEED)
-
-
 # ----------------------------------------------------------------------------- the stage
 
 def _check_task(task: Mixture, spec: str) -> None:
     for sub in task.tasks:
         if not has_grader(sub):
             raise PicochatError(f"rl: task {sub.name!r} in {spec!r} has no grader (RL needs graded tasks: "
-                                "gsm8k, arc, mmlu, arithmetic, spelling, humaneval)")
+                                f"{', '.join(graded_names())})")
         try:
             sub.reward(sub[0], "")
         except (KeyError, TypeError, IndexError, AttributeError) as e:
@@ -410,36 +363,30 @@ def _check_chat_model(run, where: str) -> None:
         raise PicochatError(f"rl: {where} is INT8-quantized (inference only): load the float run dir")
 
 
+RESUME_KEYS = ("load", "task", "group_size", "prompts_per_step", "steps", "max_tokens", "temperature", "top_k",
+               "epochs", "clip", "kl", "std", "format_reward", "batch_size", "rollout_rows", "lr_scale", "eval_task",
+               "eval_examples", "eval_k", "seed")
+
+
 def rl_train(cfg: RLConfig) -> dict:
     """`picochat rl`: GRPO on graded tasks, through the shared training loop."""
-    device, dtype, _, world, run = start_stage(cfg)
-    if run is not None:
-        restore_settings(cfg, run, ("load", "task", "group_size", "prompts_per_step", "steps", "max_tokens",
-                                    "temperature", "top_k", "epochs", "clip", "kl", "std", "format_reward",
-                                    "batch_size", "rollout_rows", "lr_scale", "eval_task", "eval_examples",
-                                    "eval_k", "seed"))
-    # bad input fails here, before any model is loaded or step taken
-    if cfg.group_size < 2:
-        raise PicochatError(f"rl: --group-size {cfg.group_size}: a group needs at least 2 completions "
-                            "(advantages are relative to the group)")
-    for name, value, low in (("--prompts-per-step", cfg.prompts_per_step, 1), ("--steps", cfg.steps, 1),
-                             ("--max-tokens", cfg.max_tokens, 1), ("--epochs", cfg.epochs, 1),
-                             ("--batch-size", cfg.batch_size, 1), ("--rollout-rows", cfg.rollout_rows, 1),
-                             ("--eval-k", cfg.eval_k, 1)):
-        if value < low:
-            raise PicochatError(f"rl: {name} must be at least {low}, not {value}")
-    if cfg.prompts_per_step % world:
-        raise PicochatError(f"rl: --prompts-per-step {cfg.prompts_per_step} does not split evenly over "
-                            f"{world} processes")
+    check(cfg)
     if cfg.temperature <= 0:
         raise PicochatError(f"rl: --temperature must be > 0 for sampling groups, not {cfg.temperature}")
-    if not 0 < cfg.clip < 1 or cfg.kl < 0:
-        raise PicochatError(f"rl: need 0 < --clip < 1 and --kl >= 0 (got {cfg.clip}, {cfg.kl})")
-    task = build_mixture(cfg.task, split="train", seed=cfg.seed)
+    if not Path(cfg.load).is_dir():
+        raise PicochatError(f"--load {cfg.load}: {'a file, not a run dir' if Path(cfg.load).exists() else 'no such run dir'}")
+    stage = Stage("rl", cfg)
+    cfg = stage.restored(cfg, RESUME_KEYS)
+    device, dtype, run = stage.device, stage.dtype, stage.resumed
+    # bad input fails here, before any model is loaded or step taken
+    if cfg.prompts_per_step % stage.world:
+        raise PicochatError(f"rl: --prompts-per-step {cfg.prompts_per_step} does not split evenly over "
+                            f"{stage.world} processes")
+    task = build_mixture(cfg.task, split="train", seed=cfg.run.seed)
     _check_task(task, cfg.task)
     eval_task = None
     if cfg.eval_examples:
-        eval_task = held_out_task(cfg)
+        eval_task = held_out_task(cfg.eval_task or cfg.task, explicit=bool(cfg.eval_task))
         _check_task(eval_task, cfg.eval_task or cfg.task)
 
     source = load_run(cfg.load, device)
@@ -450,21 +397,20 @@ def rl_train(cfg: RLConfig) -> dict:
             raise PicochatError(f"rl: {cfg.save} and its --load {cfg.load} have different tokenizers")
     else:
         model, tok = source.model, source.tokenizer
-        seed_everything(cfg.seed)
+        seed_everything(cfg.run.seed)
     ref_model = None
     if cfg.kl:
         ref_model = source.model if run is not None else load_run(cfg.load, device).model
         ref_model.requires_grad_(False)
     del source
 
-    model.grad_checkpoint = cfg.grad_checkpoint
-    check_training_memory(model.config, cfg.batch_size, model.config.sequence_len, dtype, cfg.grad_checkpoint,
+    model.grad_checkpoint = cfg.run.grad_checkpoint
+    check_training_memory(model.config, cfg.batch_size, model.config.sequence_len, dtype, cfg.run.grad_checkpoint,
                           device)  # rows are at most the context long
     data = Rollouts(model, tok, task, cfg, device, dtype, ref_model)
     log(f"rl: {len(task):,} prompts from {cfg.task!r}, {cfg.steps} steps of {cfg.prompts_per_step} prompts x "
         f"{cfg.group_size} samples ({data.rows} rows per process, {data.micro_batches} micro-batches of "
-        f"{cfg.batch_size}), "
-        f"epochs {cfg.epochs}, from {cfg.load}")
+        f"{cfg.batch_size}), epochs {cfg.epochs}, from {cfg.load}")
 
     evaluate = None
     eval_start = None
@@ -473,22 +419,17 @@ def rl_train(cfg: RLConfig) -> dict:
         temp = 0.0 if cfg.eval_k == 1 else cfg.temperature
 
         def evaluate() -> dict:
-            return pass_at_k(model, tok, eval_task, list(range(n)), cfg.eval_k, cfg.max_tokens, temp, cfg.top_k,
-                             cfg.seed, max(cfg.rollout_rows, cfg.eval_k))
+            return pass_at_k(model, tok, eval_task, list(range(n)), cfg.eval_k, cfg.max_tokens, temp,
+                             cfg.top_k or None, cfg.run.seed, max(cfg.rollout_rows, cfg.eval_k))
 
         if run is None:
             eval_start = evaluate()
             log("rl: before training, " + ", ".join(f"{k} {v:.4f}" for k, v in eval_start.items()))
 
-    optim = scale_lrs(cfg.optim, cfg.lr_scale)
-    loop = LoopConfig(steps=cfg.steps, grad_accum=data.micro_batches, log_every=cfg.log_every,
-                      eval_every=cfg.eval_every, save_every=cfg.save_every, stop_at=cfg.stop_at)
-
-    def loss_fn(m, batch):
-        return grpo_loss(m, batch, cfg.clip, cfg.kl, data.loss_stats)
-
-    result = run_stage(model, tok, data, optim, loop, save=cfg.save, stage="rl", meta=stage_meta(cfg),
-                       device=device, dtype=dtype, run=run, evaluate=evaluate, loss_fn=loss_fn, count_fn=lm_count)
+    objective = Objective(loss=lambda m, batch: grpo_loss(m, batch, cfg.clip, cfg.kl), summarize=summarize_loss)
+    plan = {"steps": cfg.steps, "grad_accum": data.micro_batches}
+    result = stage.train(cfg, model, tok, data, scale_lrs(cfg.optim, cfg.lr_scale), plan,
+                         Callbacks(evaluate=evaluate, eval_every=cfg.eval_every), objective)
     result["eval_start"] = eval_start
     result["eval_end"] = {k: v for k, v in (result["metrics"][-1] if result["metrics"] else {}).items()
                           if k.startswith("val_")} or None

@@ -10,43 +10,56 @@ end-of-turn are targets) and train through the same loop as pretraining. They di
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import numpy as np
-import torch
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import ClassVar
 
 from ..checkpoint import load_run
 from ..common import PicochatError, log, seed_everything
-from ..conversation import render_conversation
+from ..conversation import describe_cuts, render_conversation
 from ..data.loader import PackingLoader, TokenDataset
 from ..memory import check_training_memory
 from ..optim import OptimConfig, scale_lrs
-from ..tasks import build_mixture
-from .loop import LoopConfig, restore_settings, run_stage, stage_meta, start_stage
+from ..settings import check, setting
+from ..tasks import build_mixture, parse_mixture
+from .rows import EpochOrder, pad_rows
+from .stage import RunControls, Stage
+
+RESUME_KEYS = ("data", "seq_len", "batch_size", "grad_accum", "steps", "seed", "lr_scale")
+
+
+def _chat_optim() -> OptimConfig:
+    return OptimConfig(warmdown_frac=1.0)  # a fine-tune decays to zero over the whole stage
 
 
 @dataclass
 class ChatTrainConfig:
-    load: str  # the run dir to start from (a base model, or a midtrained one)
-    data: str  # a task mixture, e.g. "gsm8k:train.jsonl:1,arithmetic::0.5"
-    save: str
-    stage: str = "sft"  # "mid" (packed rows) or "sft" (one conversation per row)
-    seq_len: int = 0  # 0: the model's context
-    batch_size: int = 8  # rows per micro-batch
-    grad_accum: int = 1
-    steps: int = 0  # 0: one pass over the mixture
-    lr_scale: float = 1.0  # multiplies every base learning rate of `optim`
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmdown_frac=1.0))
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool = False
-    grad_checkpoint: bool = False
-    seed: int = 42
-    save_every: int = 0
-    log_every: int = 1
-    stop_at: int = 0
-    resume: bool = False
-    overwrite: bool = False
+    """What midtraining and SFT share; MidtrainConfig and SFTConfig give each its defaults."""
+    stage: ClassVar[str]
+    load: str = setting(help="run dir to start from")
+    data: str = setting(help='task mixture, e.g. "gsm8k:train.jsonl:1,arithmetic::0.5,chat.jsonl:2"')
+    save: str = setting(help="run dir to write")
+    seq_len: int = setting(0, "longest row in tokens (default: the model's context)", low=0)
+    batch_size: int = setting(8, "rows per micro-batch", low=1)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", low=1)
+    steps: int = setting(0, "optimizer steps (default: one pass over the mixture)", low=0)
+    lr_scale: float = setting(1.0, "multiplies the pretraining learning rates", low=0)
+    optim: OptimConfig = setting(factory=_chat_optim, flags=())
+    run: RunControls = setting(factory=RunControls)
+
+
+@dataclass
+class MidtrainConfig(ChatTrainConfig):
+    stage: ClassVar[str] = "mid"
+
+
+@dataclass
+class SFTConfig(ChatTrainConfig):
+    stage: ClassVar[str] = "sft"
+    # 10x gentler than midtraining: a fine-tune on a few thousand conversations should not undo
+    # what the model knows (the CLI's default all along; the Python default used to be 1.0)
+    lr_scale: float = setting(0.1, "multiplies the pretraining learning rates", low=0)
 
 
 class PaddedConversations:
@@ -55,77 +68,77 @@ class PaddedConversations:
     rows, so the data does not depend on how many processes share it."""
 
     def __init__(self, task, tok, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.task, self.tok, self.batch_size, self.seq_len, self.seed = task, tok, batch_size, seq_len, seed
+        self.task, self.tok, self.batch_size, self.seq_len = task, tok, batch_size, seq_len
         self.rank, self.world_size = rank, world_size
-        self.epoch, self.cursor = 0, 0
-        self._order = self._epoch_order(0)
-
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.task))
+        self.order = EpochOrder(len(task), seed)
+        self.cuts: Counter = Counter()  # conversations cut to fit, counted as they are rendered
+        self.rendered = 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+        return self.order.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
-        self._order = self._epoch_order(self.epoch)
+        self.order.load_state_dict(state)
 
     def next_batch(self):
-        picks = []
-        while len(picks) < self.batch_size * self.world_size:
-            if self.cursor == len(self._order):
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self._order = self._epoch_order(self.epoch)
-            picks.append(int(self._order[self.cursor]))
-            self.cursor += 1
+        picks = self.order.take(self.batch_size * self.world_size)
         mine = picks[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        rows = [render_conversation(self.tok, self.task[i], max_tokens=self.seq_len + 1) for i in mine]
-        width = max(len(ids) for ids, _ in rows) - 1
-        x = torch.full((self.batch_size, width), self.tok.bos_id, dtype=torch.long)
-        y = torch.full((self.batch_size, width), -1, dtype=torch.long)
-        for r, (ids, mask) in enumerate(rows):
-            ids_t = torch.tensor(ids)
-            x[r, :len(ids) - 1] = ids_t[:-1]
-            y[r, :len(ids) - 1] = torch.where(torch.tensor(mask[1:]) == 1, ids_t[1:], -1)
-        return x, y
+        before = sum(self.cuts.values())
+        rows = [render_conversation(self.tok, self.task[i], max_tokens=self.seq_len + 1, cuts=self.cuts)
+                for i in mine]
+        self.rendered += len(rows)
+        if before == 0 and self.cuts:
+            log(f"sft: conversations longer than {self.seq_len + 1} tokens are cut to fit (counted at the end)")
+        return pad_rows(rows, self.tok.bos_id)
+
+
+def _check_inputs(cfg: ChatTrainConfig) -> None:
+    check(cfg)
+    if not Path(cfg.load).is_dir():
+        what = "a file, not a run dir" if Path(cfg.load).exists() else "no such run dir"
+        raise PicochatError(f"--load {cfg.load}: {what}")
+    parse_mixture(cfg.data)  # every task known, every path there
 
 
 def chat_train(cfg: ChatTrainConfig) -> dict:
     """`picochat midtrain` and `picochat sft`."""
-    if cfg.stage not in ("mid", "sft"):
-        raise PicochatError(f"unknown chat training stage {cfg.stage!r} (mid or sft)")
-    device, dtype, rank, world, run = start_stage(cfg)
-    if run is not None:
-        restore_settings(cfg, run, ("data", "stage", "seq_len", "batch_size", "grad_accum", "steps", "seed",
-                                    "lr_scale"))
-        model, tok = run.model, run.tokenizer
+    _check_inputs(cfg)
+    stage = Stage(cfg.stage, cfg)
+    cfg = stage.restored(cfg, RESUME_KEYS)
+    if stage.resumed is not None:
+        model, tok = stage.resumed.model, stage.resumed.tokenizer
     else:
-        source = load_run(cfg.load, device)
+        source = load_run(cfg.load, stage.device)
         model, tok = source.model, source.tokenizer
-        seed_everything(cfg.seed)
-    cfg.seq_len = cfg.seq_len or model.config.sequence_len
-    if cfg.seq_len > model.config.sequence_len:
-        raise PicochatError(f"--seq-len {cfg.seq_len} is longer than the model's context "
-                            f"({model.config.sequence_len})")
-    model.grad_checkpoint = cfg.grad_checkpoint
-    check_training_memory(model.config, cfg.batch_size, cfg.seq_len, dtype, cfg.grad_checkpoint, device)
-    task = build_mixture(cfg.data, split="train", seed=cfg.seed)
+        seed_everything(cfg.run.seed)
+    seq_len = cfg.seq_len or model.config.sequence_len
+    if seq_len > model.config.sequence_len:
+        raise PicochatError(f"--seq-len {seq_len} is longer than the model's context ({model.config.sequence_len})")
+    model.grad_checkpoint = cfg.run.grad_checkpoint
+    check_training_memory(model.config, cfg.batch_size, seq_len, stage.dtype, cfg.run.grad_checkpoint, stage.device)
+    task = build_mixture(cfg.data, split="train", seed=cfg.run.seed)
+    if cfg.stage == "sft" and cfg.run.compile:  # each batch its own width: every step would recompile
+        log("sft: --compile is for midtraining's fixed-width rows; SFT's vary, so it trains without")
+        cfg = replace(cfg, run=replace(cfg.run, compile=False))
     if cfg.stage == "mid":
-        rendered = [render_conversation(tok, task[i], max_tokens=cfg.seq_len + 1) for i in range(len(task))]
+        cuts = Counter()
+        rendered = [render_conversation(tok, task[i], max_tokens=seq_len + 1, cuts=cuts) for i in range(len(task))]
+        if cuts:
+            log(f"mid: {describe_cuts(cuts, len(task), seq_len + 1)}")
         dataset = TokenDataset.from_sequences(rendered, tok.bos_id)
-        data = PackingLoader(dataset, "all", cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=rank, world_size=world)
-        rows_per_epoch = dataset.num_tokens / (cfg.seq_len + 1)
+        data = PackingLoader(dataset, "all", cfg.batch_size, seq_len, seed=cfg.run.seed, rank=stage.rank,
+                             world_size=stage.world)
+        rows_per_epoch = dataset.num_tokens / (seq_len + 1)
     else:
-        data = PaddedConversations(task, tok, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
+        data = PaddedConversations(task, tok, cfg.batch_size, seq_len, cfg.run.seed, stage.rank, stage.world)
         rows_per_epoch = len(task)
-    rows_per_step = cfg.batch_size * cfg.grad_accum * world
-    if not cfg.steps:
-        cfg.steps = max(1, round(rows_per_epoch / rows_per_step))
-    log(f"{cfg.stage}: {len(task):,} conversations from {cfg.data!r}, {cfg.steps} steps of "
-        f"{rows_per_step} rows{f' over {world} processes' if world > 1 else ''}, from {cfg.load}")
+    rows_per_step = cfg.batch_size * cfg.grad_accum * stage.world
+    steps = cfg.steps or max(1, round(rows_per_epoch / rows_per_step))
+    log(f"{cfg.stage}: {len(task):,} conversations from {cfg.data!r}, {steps} steps of "
+        f"{rows_per_step} rows{f' over {stage.world} processes' if stage.world > 1 else ''}, from {cfg.load}")
 
-    optim = scale_lrs(cfg.optim, cfg.lr_scale)
-    loop = LoopConfig(steps=cfg.steps, grad_accum=cfg.grad_accum, log_every=cfg.log_every,
-                      save_every=cfg.save_every, stop_at=cfg.stop_at)
-    return run_stage(model, tok, data, optim, loop, save=cfg.save, stage=cfg.stage, meta=stage_meta(cfg),
-                     device=device, dtype=dtype, compile=cfg.compile and cfg.stage == "mid", run=run)
+    plan = {"steps": steps, "grad_accum": cfg.grad_accum, "seq_len": seq_len, "rows_per_step": rows_per_step}
+    result = stage.train(cfg, model, tok, data, scale_lrs(cfg.optim, cfg.lr_scale), plan)
+    if cfg.stage == "sft" and data.cuts:
+        log(f"sft: {describe_cuts(data.cuts, data.rendered, seq_len + 1)}")
+    return result

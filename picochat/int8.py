@@ -29,7 +29,7 @@ torch 2.13), so a layer that is not takes the dequantize path.
 API:
     quantize_model(model, embeddings=False) -> model   (in place: swaps modules, frees fp32 weights)
     quantization_of(model) -> dict | None             (what config.json records)
-    quantize_run(load, save, embeddings=False, overwrite=False) -> dict   (`picochat quantize`)
+`picochat quantize` (quantize.py) writes a quantized copy of a run dir.
 A quantized model is for inference only: its param_groups() raises a PicochatError, so every
 training stage refuses it with a clear message.
 """
@@ -186,27 +186,3 @@ def finish_loading(model: nn.Module) -> None:
 
 def quantization_of(model: nn.Module) -> dict | None:
     return getattr(model, "quantization", None)
-
-
-def quantize_run(load: str, save: str, embeddings: bool = False, overwrite: bool = False) -> dict:
-    """`picochat quantize`: write an INT8 copy of a run dir (same layout, no trainer state)."""
-    from pathlib import Path
-
-    from .checkpoint import WEIGHTS, load_run, save_run
-    out = Path(save)
-    if out.exists() and not overwrite:
-        raise PicochatError(f"run dir {save} already exists (choose another --save, or --overwrite)")
-    if Path(load).resolve() == out.resolve():
-        raise PicochatError(f"--save {save} is the run dir being quantized: write the INT8 copy elsewhere")
-    run = load_run(load, "cpu")
-    quantize_model(run.model, embeddings=embeddings)
-    base = {"picochat_version", "stage", "model", "tokenizer_fingerprint", "quantization"}
-    extra = {k: v for k, v in run.meta.items() if k not in base}
-    extra["quantized_from"] = str(load)
-    save_run(out, run.model, run.tokenizer, stage=run.meta.get("stage", "?"), extra=extra,
-             metrics=run.metrics or None)
-    src_mb = (Path(run.path) / WEIGHTS).stat().st_size / 1e6
-    dst_mb = (out / WEIGHTS).stat().st_size / 1e6
-    return {"run_dir": str(out), "quantization": run.model.quantization,
-            "weights_mb": round(dst_mb, 2), "source_weights_mb": round(src_mb, 2),
-            "ratio": round(src_mb / dst_mb, 2)}

@@ -1,0 +1,184 @@
+"""Settings: each one defined once, as a dataclass field with its default and its help text.
+
+A command's config dataclass is its whole input, and its fields are the command's flags:
+`add_flags` builds them, `from_flags` builds the config back from the flags that were typed. The
+parser keeps no default of its own (argparse.SUPPRESS), so a flag left out takes the field's
+default, and `picochat sft ...` cannot differ from `chat_train(SFTConfig(...))`.
+
+    @dataclass
+    class PretrainConfig:
+        depth: int = setting(4, "model size", choices=sorted(DEPTH_PRESETS))
+        optim: OptimConfig = setting(factory=OptimConfig, flags=("matrix_lr", "head_lr"))
+
+A field becomes `--depth` (underscores to dashes). A bool that defaults to False is a switch; one
+that defaults to True is turned off by `--no-<name>`. A nested config dataclass gives flags of its
+own fields (all, or those named in `flags`). cli=False keeps a field for Python callers only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import types
+import typing
+from dataclasses import MISSING, field
+
+
+def setting(default=MISSING, help: str = "", *, factory=None, flag: str | None = None, aliases: tuple = (),
+            choices=None, metavar: str | None = None, cli: bool = True, flags: tuple[str, ...] | None = None,
+            positional: bool = False, low: float | None = None, high: float | None = None):
+    """A config field that is also a flag. `factory` makes mutable defaults (a nested config, a
+    list); `flags` names the fields of a nested config that are flags (default: all); `low` and
+    `high` bound a number (check() enforces them, for the CLI and Python callers alike)."""
+    meta = {"help": help, "flag": flag, "aliases": tuple(aliases), "choices": choices, "metavar": metavar,
+            "cli": cli, "flags": flags, "positional": positional, "low": low, "high": high}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def default_of(f: dataclasses.Field):
+    """A field's default value (MISSING when it has none: a required setting)."""
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return MISSING
+
+
+@functools.cache
+def _types(cls) -> dict[str, object]:
+    """Field name -> its type, with `X | None` taken as X (None is then a default, not a value
+    anyone types)."""
+    out = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = args[0] if len(args) == 1 else tp
+        out[name] = tp
+    return out
+
+
+def _nested(cls, f: dataclasses.Field):
+    """The nested config class of a field, or None."""
+    tp = _types(cls)[f.name]
+    return tp if dataclasses.is_dataclass(tp) and f.metadata.get("cli", True) else None
+
+
+def _flags(cls, only=None):
+    """(field, its type) for each field of cls that is a flag (nested configs not expanded)."""
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli", True) and (only is None or f.name in only or _nested(cls, f)):
+            yield f, _types(cls)[f.name]
+
+
+def flag_name(cls, f: dataclasses.Field) -> str:
+    if f.metadata.get("flag"):
+        return f.metadata["flag"]
+    dashed = f.name.replace("_", "-")
+    return f"--no-{dashed}" if _types(cls)[f.name] is bool and default_of(f) is True else f"--{dashed}"
+
+
+def _show(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _help(f: dataclasses.Field, tp, default) -> str:
+    text = f.metadata.get("help", "")
+    if default is MISSING:
+        return text
+    if tp is bool:  # a switch: `--x` for a False default, `--no-x` for a True one, so off until typed
+        return f"{text} (default: off)"
+    if "default" in text:
+        return text  # the help itself says what happens without it
+    if default is None or default == "" or default == [] or default == ():
+        return f"{text} (default: none)"
+    return f"{text} (default: {_show(default)})"
+
+
+def add_flags(parser: argparse.ArgumentParser, cls, only: tuple[str, ...] | None = None, defaults=None,
+              optional: bool = False) -> None:
+    """One flag per field of the config class `cls`, nested configs' fields included. `defaults`:
+    the instance whose values are the defaults (a nested config made by its field's factory);
+    `optional`: a nested config that may be left out (None), so none of its flags is required."""
+    for f, tp in _flags(cls, only):
+        if (sub := _nested(cls, f)) is not None:
+            base = default_of(f)
+            add_flags(parser, sub, f.metadata.get("flags"), None if base in (MISSING, None) else base,
+                      optional or base is None)
+            continue
+        default = getattr(defaults, f.name) if defaults is not None else default_of(f)
+        text = _help(f, tp, default) + (" (default: none)" if optional and default is MISSING else "")
+        kw: dict = {"help": text, "default": argparse.SUPPRESS}
+        for key in ("choices", "metavar"):
+            if f.metadata.get(key) is not None:
+                kw[key] = f.metadata[key]
+        origin = typing.get_origin(tp)
+        if tp is bool:
+            kw["action"] = "store_false" if default is True else "store_true"
+        elif origin in (list, tuple):
+            args = typing.get_args(tp)
+            kw["type"] = args[0]
+            kw["nargs"] = len(args) if origin is tuple and Ellipsis not in args else "+"
+        else:
+            kw["type"] = tp
+        if f.metadata.get("positional"):
+            if default is not MISSING:
+                kw["nargs"] = "*" if kw.get("nargs") == "+" else "?"
+            parser.add_argument(f.name, **kw)
+        else:
+            kw["required"] = default is MISSING and not optional
+            parser.add_argument(flag_name(cls, f), *f.metadata.get("aliases", ()), dest=f.name, **kw)
+
+
+def from_flags(cls, values: dict, only: tuple[str, ...] | None = None):
+    """The config from the flags given (field name -> parsed value); every other field keeps
+    its default, the fields of nested configs too."""
+    kw = {}
+    for f, tp in _flags(cls, only):
+        if (sub := _nested(cls, f)) is not None:
+            base = default_of(f)
+            if base is None and not all(g.name in values for g in dataclasses.fields(sub) if default_of(g) is MISSING):
+                continue  # an optional nested config left out (its required settings not given)
+            made = from_flags(sub, values, f.metadata.get("flags"))
+            if base in (MISSING, None):  # a required nested config (the model a command loads)
+                kw[f.name] = made
+            else:  # its factory's defaults, with what was given
+                chosen = {g.name: getattr(made, g.name) for g in dataclasses.fields(sub) if g.name in values}
+                kw[f.name] = dataclasses.replace(base, **chosen)
+        elif f.name in values:
+            value = values[f.name]
+            kw[f.name] = tuple(value) if typing.get_origin(tp) is tuple else value
+    return cls(**kw)
+
+
+def flags_of(cls) -> dict[str, str]:
+    """Field name -> flag, nested configs included: how a message names a setting."""
+    out = {}
+    for f, _ in _flags(cls):
+        sub = _nested(cls, f)
+        out.update(flags_of(sub) if sub is not None else {f.name: flag_name(cls, f)})
+    return out
+
+
+def check(cfg) -> None:
+    """Every bounded number and every choice of a config (nested ones too) in range: one clear
+    PicochatError naming the flag, before any work starts."""
+    from .common import PicochatError
+    cls = type(cfg)
+    for f in dataclasses.fields(cls):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check(value)
+            continue
+        low, high, choices = f.metadata.get("low"), f.metadata.get("high"), f.metadata.get("choices")
+        name = flag_name(cls, f) if f.metadata.get("cli", True) else f.name
+        if choices is not None and value is not None and value not in choices:
+            raise PicochatError(f"{name} must be one of {', '.join(map(str, choices))}, not {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if value != value or (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"between {low} and {high}" if low is not None and high is not None else (
+                f"at least {low}" if low is not None else f"at most {high}")
+            raise PicochatError(f"{name} must be {bounds}, not {value}")
