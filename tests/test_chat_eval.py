@@ -113,3 +113,27 @@ def test_bpb_matches_a_hand_computation(run, tmp_path):
     nats = -sum(torch.log_softmax(logits[t], -1)[ids[t + 1]].item() for t in range(len(ids) - 1))
     want = nats / math.log(2) / len(text.encode("utf-8"))
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_a_smaller_eval_does_not_replace_a_bigger_one_and_the_report_shows_n(tiny_base, tmp_path):
+    import shutil
+
+    from picochat.checkpoint import load_evals, save_eval
+    from picochat.report import StageRecord, eval_table
+    run = tmp_path / "run"
+    shutil.copytree(tiny_base, run, ignore=shutil.ignore_patterns("evals"))  # other tests' evals
+    big = {"task": "arc-easy", "n": 200, "accuracy": 0.3, "centered": centered(0.3, 0.25), "num_samples": 1}
+    small = {**big, "n": 5, "accuracy": 0.8, "centered": centered(0.8, 0.25)}
+    save_eval(run, "arc-easy", big)
+    kept_aside = save_eval(run, "arc-easy", small)
+    assert kept_aside.name == "arc-easy.n5.json" and load_evals(run)["arc-easy"]["n"] == 200
+    more = {**big, "n": 300, "accuracy": 0.35}
+    save_eval(run, "arc-easy", more)  # more examples: it replaces
+    assert load_evals(run)["arc-easy"]["n"] == 300
+    save_eval(run, "arithmetic", {"task": "arithmetic", "n": 100, "accuracy": 0.5, "centered": 0.5,
+                                  "num_samples": 1})
+    text = eval_table([StageRecord.read(run)])
+    assert "| ARC-Easy | 35.0% of 300 |" in text and "| Arithmetic (tools) | 50.0% of 100 |" in text
+    assert "**ChatCORE**" in text and "ChatCORE, nanochat's 5" in text
+    assert "Not evaluated (no data given): arc-challenge, gsm8k, humaneval, mmlu, spelling. ChatCORE averages those" \
+           " that were." in text

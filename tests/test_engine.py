@@ -420,3 +420,25 @@ def test_decode_batch_rows_join_and_leave_between_steps(model, tok):
     assert [out[("c", 0)], out[("c", 1)]] == [c[0].tokens, c[1].tokens]
     assert out[("dropped", 0)] == greedy(p[2], 10)[:4]  # decoded at steps 20..23, then dropped
     assert batch.cache is None  # empty: the next request starts a fresh batch
+
+
+def test_reply_text_around_tool_calls(tok):
+    """A tool's output is set off from the words after it; a call that never closes reads as the
+    words it was, without the marker; punctuation after the output gets no space."""
+    from picochat.engine import TextStream, render_text
+    sid = tok.special_id
+    call = [sid("<|python_start|>"), *tok.encode("4821*377"), sid("<|python_end|>")]
+    out = [sid("<|output_start|>"), *tok.encode("1817517"), sid("<|output_end|>")]
+    assert render_text(tok, call + out + tok.encode("The answer is 1817517.")) == \
+        "[calc: 4821*377] = 1817517 The answer is 1817517."
+    assert render_text(tok, call + out + tok.encode(" So")) == "[calc: 4821*377] = 1817517 So"
+    assert render_text(tok, call + out + tok.encode(".")) == "[calc: 4821*377] = 1817517."
+    assert render_text(tok, tok.encode("I am ") + [sid("<|python_start|>")] + tok.encode("16 and millions")) == \
+        "I am 16 and millions"
+    # streamed: the call comes out whole when it closes, tagged as a call; an unclosed one as text
+    stream = TextStream(tok)
+    pieces = [(stream.push(t), stream.part) for t in call]
+    assert [p for p, _ in pieces if p] == ["[calc: 4821*377]"]
+    stream = TextStream(tok)
+    assert all(stream.push(t) == "" for t in [sid("<|python_start|>"), *tok.encode("16 a")])  # held back
+    assert (stream.flush(), stream.part) == ("16 a", "text")

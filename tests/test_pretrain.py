@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -174,3 +175,68 @@ def test_data_prepare_then_pretrain_from_parquet(small_corpus, small_tokenizer, 
                 "--seq-len", "64", "--steps", "2", "--device", "cpu", "--save", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 2
+
+
+SIGNAL_ARGS = ["--depth", "2", "--seq-len", "64", "--batch-size", "4", "--steps", "200", "--device", "cpu",
+               "--dtype", "fp32", "--seed", "5", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def straight_200(small_corpus, small_tokenizer, tmp_path_factory):
+    save = tmp_path_factory.mktemp("straight") / "run"
+    r = run_cli("pretrain", "--data", str(small_corpus), "--tokenizer", str(small_tokenizer), *SIGNAL_ARGS,
+                "--save", str(save))
+    assert r.returncode == 0, r.stderr
+    return save
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_saves_and_the_resumed_run_ends_like_a_straight_one(small_corpus, small_tokenizer, straight_200,
+                                                                     tmp_path, sig):
+    """Ctrl-C or SIGTERM to a real training process: it finishes the step, saves (no --save-every
+    needed), exits 130 or 143 with one line saying how to resume, and the resume ends with the
+    straight run's weights."""
+    args = ["pretrain", "--data", str(small_corpus), "--tokenizer", str(small_tokenizer), *SIGNAL_ARGS]
+    victim = tmp_path / "victim"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "picochat", *args, "--save", str(victim)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # the run is past its third step
+        if line.startswith("step 3/200"):
+            break
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    step = json.loads((victim / "config.json").read_text())["step"]
+    assert 3 <= step < 200
+    assert err.strip().splitlines()[-1] == (f"stopped: {signal.Signals(sig).name}: saved at step {step}; "
+                                            "continue with the same command and --resume")
+    resumed = run_cli(*args, "--save", str(victim), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_file(straight_200 / "model.safetensors"), load_file(victim / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_by_wall_time():
+    """save_every_minutes: a checkpoint as soon as that much time has passed since the last one."""
+    from picochat.train.loop import Callbacks, LoopConfig, Trainer
+    from picochat.config import ModelConfig
+    from picochat.model import GPT
+    from picochat.optim import OptimConfig, build_optimizer
+
+    class Data:
+        def next_batch(self):
+            return torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long)
+
+        def state_dict(self):
+            return {}
+
+    model = GPT(ModelConfig(vocab_size=300, n_layer=1, n_embd=32, n_head=2, n_kv_head=1, sequence_len=8))
+    saves = []
+    for minutes, want in ((1e-9, [1, 2, 3]), (60.0, [3])):  # every step, or only at the end
+        saves.clear()
+        loop = LoopConfig(steps=3, save_every_minutes=minutes)
+        trainer = Trainer(model, build_optimizer(model, OptimConfig()), OptimConfig(), loop, torch.device("cpu"),
+                          torch.float32, flops_per_token=1.0)
+        trainer.fit(Data(), Callbacks(save=lambda step, state, metrics: saves.append(step)))
+        assert saves == want

@@ -5,8 +5,10 @@ client that leaves frees its rows at once, concurrent requests share one decode 
 calculator's call and output are marked in the stream. Tiny models built here (no shared data)."""
 
 import json
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -453,3 +455,98 @@ def test_cli_serve(run_dir, tmp_path):
         assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()
+
+
+# ----------------------------------------------------------------------------- a rude client
+
+@pytest.fixture(scope="module")
+def strict_server(run_dir):
+    """`picochat serve` with short limits: a body must arrive within 0.5 s, an idle connection goes
+    after 0.5 s, at most 4 connections at once. Yields (url, the process), its stderr unread."""
+    proc = _cli("--load", str(run_dir), "--port", "0", "--device", "cpu", "--body-timeout", "0.5",
+                "--idle-timeout", "0.5", "--max-connections", "4")
+    line = proc.stdout.readline()
+    assert line.startswith("picochat serve: http://127.0.0.1:"), line + proc.stderr.read()
+    yield line.split()[2].rstrip("/"), proc
+    proc.kill()
+
+
+def _raw(url: str, head_only_of: int | None = None) -> socket.socket:
+    """A connection that sends a chat request's headers and (head_only_of: only that many bytes
+    of) its body."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "m", "messages": MSGS, "max_tokens": 2}).encode()
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body) + body[:head_only_of])
+    return s
+
+
+def test_a_rude_client_is_let_go_quietly(strict_server):
+    url, proc = strict_server
+    before = metrics_open(url)
+    # hangs up halfway through its body: no traceback, counted
+    s = _raw(url, head_only_of=10)
+    time.sleep(0.1)
+    s.close()
+    assert wait_for(lambda: metrics_open(url)["clients_gone"] == before["clients_gone"] + 1)
+    # a body that never finishes: 408 after the body timeout, and the connection is freed
+    t0 = time.monotonic()
+    s = _raw(url, head_only_of=10)
+    reply = _response(s)
+    assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply
+    assert time.monotonic() - t0 < 3
+    s.close()
+    # an idle keep-alive connection is closed by the server
+    s = _raw(url)
+    assert s.recv(65536).startswith(b"HTTP/1.1 200")
+    s.settimeout(5)
+    t0 = time.monotonic()
+    while s.recv(65536):  # the rest of the response, then the server's close
+        pass
+    assert time.monotonic() - t0 < 3
+    s.close()
+    # at most 4 connections: a fifth request, while 4 hold theirs open, gets 503
+    held = [_raw(url, head_only_of=5) for _ in range(4)]
+    time.sleep(0.1)
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "m", "messages": MSGS, "max_tokens": 2},
+                   timeout=10)
+    assert r.status_code == 503
+    for s in held:
+        s.close()
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "m", "messages": MSGS, "max_tokens": 2},
+                   timeout=10)
+    assert r.status_code == 200
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    # the server said nothing of it, but for uvicorn's one line on each connection over the cap
+    assert [line for line in proc.stderr.read().splitlines() if "Exceeded concurrency limit" not in line] == []
+
+
+def _response(s: socket.socket) -> bytes:
+    """One whole HTTP response (its headers, and the body its Content-Length promises)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(4096)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += s.recv(4096)
+    return head + b"\r\n\r\n" + body
+
+
+def metrics_open(url: str) -> dict:
+    return httpx.get(url + "/metrics", timeout=10).json()
+
+
+def test_writes_to_a_client_that_left_are_counted_not_logged(tok, caplog):
+    engine = Engine(random_gpt(tok, True), tok)
+    url, stop = start_in_thread(create_app(engine, "quiet"))
+    try:
+        before = metrics_open(url)["lost_writes"]
+        with caplog.at_level(logging.WARNING):
+            logging.getLogger("asyncio").warning("socket.send() raised exception.")
+        assert metrics_open(url)["lost_writes"] == before + 1
+        assert not [r for r in caplog.records if "socket.send" in r.getMessage()]
+    finally:
+        stop()

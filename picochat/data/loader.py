@@ -173,7 +173,8 @@ class TokenDataset:
             raise PicochatError(f"unknown split {split!r} (choose train, val or all)")
         if self.num_docs < 2:
             raise PicochatError(f"only {self.num_docs} document(s): need at least 2 to have both a "
-                                "train and a val split (add data, or use txt_split='paragraphs')")
+                                "train and a val split (add more text; a .txt file is split into documents at "
+                                "its blank lines, so one long line is one document)")
         perm = np.random.default_rng(SPLIT_SEED).permutation(self.num_docs)
         n_val = min(max(1, round(val_fraction * self.num_docs)), self.num_docs - 1)
         cum = np.cumsum(self.doc_lens[perm[:n_val]])

@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from picochat.common import PicochatError
+from picochat.common import PicochatError, log
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
 TXT_SPLITS = ("paragraphs", "file")
@@ -82,9 +82,25 @@ def split_paragraphs(text: str, target_chars: int = PARAGRAPH_CHARS) -> Iterator
         yield "\n\n".join(acc)
 
 
+NOT_TEXT_WARNING = 0.1  # warn when more than this fraction of a file's characters are not text
+
+
+def not_text_fraction(text: str) -> float:
+    """The fraction of characters that no text has: undecodable bytes (U+FFFD) and control
+    characters other than whitespace."""
+    if not text:
+        return 0.0
+    bad = text.count("\ufffd") + sum(1 for c in text if c < " " and c not in "\n\r\t\f\v")
+    return bad / len(text)
+
+
 def _read_txt(path: Path, txt_split: str) -> Iterator[str]:
     # utf-8-sig drops a byte-order mark; undecodable bytes become U+FFFD rather than aborting a run
     text = path.read_text(encoding="utf-8-sig", errors="replace").replace("\r\n", "\n")
+    bad = not_text_fraction(text[:1_000_000])
+    if bad > NOT_TEXT_WARNING:
+        log(f"warning: {path} does not look like text: {bad:.0%} of its characters are undecodable bytes or "
+            "control characters (is it a binary file?)")
     text = strip_gutenberg(text)
     if txt_split == "file":
         yield text

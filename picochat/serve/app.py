@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import os
 import socket
 import threading
@@ -35,7 +36,7 @@ import torch
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -59,6 +60,14 @@ class ClientGone(Exception):
 
 
 @dataclass
+class ServerLimits:
+    """What one connection may hold: a client that is slow, idle or one of too many gets let go."""
+    body_timeout: float = setting(30.0, "seconds a request's body may take to arrive (then 408)", low=0.01)
+    idle_timeout: float = setting(5.0, "seconds an idle keep-alive connection stays open", low=0.01)
+    max_connections: int = setting(256, "connections at once; beyond it new requests get 503", low=1)
+
+
+@dataclass
 class ServeConfig:
     model: LoadOptions = setting(help="the model to use")
     host: str = setting("127.0.0.1", "address to bind (0.0.0.0 exposes the server)")
@@ -67,6 +76,7 @@ class ServeConfig:
     max_queue: int = setting(64, "requests that may wait; beyond it: 503", low=0)
     api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' (default: $PICOCHAT_API_KEY, or "
                                         "none; /health stays open)")
+    limits: ServerLimits = setting(factory=ServerLimits)
 
 
 def _no_constant(name: str):
@@ -92,7 +102,7 @@ class Api:
     """The routes' shared state: the scheduler, the tokenizer, the limits, the key."""
 
     def __init__(self, engine: Engine, model_id: str, max_concurrent: int, max_queue: int,
-                 api_key: str | None, dtype: torch.dtype):
+                 api_key: str | None, dtype: torch.dtype, body_timeout: float = 30.0):
         if engine.tokenizer is None:
             raise PicochatError("serving needs an Engine with a tokenizer")
         self.scheduler = Scheduler(engine, max_concurrent, max_queue, dtype)
@@ -100,6 +110,7 @@ class Api:
         self.api_key = api_key
         self.max_n = min(max_concurrent, MAX_N)
         self.created = int(time.time())
+        self.body_timeout = body_timeout
 
     # ------------------------------------------------------------- request plumbing
 
@@ -117,12 +128,20 @@ class Api:
         if length is not None and length.isdigit() and int(length) > DRAIN_LIMIT:
             raise ApiError(413, f"request body over {MAX_BODY} bytes", None, "request_too_large")
         body, size = bytearray(), 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size <= MAX_BODY:
-                body += chunk
-            elif size > DRAIN_LIMIT:
-                break
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size <= MAX_BODY:
+                        body += chunk
+                    elif size > DRAIN_LIMIT:
+                        break
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {self.body_timeout:g} s", None,
+                           "request_timeout") from None
+        except ClientDisconnect:  # the client hung up mid-body: nobody to answer, nothing to log
+            self.scheduler.metrics.add(clients_gone=1)
+            raise ClientGone() from None
         if size > MAX_BODY:
             raise ApiError(413, f"request body over {MAX_BODY} bytes", None, "request_too_large")
         try:
@@ -201,6 +220,7 @@ class Api:
         async def watch():
             while (await request.receive())["type"] != "http.disconnect":
                 pass
+            self.scheduler.metrics.add(clients_gone=1)
             self.scheduler.cancel(job)
             job.events.put_nowait(ClientGone())
 
@@ -245,7 +265,8 @@ class Api:
                     yield _sse({**meta, "object": obj, "choices": [], "usage": self.usage(p, choices)})
             yield "data: [DONE]\n\n"
         finally:
-            if any(c.finish is None for c in choices):
+            if any(c.finish is None for c in choices):  # the client left mid-stream
+                self.scheduler.metrics.add(clients_gone=1)
                 self.scheduler.cancel(job)
 
     # ------------------------------------------------------------- the other endpoints
@@ -267,8 +288,8 @@ class Api:
 
     async def metrics(self, request: Request) -> Response:
         self.auth(request)
-        return JSONResponse({**self.scheduler.snapshot(), "model": self.model_id,
-                             "max_concurrent": self.scheduler.max_concurrent, "max_queue": self.scheduler.max_queue})
+        return JSONResponse({**self.scheduler.snapshot(), "lost_writes": _QuietLostWrites.count,
+                             "model": self.model_id, "max_concurrent": self.scheduler.max_concurrent, "max_queue": self.scheduler.max_queue})
 
 
 async def _health(request: Request) -> Response:
@@ -283,16 +304,37 @@ async def _index(request: Request) -> Response:
                         "(the web page is not installed).</p>")
 
 
+class _QuietLostWrites(logging.Filter):
+    """asyncio warns "socket.send() raised exception." when a response keeps writing to a client
+    that has gone: nothing is wrong, so it is counted (in /metrics, lost_writes) instead of logged.
+    One filter for the process: asyncio's logger is shared by every server in it."""
+
+    count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("socket.send() raised exception"):
+            _QuietLostWrites.count += 1
+            return False
+        return True
+
+
+_QUIET = _QuietLostWrites()
+
+
 def create_app(engine: Engine, model_id: str = "picochat", max_concurrent: int = 8, max_queue: int = 64,
-               api_key: str | None = None, dtype: torch.dtype = torch.float32, banner: str | None = None) -> Starlette:
-    """The ASGI app. Its lifespan starts and stops the model's worker thread."""
+               api_key: str | None = None, dtype: torch.dtype = torch.float32, banner: str | None = None,
+               limits: ServerLimits | None = None) -> Starlette:
+    """The ASGI app. Its lifespan starts and stops the model's worker thread. `limits` bound each
+    connection (the uvicorn server made by start_in_thread / serve reads them from app.state)."""
     if max_concurrent < 1 or max_queue < 0:
         raise PicochatError(f"--max-concurrent must be >= 1 and --max-queue >= 0 "
                             f"(got {max_concurrent} and {max_queue})")
-    api = Api(engine, model_id, max_concurrent, max_queue, api_key, dtype)
+    limits = limits or ServerLimits()
+    api = Api(engine, model_id, max_concurrent, max_queue, api_key, dtype, limits.body_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        logging.getLogger("asyncio").addFilter(_QUIET)  # once: the same filter is only added once
         api.scheduler.start()
         if banner:
             log(banner)
@@ -337,7 +379,7 @@ def create_app(engine: Engine, model_id: str = "picochat", max_concurrent: int =
     ]
     handlers = {ApiError: api_error, HTTPException: http_error, ClientGone: client_gone, Exception: server_error}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
-    app.state.api = api
+    app.state.api, app.state.limits = api, limits
     return app
 
 
@@ -360,7 +402,11 @@ def bind(host: str, port: int) -> socket.socket:
 
 def _uvicorn(app: Starlette) -> uvicorn.Server:
     # access lines for every request would drown the log under load; errors still show
-    return uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3))
+    limits = app.state.limits
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3,
+                                         timeout_keep_alive=limits.idle_timeout,
+                                         # uvicorn answers 503 once this many are open, counting the new one
+                                         limit_concurrency=limits.max_connections + 1))
 
 
 def url_of(sock: socket.socket) -> str:
@@ -401,7 +447,7 @@ def serve(cfg: ServeConfig) -> None:
               f"max {cfg.max_concurrent} concurrent rows, queue {cfg.max_queue}"
               f"{', API key required' if api_key else ''})")
     app = create_app(Engine(run.model, run.tokenizer), run.path.name, cfg.max_concurrent, cfg.max_queue,
-                     api_key, dtype, banner)
+                     api_key, dtype, banner, cfg.limits)
     try:
         _uvicorn(app).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn has shut down gracefully and re-raised the Ctrl-C: done

@@ -62,7 +62,7 @@ class Metrics:
         self.started = time.time()
         self.counts = dict(requests_total=0, requests_rejected=0, requests_invalid=0, requests_cancelled=0,
                            requests_failed=0, requests_completed=0, tokens_generated=0, prompt_tokens=0,
-                           engine_steps=0, prefills=0)
+                           engine_steps=0, prefills=0, clients_gone=0)
         self.active = 0
         self.last_rows = 0
         self.max_rows = 0

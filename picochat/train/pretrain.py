@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,18 @@ def _check_inputs(cfg: PretrainConfig) -> None:
 
 def pretrain(cfg: PretrainConfig) -> dict:
     _check_inputs(cfg)
+    cache = Path(cfg.cache_dir or str(cfg.save) + ".cache")
+    fresh = not cache.exists()
+    try:
+        return _pretrain(cfg, cache)
+    except BaseException:
+        # a run that fails before its first checkpoint takes the token cache it made with it
+        if fresh and not Path(cfg.save).exists() and distributed.is_main():
+            shutil.rmtree(cache, ignore_errors=True)
+        raise
+
+
+def _pretrain(cfg: PretrainConfig, cache: Path) -> dict:
     stage = Stage("base", cfg)
     cfg = stage.restored(cfg, RESUME_KEYS)
     world, device, dtype = stage.world, stage.device, stage.dtype
@@ -104,7 +117,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     grad_accum = _grad_accum(cfg, world)
     with distributed.main_first():  # rank 0 tokenizes into the cache, the others read it
-        dataset = TokenDataset.build(cfg.data, tok, cache_dir=cfg.cache_dir or str(cfg.save) + ".cache")
+        dataset = TokenDataset.build(cfg.data, tok, cache_dir=cache)
     train_data = PackingLoader(dataset, "train", cfg.batch_size, cfg.seq_len, seed=cfg.run.seed, rank=stage.rank,
                                world_size=world)
     tokens_per_step = cfg.batch_size * cfg.seq_len * grad_accum * world

@@ -64,9 +64,7 @@ class Stage:
         from ..checkpoint import load_run
         save, c = self.cfg.save, self.cfg.run
         if c.resume:
-            run = load_run(save, self.device, trainer_state=True)
-            log(f"resuming {save} at step {run.trainer_state['step']}")
-            return run
+            return load_run(save, self.device, trainer_state=True)
         if Path(save).exists() and not c.overwrite:
             kind = "a file" if Path(save).is_file() else "a run dir"
             raise PicochatError(f"{save} already exists ({kind}): use --resume to continue it, or --overwrite")
@@ -84,7 +82,7 @@ class Stage:
         done = self.resumed.trainer_state["step"]
         given = cfg.run.given
         flags = flags_of(type(cfg))
-        keep, conflicts = {}, []
+        keep, conflicts, notes = {}, [], []
         for key in keys:
             if key not in saved:
                 continue
@@ -97,15 +95,16 @@ class Stage:
             if not chosen or mine in (theirs, planned):
                 keep[key] = theirs
             elif key == "steps" and mine > done:
-                log(f"resume: training on to step {mine} (the run was planned for {planned})")
+                notes.append(f"training on to step {mine} (the run was planned for {planned})")
             elif key == "steps":
-                conflicts.append(f"--steps {mine} (the run is already at step {done})")
+                conflicts.append(f"--steps {mine}, but the run is already at step {done}")
             else:
-                conflicts.append(f"{flags.get(key, key)} {_show(mine)} (the run's: {_show(theirs)})")
+                conflicts.append(f"{flags.get(key, key)} {_show(mine)}, but the run has {_show(theirs)}")
         if conflicts:
-            raise PicochatError(f"--resume: {self.cfg.save} was trained with other settings than "
-                                f"{'; '.join(conflicts)}. Leave them out to resume it as it was, or start "
-                                "a new run (another --save, or --overwrite)")
+            raise PicochatError(f"--resume: {self.cfg.save} was trained with other settings: {'; '.join(conflicts)}. "
+                                "Leave them out to resume it as it was, or start a new run (another --save, or "
+                                "--overwrite)")
+        log(f"resuming {self.cfg.save} at step {done}" + "".join(f"; {n}" for n in notes))
         run = dataclasses.replace(cfg.run, **{k: v for k, v in keep.items() if k in RUN_KEYS})
         return dataclasses.replace(cfg, run=run, **{k: v for k, v in keep.items() if k not in RUN_KEYS})
 
