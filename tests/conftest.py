@@ -42,17 +42,37 @@ def newton_schulz_tolerance(dtype) -> float:
 
 
 def shared_data(*parts: str) -> Path:
-    """A path under ../shared/data, or skip the test with the reason when it is absent."""
+    """A path under ../shared/data, for the checks that need a whole dataset; the test skips,
+    saying why, where it is absent (tests/data has excerpts of the same files for everything else)."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"shared test data not found at {path}")
+        pytest.skip(f"needs the whole dataset, and ../shared/data is not at {SHARED_DATA}")
     return path
+
+
+def _unpacked_excerpts() -> Path:
+    """tests/data as a data dir: a copy with its gzipped texts unpacked, made once per session
+    (per pytest-xdist worker) in a temporary directory."""
+    import gzip
+    import shutil
+    import tempfile
+    import atexit
+    root = Path(tempfile.mkdtemp(prefix="picochat-test-data-")) / "data"
+    atexit.register(shutil.rmtree, root.parent, ignore_errors=True)
+    shutil.copytree(REPO / "tests" / "data", root, ignore=shutil.ignore_patterns("*.py", "README.md"))
+    for gz in root.rglob("*.txt.gz"):
+        gz.with_suffix("").write_bytes(gzip.decompress(gz.read_bytes()))
+        gz.unlink()
+    return root
+
+
+TEST_DATA = _unpacked_excerpts()  # excerpts of the real datasets, laid out like ../shared/data
 
 
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     """~150 KB of real text (Shakespeare), as a .txt file split into paragraphs."""
-    text = shared_data("tinyshakespeare", "input.txt").read_text()[:150_000]
+    text = (TEST_DATA / "tinyshakespeare" / "input.txt").read_text()[:150_000]
     path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
     path.write_text(text)
     return path

@@ -19,7 +19,7 @@ from picochat.evals.chat_eval import (
     letter_ids,
 )
 from picochat.tasks.registry import CHATCORE as CHATCORE_TASKS
-from tests.conftest import run_cli, shared_data
+from tests.conftest import TEST_DATA, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,8 @@ def run(tiny_base):
 
 
 def test_batched_categorical_equals_one_question_at_a_time(run, cpu_path):
-    task = build_eval_task("arc-easy", str(shared_data("arc")))
-    indices = list(range(24))
+    task = build_eval_task("arc-easy", str(TEST_DATA / "arc"))
+    indices = list(range(len(task)))
     device = torch.device("cpu")
     dtype = choose_dtype("auto", device)  # the path this test runs down (cpu_path)
     # a small token budget: several batches of different widths, padding in most rows
@@ -72,17 +72,17 @@ def test_generative_pass_at_k_bookkeeping(run, tmp_path):
 
 
 def test_cli_writes_results_and_reports_missing_tasks(tiny_base, tmp_path):
-    arc = shared_data("arc")
+    arc = TEST_DATA / "arc"
     (tmp_path / "root").mkdir()
     (tmp_path / "root" / "arc").symlink_to(arc)
-    r = run_cli("eval", "chat", "--load", str(tiny_base), "--data", str(tmp_path / "root"), "--limit", "30",
+    r = run_cli("eval", "chat", "--load", str(tiny_base), "--data", str(tmp_path / "root"), "--limit", "10",
                 "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert "ChatCORE" in r.stdout and "over 2 of 6 tasks; missing (no data): mmlu, gsm8k, humaneval, spelling" in r.stdout
     summary = json.loads((tiny_base / "evals" / "arc-easy.json").read_text())
     rows = [json.loads(line) for line in (tiny_base / "evals" / "arc-easy.jsonl").read_text().splitlines()]
-    assert summary["n"] == len(rows) == 30 and [r["index"] for r in rows] == list(range(30))
-    assert summary["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / 30)
+    assert summary["n"] == len(rows) == 10 and [r["index"] for r in rows] == list(range(10))
+    assert summary["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / 10)
     assert summary["centered"] == pytest.approx((summary["accuracy"] - 0.25) / 0.75)
 
 

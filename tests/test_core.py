@@ -22,7 +22,7 @@ from picochat.common import PicochatError
 from picochat.evals.core import (evaluate_core, fewshot_indices, format_core_table, load_tasks, render,
                                  resolve_bundle)
 
-from .conftest import shared_data
+from .conftest import TEST_DATA
 
 # one task per type, with and without shots, with both delimiters
 REAL_TASKS = ["copa", "arc_easy", "winograd", "lambada_openai", "jeopardy"]
@@ -71,7 +71,7 @@ def reference_score(model, tokens, start, end, max_len):
 
 @pytest.mark.parametrize("context", [128, 4096])  # the tiny model's own 128 crops most prompts
 def test_predictions_match_unbatched_reference(tiny_base, tmp_path, context):
-    bundle = shared_data("core_eval_bundle")
+    bundle = TEST_DATA / "core_eval_bundle"
     run = load_run(tiny_base, "cpu")
     run.model.config.sequence_len = context  # crop length; rotary grows, windows are fixed at init
     out = tmp_path / "rows.jsonl"
@@ -196,7 +196,7 @@ def test_centered_scores_and_core_mean(synthetic, tmp_path):
 
 
 def test_real_bundle_reports_missing_tasks(tiny_base):
-    bundle = shared_data("core_eval_bundle")
+    bundle = TEST_DATA / "core_eval_bundle"
     run = load_run(tiny_base, "cpu")
     res = evaluate_core(run.model, run.tokenizer, bundle, torch.device("cpu"), torch.float32, limit=2,
                         tasks=["copa", "hellaswag", "squad"])

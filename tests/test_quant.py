@@ -17,7 +17,7 @@ from picochat.kv_cache import KVCache
 from picochat.int8 import INT8_MM_MAX_ROWS, Int8Embedding, Int8Linear, quantize_model, quantize_weight
 from picochat.quantize import QuantizeConfig, quantize_run
 
-from .conftest import cpu_run, shared_data
+from .conftest import TEST_DATA, cpu_run
 
 
 def _rel(a, b):
@@ -44,7 +44,7 @@ def quantized(trained, tmp_path_factory):
 @pytest.fixture(scope="module")
 def heldout(tmp_path_factory):
     """Shakespeare the models never saw (small_corpus is the first 150,000 characters)."""
-    text = shared_data("tinyshakespeare", "input.txt").read_text()[150_000:190_000]
+    text = (TEST_DATA / "tinyshakespeare" / "input.txt").read_text()[150_000:190_000]
     path = tmp_path_factory.mktemp("heldout") / "heldout.txt"
     path.write_text(text)
     return path

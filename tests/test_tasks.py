@@ -1,4 +1,5 @@
-"""Tasks on the real datasets in ../shared/data: conversations, graders, layouts, mixtures."""
+"""Tasks on real data (the excerpts in tests/data; the whole datasets in ../shared/data for the
+counts at the end): conversations, graders, layouts, mixtures."""
 
 import gzip
 import itertools
@@ -22,8 +23,12 @@ from picochat.conversation import render_conversation
 from picochat.tokenizer import Tokenizer
 from picochat.tools import calculate
 
-from .conftest import SHARED_DATA as DATA
-from .conftest import shared_data as data
+from .conftest import TEST_DATA as DATA
+from .conftest import shared_data
+
+
+def data(*parts: str) -> Path:
+    return DATA.joinpath(*parts)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +63,7 @@ def test_chat_smoltalk_jsonl(tmp_path, capsys):
 
 def test_chat_sharegpt_json():
     task = Chat(data("chat", "fastchat", "dummy_conversation.json"))
-    assert len(task) == 500
+    assert len(task) == 30
     assert task[0]["messages"][:2] == [
         {"role": "user", "content": "Who are you?"},
         {"role": "assistant", "content": "I am Vicuna, a language model trained by researchers from "
@@ -75,7 +80,7 @@ def test_chat_wrong_fields(tmp_path):
 
 def test_gsm8k_first_train_example():
     task = GSM8K(data("gsm8k"), split="train")
-    assert len(task) == 7473
+    assert len(task) == 50
     ex = task[0]
     assert ex["messages"][0]["content"].startswith("Natalia sold clips to 48 of her friends")
     assert ex["messages"][1]["content"] == [
@@ -93,9 +98,9 @@ def test_gsm8k_first_train_example():
 def test_gsm8k_reward():
     path = data("gsm8k", "test.jsonl")
     task = GSM8K(path, split="test")
-    assert len(task) == 1319
+    assert len(task) == 20
     raw = read_records(path)
-    for ex, rec in list(zip(task, raw))[:100]:
+    for ex, rec in zip(task, raw):
         assert task.reward(ex, rec["answer"]) == 1.0  # the reference solution, as text
         assert task.reward(ex, rec["answer"].rsplit("####", 1)[0] + f"#### {ex['answer'] + 1}") == 0.0
     ex = {"answer": 1200.0}
@@ -107,11 +112,10 @@ def test_gsm8k_reward():
         {"type": "python_output", "text": "2"}, {"type": "text", "text": "2 b"}]
 
 
-def test_calculator_reproduces_gsm8k_annotations():
-    """The engine's calculator must give the annotated results (numerically; "144.00" == "144")."""
-    task = GSM8K(data("gsm8k", "train.jsonl"))
+def calculator_agreement(task, n: int) -> tuple[int, int]:
+    """(calls that give the annotated result, calls) over the first n examples of a GSM8K task."""
     total = ok = 0
-    for ex in list(task)[:2000]:
+    for ex in list(task)[:n]:
         parts = ex["messages"][1]["content"]
         for call, out in itertools.pairwise(parts):
             if call["type"] == "python":
@@ -121,37 +125,43 @@ def test_calculator_reproduces_gsm8k_annotations():
                     ok += abs(float(got) - float(out["text"])) <= 1e-6 * max(1.0, abs(float(out["text"])))
                 except ValueError:
                     pass
-    assert total > 5000 and ok / total > 0.99, (ok, total)
+    return ok, total
+
+
+def test_calculator_reproduces_gsm8k_annotations():
+    """The engine's calculator must give the annotated results (numerically; "144.00" == "144")."""
+    ok, total = calculator_agreement(GSM8K(data("gsm8k", "train.jsonl")), 50)
+    assert total > 100 and ok == total, (ok, total)
 
 
 # ----------------------------------------------------------------------------- arc / mmlu
 
 def test_arc_numeric_labels_become_letters():
     task = ARC(data("arc", "ARC-Easy-train.jsonl"))
-    assert len(task) == 2251
+    assert len(task) == 14  # the first 12 rows, then rows 289 and 753
     ex = task[4]  # NYSEDREGENTS_2006_8_10: labels "1".."4", answerKey "3"
     assert ex["id"] == "NYSEDREGENTS_2006_8_10"
     assert ex["letters"] == ["A", "B", "C", "D"] and ex["answer"] == "C"
     assert "\nC. how they formed\n" in ex["messages"][0]["content"]
     assert ex["messages"][1]["content"] == "C"
-    assert task[753]["letters"] == list("ABCDE")  # a 5-choice item
-    assert task[289]["letters"] == list("ABC")  # a 3-choice item
+    assert task[13]["letters"] == list("ABCDE")  # a 5-choice item (row 753)
+    assert task[12]["letters"] == list("ABC")  # a 3-choice item (row 289)
     assert task.kind == "categorical"
     assert task.reward(ex, "C") == 1.0 and task.reward(ex, " (c).") == 1.0 and task.reward(ex, "B") == 0.0
 
 
 def test_arc_directory_layout():
     d = data("arc")
-    assert len(build_task("arc-challenge", d, split="test")) == 1172
-    assert len(build_task("arc", d, split="validation")) == 570 + 299
+    assert len(build_task("arc-challenge", d, split="test")) == 12
+    assert len(build_task("arc", d, split="validation")) == 12 + 12
 
 
 def test_mmlu_arrow_layout_counts():
     root = data("mmlu", "hf_arrow_mmlu_no_train")
-    assert len(MMLU(root, "test")) == 14042
-    assert len(MMLU(root, "dev")) == 285
-    assert [len(MMLU(root, s, subject="anatomy")) for s in ("dev", "validation", "test")] == [5, 14, 135]
-    assert len(MMLU(root / "anatomy", "test")) == 135  # one subject's directory
+    assert len(MMLU(root, "test")) == 30 + 20  # anatomy and astronomy
+    assert len(MMLU(root, "dev")) == 10
+    assert [len(MMLU(root, s, subject="anatomy")) for s in ("dev", "validation", "test")] == [5, 14, 30]
+    assert len(MMLU(root / "anatomy", "test")) == 30  # one subject's directory
     ex = MMLU(root / "anatomy", "test")[0]
     assert ex["subject"] == "anatomy" and ex["answer"] == "A" and ex["letters"] == list("ABCD")
     assert ex["messages"][0]["content"].startswith("A lesion causing compression of the facial nerve")
@@ -161,8 +171,8 @@ def test_mmlu_arrow_layout_counts():
 
 def test_mmlu_csv_and_parquet(tmp_path):
     csv_root = data("mmlu", "csv_haechan")
-    assert len(MMLU(csv_root, "test", subject="anatomy")) == 135
-    assert len(MMLU(csv_root, "dev")) == 285
+    assert len(MMLU(csv_root, "test", subject="anatomy")) == 30
+    assert len(MMLU(csv_root, "dev")) == 10
     import pyarrow as pa
     import pyarrow.parquet as pq
     rows = [{"question": "2+2?", "subject": "math", "choices": ["3", "4", "5", "6"], "answer": 1}]
@@ -176,7 +186,7 @@ def test_mmlu_csv_and_parquet(tmp_path):
 
 def test_humaneval_program_compiles():
     task = HumanEval(data("humaneval", "HumanEval.jsonl.gz"))
-    assert len(task) == 164
+    assert len(task) == 40
     ex = task[0]
     assert ex["entry_point"] == "has_close_elements" and ex["task_id"] == "HumanEval/0"
     raw = read_records(data("humaneval", "HumanEval.jsonl.gz"))[0]
@@ -338,3 +348,24 @@ def test_every_task_renders(tok, tmp_path):
         for i in range(min(50, len(task))):
             ids, mask = render_conversation(tok, task[i])
             assert len(ids) == len(mask) and sum(mask) > 0, (task.name, i)
+
+
+# ----------------------------------------------------------------------------- the whole datasets
+
+def test_whole_datasets_read_in_full():
+    """Row counts of the full sets and the calculator over 2,000 GSM8K solutions: a larger check,
+    on ../shared/data (skipped where it is not)."""
+    full = shared_data()
+    assert len(GSM8K(full / "gsm8k", split="train")) == 7473 and len(GSM8K(full / "gsm8k", split="test")) == 1319
+    ok, total = calculator_agreement(GSM8K(full / "gsm8k" / "train.jsonl"), 2000)
+    assert total > 5000 and ok / total > 0.99, (ok, total)
+    easy = ARC(full / "arc" / "ARC-Easy-train.jsonl")
+    assert len(easy) == 2251 and easy[753]["letters"] == list("ABCDE") and easy[289]["letters"] == list("ABC")
+    assert len(build_task("arc-challenge", full / "arc", split="test")) == 1172
+    assert len(build_task("arc", full / "arc", split="validation")) == 570 + 299
+    root = full / "mmlu" / "hf_arrow_mmlu_no_train"
+    assert len(MMLU(root, "test")) == 14042 and len(MMLU(root, "dev")) == 285
+    assert [len(MMLU(root, s, subject="anatomy")) for s in ("dev", "validation", "test")] == [5, 14, 135]
+    assert len(MMLU(full / "mmlu" / "csv_haechan", "test", subject="anatomy")) == 135
+    assert len(HumanEval(full / "humaneval")) == 164
+    assert len(Chat(full / "chat" / "fastchat" / "dummy_conversation.json")) == 500
