@@ -56,7 +56,8 @@ COMMANDS: dict[tuple[str, ...], Command] = {
                                    _table("picochat.tokenizer", "format_eval_table")),
     ("data", "prepare"): Command("turn text files into parquet shards with a `text` column",
                                  "picochat.data.prepare:PrepareConfig", "picochat.data.prepare:prepare"),
-    ("data", "download"): Command("fetch FineWeb-Edu parquet shards (resumable)", "picochat.data.download:DownloadConfig",
+    ("data", "download"): Command("fetch datasets into the data dir: pretraining shards, chat and eval sets "
+                                  "(resumable, verified)", "picochat.data.download:DownloadConfig",
                                   "picochat.data.download:download"),
     ("pretrain",): Command("pretrain a base model", "picochat.train.pretrain:PretrainConfig",
                            "picochat.train.pretrain:pretrain", _summary),

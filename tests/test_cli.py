@@ -5,7 +5,6 @@ import argparse
 import ast
 import dataclasses
 import typing
-from pathlib import Path
 
 import pytest
 
@@ -21,6 +20,8 @@ def _required(parser: argparse.ArgumentParser) -> list[str]:
     for action in parser._actions:
         if action.required and action.option_strings:
             argv += [action.option_strings[0], *(["x"] if action.nargs in (None, "+") else [])]
+        elif not action.option_strings and action.nargs in (None, "+"):  # a positional
+            argv.append("x")
     return argv
 
 

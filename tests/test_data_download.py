@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from picochat.common import PicochatError
-from picochat.data.download import download_shards
+from picochat.data.urls import download_shards
 from picochat.data.sources import iter_documents
 
 
@@ -146,3 +146,154 @@ def test_persistent_failure_gives_up(tmp_path, hub):
     # retries=0: one attempt only, and it fails
     with pytest.raises(PicochatError, match="after 1 attempts"):
         download_shards(tmp_path, 1, base_url=hub.url, retries=0, backoff=0.01)
+
+
+# ----------------------------------------------------------------------------- `picochat data download`, against a Hub
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from .conftest import REPO  # noqa: E402
+from .hub_server import PARQUET, fill  # noqa: E402
+from .hub_server import FakeHub as LoopbackHub  # noqa: E402
+
+
+@pytest.fixture
+def fake_hub():
+    with LoopbackHub() as h:
+        fill(h)
+        yield h
+
+
+def _env(hub, **more) -> dict:
+    return dict(os.environ, PYTHONPATH=str(REPO), HF_ENDPOINT=hub.url, PICOCHAT_FILES_URL=hub.url + "/files",
+                HF_HUB_DISABLE_TELEMETRY="1", **more)
+
+
+def _download(hub, data_dir, *names, timeout=120):
+    """`picochat data download`, patient for one second of silence, three retries."""
+    return subprocess.run([sys.executable, "-m", "picochat", "data", "download", *names, "--data-dir", str(data_dir),
+                           "--timeout", "1", "--retries", "3"],
+                          capture_output=True, text=True, env=_env(hub), timeout=timeout)
+
+
+def test_every_chat_and_eval_set_lands_where_the_tasks_find_it(fake_hub, tmp_path):
+    from picochat.evals.core import load_tasks, resolve_bundle
+    from picochat.tasks import build_task
+    r = _download(fake_hub, tmp_path, "chat")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "download: done" in r.stdout and "Next: picochat speedrun" in r.stdout
+    assert len(build_task("smoltalk", tmp_path / "smoltalk")) == 24  # two parquet parts
+    assert len(build_task("smoltalk", tmp_path / "smoltalk", split="test")) == 6
+    assert len(build_task("gsm8k", tmp_path / "gsm8k")) == 40 and len(build_task("gsm8k", tmp_path / "gsm8k",
+                                                                                  split="test")) == 20
+    assert len(build_task("arc-easy", tmp_path / "arc", split="test")) == 12
+    assert len(build_task("mmlu", tmp_path / "mmlu")) == 30  # train: auxiliary_train
+    assert len(build_task("mmlu", tmp_path / "mmlu", split="test")) == 8
+    assert len(build_task("humaneval", tmp_path / "humaneval")) == 10
+    assert len(build_task("spelling", tmp_path / "words" / "words_alpha.txt", size=10)) == 10
+    assert [t["label"] for t in load_tasks(resolve_bundle(str(tmp_path)), ["copa"])] == ["copa"]
+    # a rerun fetches nothing again
+    n = len(fake_hub.requests)
+    r = _download(fake_hub, tmp_path, "gsm8k", "arc")
+    assert r.returncode == 0 and "8 of 8 files already in place" in r.stdout
+    assert not [p for m, p, _ in fake_hub.requests[n:] if m == "GET" and "/resolve/" in p]
+
+
+def _big_shards(hub, n: int) -> None:
+    """8 MB shards of incompressible text, so that a response cut halfway leaves megabytes on disk."""
+    import base64
+    import random
+
+    from .hub_server import parquet
+    for i in range(n):
+        rng = random.Random(i)
+        docs = [{"text": base64.b64encode(rng.randbytes(6000)).decode()} for _ in range(1000)]
+        hub.add("karpathy/fineweb-edu-100b-shuffle", f"shard_{i:05d}.parquet", parquet(docs, compression="none"))
+    hub.part = 0.5
+
+
+def test_pretraining_shards_and_a_cut_or_stalled_connection(fake_hub, tmp_path):
+    _big_shards(fake_hub, 2)
+    fake_hub.cut_first.add("/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_00000.parquet")
+    fake_hub.stall_first["/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_00001.parquet"] = 3.0
+    t0 = time.monotonic()
+    r = _download(fake_hub, tmp_path, "fineweb-edu", "--num-shards", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert time.monotonic() - t0 < 60
+    for i in range(2):
+        assert (tmp_path / "fineweb-edu" / f"shard_{i:05d}.parquet").read_bytes() == \
+            fake_hub.repos["karpathy/fineweb-edu-100b-shuffle", "main"][f"shard_{i:05d}.parquet"]
+    # each resumed where its first response stopped: the second GET asked for the rest
+    for i in range(2):
+        ranges = fake_hub.gets(f"shard_{i:05d}.parquet")
+        assert ranges[0] is None and ranges[-1] is not None and ranges[-1].startswith("bytes="), ranges
+    assert not list(tmp_path.rglob("*.part"))
+
+
+def test_a_corrupt_file_is_refused_and_fetched_again_by_a_rerun(fake_hub, tmp_path):
+    bad = f"/datasets/openai/gsm8k/resolve/{PARQUET}/main/test/0000.parquet"
+    fake_hub.corrupt.add(bad)
+    r = _download(fake_hub, tmp_path, "gsm8k")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: download of ")
+    assert "sha256" in r.stderr and not (tmp_path / "gsm8k" / "test-00000-of-00001.parquet").exists()
+    fake_hub.corrupt.clear()
+    r = _download(fake_hub, tmp_path, "gsm8k")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "gsm8k" / "test-00000-of-00001.parquet").is_file()
+
+
+def test_missing_and_unreachable(fake_hub, tmp_path):
+    del fake_hub.repos["openai/gsm8k", PARQUET]
+    r = _download(fake_hub, tmp_path, "gsm8k")
+    assert r.returncode == 2 and "not found on the Hub" in r.stderr and "openai/gsm8k" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    with socket_closed() as url:  # no server there: as good as no network
+        env = dict(os.environ, PYTHONPATH=str(REPO), HF_ENDPOINT=url)
+        r = subprocess.run([sys.executable, "-m", "picochat", "data", "download", "arc", "--data-dir", str(tmp_path)],
+                           capture_output=True, text=True, env=env, timeout=120)
+    line = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and line.startswith("error: cannot download ") and url in line
+    assert "HF_ENDPOINT" in line and "--data-dir" in line
+    r = _download(fake_hub, tmp_path, "nosuch")
+    assert r.returncode == 2 and "unknown dataset 'nosuch'" in r.stderr
+
+
+def test_an_interrupted_download_continues_where_it_stopped(fake_hub, tmp_path):
+    _big_shards(fake_hub, 1)
+    path = "/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_00000.parquet"
+    fake_hub.stall_first[path] = 30.0  # half arrives, then nothing: Ctrl-C meanwhile
+    proc = subprocess.Popen([sys.executable, "-m", "picochat", "data", "download", "fineweb-edu", "--num-shards", "1",
+                             "--data-dir", str(tmp_path)], env=_env(fake_hub), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    part = tmp_path / "fineweb-edu" / "shard_00000.parquet.part"
+    deadline = time.monotonic() + 60
+    while not (part.exists() and part.stat().st_size >= 3_000_000):  # half the shard is on disk
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=10)  # at once, not after the stalled file
+    assert proc.returncode == 130 and not (tmp_path / "fineweb-edu" / "shard_00000.parquet").exists()
+    r = _download(fake_hub, tmp_path, "fineweb-edu", "--num-shards", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert fake_hub.gets("shard_00000.parquet")[-1].startswith("bytes=")  # the rerun asked for the rest only
+    data = fake_hub.repos["karpathy/fineweb-edu-100b-shuffle", "main"]["shard_00000.parquet"]
+    assert (tmp_path / "fineweb-edu" / "shard_00000.parquet").read_bytes() == data
+
+
+class socket_closed:
+    """A loopback URL where nothing listens."""
+
+    def __enter__(self):
+        import socket
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        self.port = s.getsockname()[1]
+        s.close()
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc):
+        pass

@@ -389,7 +389,7 @@ def test_decode_batch_rows_join_and_leave_between_steps(model, tok):
     """Continuous batching: requests join a running batch (longer prompts than its position move
     it right; leading positions nobody uses are dropped), n rows share a prefill, a row can be
     dropped; every row still gets exactly the tokens it gets alone."""
-    from picochat.decode_batch import DecodeBatch, GenRequest
+    from picochat.decode_batch import GenRequest
     engine = Engine(model, tok)
     p = _prompts(tok)
     joins = {0: [GenRequest(p[0], max_tokens=12, temperature=0.0, key="a"),

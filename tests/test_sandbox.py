@@ -8,7 +8,6 @@ import json
 import os
 import socket
 import sys
-import time
 
 import pytest
 

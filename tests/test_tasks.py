@@ -165,7 +165,7 @@ def test_mmlu_arrow_layout_counts():
     ex = MMLU(root / "anatomy", "test")[0]
     assert ex["subject"] == "anatomy" and ex["answer"] == "A" and ex["letters"] == list("ABCD")
     assert ex["messages"][0]["content"].startswith("A lesion causing compression of the facial nerve")
-    with pytest.raises(PicochatError, match="no 'train' files"):
+    with pytest.raises(PicochatError, match="no 'auxiliary_train' files"):
         MMLU(root, "train")
 
 

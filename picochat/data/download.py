@@ -1,156 +1,172 @@
-"""Download pretraining shards (by default nanochat's FineWeb-Edu 100B shuffled parquet shards).
+"""`picochat data download NAME...`: fetch datasets into the data dir (datasets.py says which).
 
-Standard library only (urllib). Each shard is fetched into `<name>.part`; an interrupted download
-resumes from where it stopped with an HTTP Range request, errors and timeouts are retried with
-exponential backoff, the size is checked against Content-Length/Content-Range, and only then is
-the file fsynced and renamed to its final name. A final name therefore always means a complete
-shard, and shards that are already there are skipped.
+Hub datasets come from their parquet export (or nanochat's shard repos) through the Hub's client
+(hub.py); the CORE bundle and the word list from their URLs (urls.py). Either way a file appears
+under its final name only when whole and verified (size; sha256 where the Hub gives one), files
+already there are skipped, several download at once, and an interrupted run (Ctrl-C, a lost
+connection) continues where it stopped when run again.
 """
 
 from __future__ import annotations
 
-import http.client
-import os
-import re
+import queue
+import threading
 import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from picochat.common import PicochatError, fsync, log
-from picochat.settings import check, setting
-
-FINEWEB_EDU_URL = ("https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/"
-                   "shard_{index:05d}.parquet")
-FINEWEB_EDU_NUM_SHARDS = 1823  # shard_00000 .. shard_01822; nanochat keeps the last one for val
-
-# Status codes that will not get better by asking again.
-_FATAL_STATUS = {400, 401, 403, 404, 405, 410, 451}
-_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
-_CHUNK = 1 << 20
-
-
-def shard_url(base_url: str, index: int) -> str:
-    """`base_url` is a pattern with {index}; a plain directory URL gets /shard_{index:05d}.parquet."""
-    if "{" not in base_url:
-        base_url = base_url.rstrip("/") + "/shard_{index:05d}.parquet"
-    return base_url.format(index=index)
-
-
-def _fetch_once(url: str, part: Path, timeout: float) -> None:
-    """One attempt: append to (or restart) `part`. Raises on any error or short body."""
-    have = part.stat().st_size if part.exists() else 0
-    req = urllib.request.Request(url, headers={"User-Agent": "picochat"})
-    if have:
-        req.add_header("Range", f"bytes={have}-")
-    try:
-        resp = urllib.request.urlopen(req, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and have:
-            # "range not satisfiable": either the .part is already complete (a crash between the
-            # last byte and the rename) or it is longer than the file (file changed): start over
-            if (e.headers.get("Content-Range") or "").strip() == f"bytes */{have}":
-                return
-            part.unlink()
-        raise
-    with resp:
-        if have and resp.status == 206:
-            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
-            if not m or int(m.group(1)) != have:
-                part.unlink()  # a range we did not ask for: do not splice it in
-                raise OSError(f"unexpected Content-Range {resp.headers.get('Content-Range')!r}")
-            total = int(m.group(3)) if m.group(3) != "*" else None
-            mode = "ab"
-        else:
-            # 200: the server sent the whole file (it ignored or does not support Range)
-            length = resp.headers.get("Content-Length")
-            total = int(length) if length is not None else None
-            mode = "wb"
-        # whatever arrives is kept on disk even if the connection drops, so the retry resumes
-        with open(part, mode) as f:
-            while chunk := resp.read(_CHUNK):
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-    size = part.stat().st_size
-    if total is not None and size != total:
-        raise OSError(f"incomplete download: {size} of {total} bytes")
-
-
-def download_file(url: str, dest: Path, retries: int = 5, timeout: float = 30,
-                  backoff: float = 1.0) -> Path:
-    """Download `url` to `dest` (resumable, retried, verified, atomic)."""
-    dest = Path(dest)
-    if dest.exists():
-        return dest
-    part = dest.with_name(dest.name + ".part")
-    last: Exception | None = None
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(min(backoff * 2 ** (attempt - 1), 60.0))
-        try:
-            _fetch_once(url, part, timeout)
-            if dest.suffix == ".parquet":
-                with open(part, "rb") as f:
-                    f.seek(-4, os.SEEK_END)
-                    if f.read(4) != b"PAR1":
-                        part.unlink()  # e.g. an HTML error page served with status 200
-                        raise OSError("downloaded file is not a parquet file")
-            os.replace(part, dest)
-            fsync(dest.parent)
-            return dest
-        except urllib.error.HTTPError as e:
-            if e.code in _FATAL_STATUS:
-                raise PicochatError(f"download failed: HTTP {e.code} {e.reason} for {url}") from None
-            last = e
-        except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError) as e:
-            last = e
-        log(f"download {url}: attempt {attempt + 1}/{retries + 1} failed ({last}); retrying")
-    raise PicochatError(f"download failed after {retries + 1} attempts: {url} ({last})")
-
-
-def download_shards(out_dir: str | Path, num_shards: int, base_url: str = FINEWEB_EDU_URL,
-                    start: int = 0, retries: int = 5, timeout: float = 30, backoff: float = 1.0,
-                    workers: int = 4) -> list[Path]:
-    """Download shards start .. start+num_shards-1 into out_dir; returns their paths in order.
-
-    A few downloads run at once (threads: the work is network-bound)."""
-    if num_shards <= 0:
-        raise PicochatError(f"num_shards must be positive, got {num_shards}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    indices = range(start, start + num_shards)
-    dests = [out_dir / f"shard_{i:05d}.parquet" for i in indices]
-    todo = [(shard_url(base_url, i), d) for i, d in zip(indices, dests) if not d.exists()]
-    if len(todo) < len(dests):
-        log(f"{len(dests) - len(todo)} of {len(dests)} shards already in {out_dir}")
-    t0 = time.perf_counter()
-
-    def one(job: tuple[str, Path]) -> Path:
-        url, dest = job
-        path = download_file(url, dest, retries=retries, timeout=timeout, backoff=backoff)
-        log(f"downloaded {dest.name} ({dest.stat().st_size / 1e6:.1f} MB)")
-        return path
-
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo) or 1))) as pool:
-        list(pool.map(one, todo))  # re-raises the first error
-    if todo:
-        mb = sum(d.stat().st_size for _, d in todo) / 1e6
-        log(f"downloaded {len(todo)} shard(s), {mb:.1f} MB in {time.perf_counter() - t0:.1f}s to {out_dir}")
-    return dests
+from ..common import PicochatError, format_duration, log
+from ..settings import check, setting
+from . import hub
+from .datasets import DATASETS, GROUPS, HubParquet, HubShards, Url, data_dir
+from .urls import download_file, download_shards
 
 
 @dataclass
 class DownloadConfig:
-    save: str = setting(help="output directory")
-    num_shards: int = setting(8, "how many shards", low=1)
-    start: int = setting(0, "the first shard's number", low=0)
-    base_url: str | None = setting(None, "URL pattern with {index} (default: FineWeb-Edu 100B shuffled)")
+    names: list[str] = setting(help=f"what to fetch: {', '.join([*DATASETS, *GROUPS])} (chat: every chat and eval "
+                                    "set)", positional=True)
+    data_dir: str | None = setting(None, "where datasets live (default: $PICOCHAT_DATA, else ~/.cache/picochat/data)")
+    num_shards: int = setting(8, "pretraining shards to fetch (fineweb-edu, climbmix), from the first", low=1)
+    workers: int = setting(4, "files downloading at once", low=1)
+    timeout: float = setting(30.0, "seconds without a byte before a download is retried", low=0.1)
+    retries: int = setting(5, "retries of a failed download, with backoff", low=0)
+    base_url: str | None = setting(None, "shards from a URL pattern with {index} instead of the Hub (fineweb-edu, "
+                                         "climbmix; default: the Hub)")
+
+
+def expand(names: list[str]) -> list[str]:
+    """Dataset names, groups expanded, in order, each once; an unknown name is an error."""
+    out = []
+    for name in names:
+        if name not in DATASETS and name not in GROUPS:
+            raise PicochatError(f"unknown dataset {name!r} (choose from {', '.join([*DATASETS, *GROUPS])})")
+        out += [n for n in GROUPS.get(name, (name,)) if n not in out]
+    return out
+
+
+class _Tally:
+    """The whole job's progress: bytes as they arrive (a line every few seconds, with rate and
+    ETA when the total is known) and files as they land."""
+
+    def __init__(self, files: int, total_bytes: int | None):
+        self.files, self.total, self.done, self.bytes = files, total_bytes, 0, 0
+        self.t0 = self.shown = time.perf_counter()
+        self.lock = threading.Lock()
+
+    def arrived(self, n: int) -> None:
+        with self.lock:
+            self.bytes += n
+            now = time.perf_counter()
+            if now - self.shown >= 5:
+                self.shown = now
+                log(self._line(now))
+
+    def landed(self, path: Path) -> None:
+        with self.lock:
+            self.done += 1
+            log(f"{self._line(time.perf_counter())} | {path}")
+
+    def _line(self, now: float) -> str:
+        dt = max(now - self.t0, 1e-9)
+        rate = self.bytes / dt
+        of = f" of {self.total / 1e6:,.1f}" if self.total else ""
+        eta = f", eta {format_duration((self.total - self.bytes) / rate)}" if self.total and rate > 0 else ""
+        return (f"download: {self.done}/{self.files} files, {self.bytes / 1e6:,.1f}{of} MB at "
+                f"{rate / 1e6:.1f} MB/s{eta}")
 
 
 def download(cfg: DownloadConfig) -> list[Path]:
-    """`picochat data download`."""
+    """Fetch each named dataset into the data dir; returns where each lives."""
     check(cfg)
-    return download_shards(cfg.save, cfg.num_shards, start=cfg.start, base_url=cfg.base_url or FINEWEB_EDU_URL)
+    names = expand(cfg.names)
+    root = data_dir(cfg.data_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    log(f"download: {', '.join(names)} into {root} (Hub: {hub.endpoint()})")
+    jobs: list[tuple] = []  # (name, what to fetch, destination)
+    for name in names:
+        d = DATASETS[name]
+        dest = root / d.place
+        src = d.source
+        if isinstance(src, HubShards):
+            if cfg.base_url:
+                jobs.append((name, ("pattern", cfg.base_url), dest))
+                continue
+            listed = {f.path: f for f in hub.list_files(src.repo)}
+            for i in range(min(cfg.num_shards, src.count)):
+                shard = f"shard_{i:05d}.parquet"
+                if shard not in listed:
+                    raise PicochatError(f"not found on the Hub: {shard} in {src.repo} ({hub.endpoint()})")
+                jobs.append((name, listed[shard], dest / shard))
+        elif isinstance(src, HubParquet):
+            for config, splits in src.configs:
+                for split in splits:
+                    files = hub.list_parquet(src.repo, config, split)
+                    place = dest / config if src.by_config else dest
+                    jobs += [(name, f, place / f"{split}-{k:05d}-of-{len(files):05d}.parquet")
+                             for k, f in enumerate(files)]
+        else:
+            jobs.append((name, src, dest))
+    todo = [j for j in jobs if not _present(j)]
+    if len(todo) < len(jobs):
+        log(f"download: {len(jobs) - len(todo)} of {len(jobs)} files already in place")
+    sizes = [j[1].size for j in todo if isinstance(j[1], hub.RemoteFile)]
+    tally = _Tally(len(todo), sum(sizes) if sizes and None not in sizes and len(sizes) == len(todo) else None)
+    for path in _in_threads(lambda job: _fetch(job, cfg, tally), todo, cfg.workers):
+        tally.landed(path)
+    log(f"download: done; {root} holds {', '.join(names)}. Next: picochat speedrun --preset <name> "
+        f"(or --eval-data {root} for the evals)")
+    return [root / DATASETS[n].place for n in names]
+
+
+def _in_threads(fn, jobs: list, workers: int):
+    """fn(job) for every job, `workers` at a time, yielding results as they come; the first error
+    is raised. Daemon threads: Ctrl-C (or an error) ends the process at once, not after the files
+    in flight (the Hub client keeps what they got for the next run)."""
+    todo, done = queue.Queue(), queue.Queue()
+    for job in jobs:
+        todo.put(job)
+
+    def work():
+        while True:
+            try:
+                job = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.put((None, fn(job)))
+            except BaseException as e:  # handed to the main thread, which raises it
+                done.put((e, None))
+
+    for _ in range(max(1, min(workers, len(jobs)))):
+        threading.Thread(target=work, daemon=True, name="picochat-download").start()
+    for _ in jobs:
+        error, result = done.get()
+        if error is not None:
+            raise error
+        yield result
+
+
+def _present(job) -> bool:
+    _, what, dest = job
+    if isinstance(what, tuple):  # a URL pattern: download_shards skips what is there itself
+        return False
+    if isinstance(what, Url) and what.unzip:
+        return (dest / "core.yaml").is_file()
+    return dest.is_file()
+
+
+def _fetch(job, cfg: DownloadConfig, tally: _Tally) -> Path:
+    _, what, dest = job
+    if isinstance(what, hub.RemoteFile):
+        return hub.fetch(what, dest, cfg.timeout, cfg.retries, tally.arrived)
+    if isinstance(what, tuple):  # shards at the user's URL pattern
+        download_shards(dest, cfg.num_shards, base_url=what[1], workers=cfg.workers, timeout=cfg.timeout,
+                        retries=cfg.retries)
+        return dest
+    if what.unzip:
+        from ..evals.core import resolve_bundle
+        return resolve_bundle(what.resolved(), cache_dir=str(dest))
+    return download_file(what.resolved(), dest, retries=cfg.retries, timeout=cfg.timeout, on_bytes=tally.arrived,
+                         hint=". Without a network, set PICOCHAT_FILES_URL to a mirror, or put the file in the data "
+                              "dir yourself (--data-dir or $PICOCHAT_DATA)")

@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import LoadOptions, eval_name, open_for_inference, save_eval
+from ..data.datasets import DATASETS, dataset_path
 from ..common import PicochatError, Progress, autocast, fsync, log, set_threads, write_atomic
 from ..settings import check, setting
 
-CORE_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 FIELDS = {"multiple_choice": ("query", "choices", "gold"),
           "schema": ("context_options", "continuation", "gold"),
           "language_modeling": ("context", "continuation")}
@@ -48,13 +48,9 @@ ORDER_SEED, SHOTS_SEED = 1337, 1234  # nanochat's: rows shuffled once per task, 
 
 # ----------------------------------------------------------------------------- the bundle
 
-def default_cache() -> Path:
-    root = os.environ.get("PICOCHAT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "picochat")
-    return Path(root) / "eval_bundle"
-
-
-def resolve_bundle(bundle: str | None = None, cache_dir: str | None = None, url: str = CORE_BUNDLE_URL) -> Path:
-    """A local bundle directory, or (bundle None or an http(s) URL) the zip downloaded into the cache.
+def resolve_bundle(bundle: str | None = None, cache_dir: str | None = None, url: str | None = None) -> Path:
+    """A local bundle directory, or (bundle None or an http(s) URL) the zip downloaded into the
+    cache (default: the data dir's core_eval_bundle, where `picochat data download core` puts it).
 
     The zip is extracted into a temporary directory next to the cache and renamed into place, so
     the cache path either holds a whole bundle or does not exist: a killed run never leaves half."""
@@ -67,10 +63,10 @@ def resolve_bundle(bundle: str | None = None, cache_dir: str | None = None, url:
             raise PicochatError(f"CORE bundle {path} has no core.yaml (expected nanochat's eval_bundle "
                                 "layout: core.yaml, eval_meta_data.csv, eval_data/)")
         return path
-    from ..data.download import download_file  # resumable, retried, atomic; 404 is a PicochatError
+    from ..data.urls import download_file  # resumable, retried, atomic; 404 is a PicochatError
 
-    url = bundle or url
-    dest = Path(cache_dir).expanduser() if cache_dir else default_cache()
+    url = bundle or url or DATASETS["core"].source.resolved()
+    dest = Path(cache_dir).expanduser() if cache_dir else dataset_path("core")
     if (dest / "core.yaml").is_file():
         return dest
     if dest.exists():

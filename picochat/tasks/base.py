@@ -110,6 +110,24 @@ def read_records(path: str | Path, fields: tuple[str, ...] = (), what: str = "da
     return records
 
 
+def split_files(directory: Path, split: str, names: tuple[str, ...] = ()) -> list[Path]:
+    """A split's files in a dataset directory: any of `names` (e.g. train.jsonl), else the parquet
+    export's <split>-*.parquet (as `picochat data download` writes them), in order."""
+    for name in names:
+        if (directory / name).is_file():
+            return [directory / name]
+    return sorted(directory.glob(f"{split}-*.parquet"))
+
+
+def read_split(directory: Path, split: str, names: tuple[str, ...], fields: tuple[str, ...], what: str) -> list[dict]:
+    """All records of a split (split_files), or a clear error naming what was looked for."""
+    files = split_files(directory, split, names)
+    if not files:
+        looked = " or ".join([*names, f"{split}-*.parquet"])
+        raise PicochatError(f"{what}: no {split!r} split in {directory} (looked for {looked})")
+    return [r for f in files for r in read_records(f, fields, what)]
+
+
 def check_fields(records: list, fields: tuple[str, ...], where: str, sample: int = 5) -> None:
     if not records:
         raise PicochatError(f"{where} has no records")

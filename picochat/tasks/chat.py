@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from picochat.common import PicochatError, log
-from picochat.tasks.base import ListTask, read_records
+from picochat.tasks.base import ListTask, read_records, read_split
 from picochat.conversation import validate_conversation
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -44,9 +44,10 @@ def to_conversation(record: dict) -> dict:
 class Chat(ListTask):
     """Conversations from a file of `messages` or `conversations` records."""
 
-    def __init__(self, path: str | Path, name: str = "chat"):
+    def __init__(self, path: str | Path, name: str = "chat", split: str = "train"):
         self.name = name
-        records = read_records(path, what=name)
+        # a file, or a directory of a Hub export's <split>-*.parquet (SmolTalk as downloaded)
+        records = read_split(Path(path), split, (), (), name) if Path(path).is_dir() else read_records(path, what=name)
         first = records[0]
         if not isinstance(first, dict) or not any(k in first for k in ("messages", "conversations")):
             has = ", ".join(first) if isinstance(first, dict) else f"a {type(first).__name__}"

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from picochat.common import PicochatError
-from picochat.tasks.base import ListTask, parse_number, read_records, same_number
+from picochat.tasks.base import ListTask, parse_number, read_records, read_split, same_number
 
 _ANNOTATION = re.compile(r"<<([^<>]*)>>")
 _FINAL = re.compile(r"####\s*(-?\$?[\d,]*\.?\d+)")
@@ -46,9 +46,11 @@ class GSM8K(ListTask):
 
     def __init__(self, path: str | Path, split: str = "train"):
         path = Path(path)
-        if path.is_dir():  # the repo layout: <dir>/{train,test}.jsonl
-            path = path / f"{split}.jsonl"
-        records = read_records(path, ("question", "answer"), what="gsm8k")
+        fields = ("question", "answer")
+        if path.is_dir():  # the repo's <dir>/{train,test}.jsonl, or the Hub export's parquet
+            records = read_split(path, split, (f"{split}.jsonl",), fields, "gsm8k")
+        else:
+            records = read_records(path, fields, what="gsm8k")
         examples = []
         for i, rec in enumerate(records):
             ref = final_answer(rec["answer"])

@@ -14,7 +14,7 @@ import secrets
 from pathlib import Path
 
 from picochat.evals.sandbox import SandboxResult, run_many
-from picochat.tasks.base import ListTask, read_records
+from picochat.tasks.base import ListTask, read_records, read_split
 
 INSTRUCTION = "Complete the following Python function. Reply with the rest of its body only.\n\n"
 _FENCE = re.compile(r"```(?:python|py)?\n(.*?)(?:```|$)", re.DOTALL)
@@ -63,9 +63,10 @@ class HumanEval(ListTask):
 
     def __init__(self, path: str | Path):
         path = Path(path)
-        if path.is_dir():
-            path = path / "HumanEval.jsonl.gz"
         fields = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+        # the repo's HumanEval.jsonl.gz, or the Hub export's test-*.parquet
+        records = read_split(path, "test", ("HumanEval.jsonl.gz",), fields, "humaneval") if path.is_dir() \
+            else read_records(path, fields, what="humaneval")
         examples = [{
             "messages": [
                 {"role": "user", "content": INSTRUCTION + rec["prompt"]},
@@ -75,7 +76,7 @@ class HumanEval(ListTask):
             "prompt": rec["prompt"],
             "test": rec["test"],
             "entry_point": rec["entry_point"],
-        } for rec in read_records(path, fields, what="humaneval")]
+        } for rec in records]
         super().__init__(examples)
 
     def reward(self, conversation: dict, completion: str) -> float:

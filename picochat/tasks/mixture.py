@@ -5,8 +5,10 @@ inferred from its first record (`messages`/`conversations` -> chat, GSM8K/ARC/MM
 identity fields -> that task). Paths may not contain ':' or ','.
 
 A weight sets how many of a task's examples one epoch of the mixture holds: 2 = each twice,
-0.5 = a seeded half (without replacement). The epoch is then shuffled with the same seed, so a
-spec and a seed always give the same sequence of conversations.
+0.5 = a seeded half (without replacement), =10000 = that many (a seeded sample, or repeats). The
+epoch is then shuffled with the same seed, so a spec and a seed always give the same sequence of
+conversations. A task whose dataset is in the data dir ($PICOCHAT_DATA, or ~/.cache/picochat/data)
+needs no path: `smoltalk::=10000,gsm8k::2`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import random
 from pathlib import Path
 
 from picochat.common import PicochatError
+from picochat.data.datasets import dataset_path
 from picochat.tasks.base import Task, read_records
 from picochat.tasks.registry import TASKS, make_task
 
@@ -57,17 +60,25 @@ def infer_task(path: str | Path) -> str:
                         f"write it as TASK:{path}")
 
 
+class Examples(int):
+    """A weight given as a number of examples (=N), not as a multiple of the task."""
+
+
 def _weight(text: str, item: str) -> float:
+    if text.startswith("=") and text[1:].isdigit() and int(text[1:]) > 0:
+        return Examples(text[1:])
     try:
         w = float(text)
     except ValueError:
         w = float("nan")
     if not (math.isfinite(w) and w > 0):
-        raise PicochatError(f"mixture item {item!r}: weight {text!r} must be a positive number")
+        raise PicochatError(f"mixture item {item!r}: weight {text!r} must be a positive number, or =N examples")
     return w
 
 
 def _is_number(text: str) -> bool:
+    if text.startswith("=") and text[1:].isdigit():
+        return True
     try:
         float(text)
         return True
@@ -105,7 +116,12 @@ def parse_mixture(spec: str) -> list[tuple[str, str | None, float]]:
         if path and not Path(path).exists():
             raise PicochatError(f"mixture item {item!r}: path not found: {path}")
         if TASKS[name].needs_path and not path:
-            raise PicochatError(f"mixture item {item!r}: task {name!r} needs a path")
+            dataset = TASKS[name].dataset
+            where = dataset_path(dataset) if dataset else None
+            if where is None or not where.exists():
+                hint = f", or its dataset in the data dir ({where}: picochat data download {dataset})" if where else ""
+                raise PicochatError(f"mixture item {item!r}: task {name!r} needs a path{hint}")
+            path = str(where)
         out.append((name, path or None, weight))
     return out
 
@@ -123,6 +139,8 @@ class Mixture(Task):
         self.index: list[tuple[int, int]] = []  # (task number, example number)
         for k, (task, weight) in enumerate(tasks):
             n = len(task)
+            if isinstance(weight, Examples):
+                weight = weight / n
             whole, frac = int(weight), weight - int(weight)
             picks = list(range(n)) * whole + rng.sample(range(n), round(frac * n))
             self.index += [(k, i) for i in picks]

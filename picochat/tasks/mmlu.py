@@ -61,6 +61,9 @@ class MMLU(MultipleChoiceTask):
     name = "mmlu"
 
     def __init__(self, path: str | Path, split: str = "test", subject: str | list[str] | None = None):
+        # MMLU's training split is auxiliary_train (100K questions from other exams), where it is there
+        if split == "train":
+            split = "auxiliary_train"
         records = mmlu_records(Path(path), split)
         if subject is not None:
             wanted = {subject} if isinstance(subject, str) else set(subject)

@@ -37,7 +37,8 @@ class TaskSpec:
 
 
 SPECS = [
-    TaskSpec("chat", "chat:Chat", ("path",), "smoltalk", "Chat", graded=False),
+    TaskSpec("chat", "chat:Chat", ("path", "split"), "smoltalk", "Chat", graded=False),
+    TaskSpec("smoltalk", "chat:Chat", ("path", "split"), "smoltalk", "SmolTalk", (("name", "smoltalk"),), graded=False),
     TaskSpec("arc", "arc:ARC", ("path", "split"), "arc", "ARC"),
     TaskSpec("arc-easy", "arc:ARC", ("path", "split"), "arc", "ARC-Easy", (("subset", "Easy"),),
              eval=EvalSpec("categorical", 0.25, chatcore=True, about="ARC-Easy (categorical)")),

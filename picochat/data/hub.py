@@ -1,0 +1,89 @@
+"""The Hugging Face Hub: which files a dataset has, and fetching them, honouring HF_ENDPOINT (another
+base URL: a mirror, a local server) and HF_TOKEN.
+
+Listing goes through the Hub's own client (huggingface_hub, which tokenizers already needs): the
+tree API of a dataset's parquet export (the `refs/convert/parquet` branch every Hub dataset has),
+with each file's size and sha256. Files come down through urls.download_file, not the client:
+huggingface_hub 2 downloads into a temporary file unique to the process (its PR #4228), so an
+interrupted download starts over from zero, where download_file continues a `.part` file with a
+Range request; it also checks the size and the Hub's sha256 and moves the file into place whole.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..common import PicochatError
+from .urls import download_file
+
+PARQUET_REVISION = "refs/convert/parquet"
+
+
+def endpoint() -> str:
+    """The Hub's base URL: $HF_ENDPOINT (a mirror, a local server), else huggingface.co."""
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    repo: str
+    path: str  # in the repo
+    revision: str
+    size: int | None
+    sha256: str | None  # the Hub's, for LFS files
+
+    @property
+    def url(self) -> str:
+        return f"{endpoint()}/datasets/{self.repo}/resolve/{self.revision}/{self.path}"
+
+
+def _hub_error(e: Exception, what: str) -> PicochatError:
+    """One line for a failed Hub call: what, where, and how to point picochat elsewhere."""
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if status == 404:
+        return PicochatError(f"not found on the Hub: {what} (HTTP 404)")
+    if status in (401, 403):
+        return PicochatError(f"the Hub refused {what} (HTTP {status}): set HF_TOKEN to a token with access")
+    reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    return PicochatError(f"cannot download {what}: {reason}{HINT}")
+
+
+def list_files(repo: str, path: str | None = None, revision: str = "main") -> list[RemoteFile]:
+    """Every file of a dataset repo (under `path`), with its size and sha256."""
+    from huggingface_hub import HfApi
+    where = f"{endpoint()}/api/datasets/{repo}/tree/{revision}" + (f"/{path}" if path else "")
+    try:
+        tree = list(HfApi(endpoint=endpoint()).list_repo_tree(repo, path, recursive=True, repo_type="dataset",
+                                                              revision=revision))
+    except Exception as e:  # httpx and huggingface_hub errors, whatever their class
+        raise _hub_error(e, where) from None
+    return [RemoteFile(repo, f.path, revision, f.size, f.lfs.sha256 if f.lfs else None)
+            for f in tree if getattr(f, "size", None) is not None]
+
+
+def list_parquet(repo: str, config: str, split: str) -> list[RemoteFile]:
+    """The parquet files of one config and split of a dataset's parquet export, in order."""
+    dirs = {f"{config}/{split}", f"{config}/partial-{split}"}  # big splits are exported in part
+    files = [f for f in list_files(repo, config, PARQUET_REVISION)
+             if f.path.endswith(".parquet") and f.path.rsplit("/", 1)[0] in dirs]
+    if not files:
+        raise PicochatError(f"no parquet files for {config}/{split} in the Hub's export of {repo} "
+                            f"({endpoint()}/api/datasets/{repo}/tree/{PARQUET_REVISION}/{config})")
+    return sorted(files, key=lambda f: f.path)
+
+
+HINT = (". Without a network, point HF_ENDPOINT at a mirror, or put the files in the data dir yourself "
+        "(--data-dir or $PICOCHAT_DATA)")
+
+
+def fetch(file: RemoteFile, dest: Path, timeout: float = 30, retries: int = 5, on_bytes=None) -> Path:
+    """Download `file` to `dest`, resumably, checked against the Hub's size and sha256."""
+    token = os.environ.get("HF_TOKEN")
+    path = download_file(file.url, dest, retries=retries, timeout=timeout, sha256=file.sha256, on_bytes=on_bytes,
+                         headers={"Authorization": f"Bearer {token}"} if token else None, hint=HINT)
+    if file.size is not None and path.stat().st_size != file.size:
+        path.unlink()
+        raise PicochatError(f"download of {file.url} is {path.stat().st_size} bytes, not {file.size}: removed")
+    return path
