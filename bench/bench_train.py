@@ -25,9 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from picochat.common import choose_device, set_threads  # noqa: E402
 from picochat.config import ModelConfig  # noqa: E402
-from picochat.model import GPT  # noqa: E402
-from picochat.optim import OptimConfig, build_optimizer  # noqa: E402
-from picochat.train.loop import LoopConfig, Trainer  # noqa: E402
+from picochat.train.measure import time_training_step  # noqa: E402
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 8) -> float:
@@ -45,53 +43,13 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: i
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
-class RandomTokens:
-    def __init__(self, batch: int, seq: int, vocab: int):
-        self.g = torch.Generator().manual_seed(0)
-        self.shape, self.vocab = (batch, seq + 1), vocab
-
-    def next_batch(self):
-        row = torch.randint(0, self.vocab, self.shape, generator=self.g)
-        return row[:, :-1], row[:, 1:]
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-
 def bench_one(depth, dtype, compile_, accum, args, device, peak) -> dict:
     cfg = ModelConfig.from_depth(depth, vocab_size=args.vocab, sequence_len=args.seq_len)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = GPT(cfg)
-    opt_cfg = OptimConfig()
-    trainer = Trainer(model, build_optimizer(model, opt_cfg), opt_cfg, LoopConfig(steps=10 ** 6, grad_accum=accum),
-                      device, dtype, flops_per_token=cfg.flops_per_token(), compile=compile_)
-    opt_seconds = []
-    step = trainer.optimizer.step
-
-    def timed_step():
-        t = time.perf_counter()
-        step()
-        opt_seconds.append(time.perf_counter() - t)
-    trainer.optimizer.step = timed_step
-    data = RandomTokens(args.batch_size, args.seq_len, args.vocab)
-    t0 = time.perf_counter()
-    for _ in range(args.warmup):
-        float(trainer.train_step(data)[0])
-    warm = time.perf_counter() - t0
-    times = []
-    opt_seconds.clear()
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        float(trainer.train_step(data)[0])
-        times.append(time.perf_counter() - t0)
-    dt = sorted(times)[len(times) // 2]
-    tok_s = args.batch_size * args.seq_len * accum / dt
-    return {"params": model.num_params(), "tok_s": tok_s, "step_s": dt, "warmup_s": warm,
-            "mfu": cfg.flops_per_token() * tok_s / peak, "opt_share": sorted(opt_seconds)[len(opt_seconds) // 2] / dt}
+    t, params = time_training_step(cfg, args.batch_size, device, dtype, steps=args.steps, warmup=args.warmup,
+                                   accum=accum, compile=compile_)
+    tok_s = args.batch_size * args.seq_len * accum / t.step_seconds
+    return {"params": params, "tok_s": tok_s, "step_s": t.step_seconds, "warmup_s": t.warmup_seconds,
+            "mfu": cfg.flops_per_token() * tok_s / peak, "opt_share": t.optimizer_seconds / t.step_seconds}
 
 
 def main():

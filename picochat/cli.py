@@ -81,7 +81,7 @@ COMMANDS: dict[tuple[str, ...], Command] = {
                            "picochat.quantize:QuantizeConfig", "picochat.quantize:quantize_run", json.dumps),
     ("speedrun",): Command("the whole pipeline in one command (offline by default)",
                            "picochat.speedrun:SpeedrunConfig", "picochat.speedrun:speedrun",
-                           lambda path: f"report: {path}"),
+                           _table("picochat.speedrun", "shown")),
     ("report",): Command("the report card of a pipeline's run dirs (report.md with plots)",
                          "picochat.report:ReportConfig", "picochat.report:report", lambda path: f"report: {path}"),
 }

@@ -182,9 +182,19 @@ def log(msg: str) -> None:
 
 def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
+    if seconds >= 2 * 86400:  # a plan's week-long stage: hours stop saying much
+        return f"{seconds / 86400:,.1f} days"
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def format_count(n: float) -> str:
+    """1,234,567 -> "1.2M"; billions with two decimals ("11.22B"), as token budgets are quoted."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}" if unit == "B" else f"{n / size:.1f}{unit}"
+    return str(int(n))
 
 
 class Progress:

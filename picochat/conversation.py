@@ -148,6 +148,18 @@ def describe_cuts(cuts: Counter, of: int, max_tokens: int) -> str | None:
     return f"{sum(cuts.values()):,} of {of:,} conversations are longer than {max_tokens} tokens: {' and '.join(parts)}"
 
 
+def render_example(tok: Tokenizer, example: dict, max_tokens: int | None = None,
+                   cuts: Counter | None = None) -> tuple[list[int], list[int]]:
+    """A training example -> (ids, mask): a conversation (render_conversation), or plain text
+    ({"text": ...}, from tasks.text), every token of which is a target, as in pretraining."""
+    if "text" in example and "messages" not in example:
+        ids = [tok.bos_id, *tok.encode(example["text"])]
+        if max_tokens is not None and len(ids) > max_tokens:
+            ids = ids[:max_tokens]  # a document is cut, as pretraining rows cut documents
+        return ids, [0] + [1] * (len(ids) - 1)
+    return render_conversation(tok, example, max_tokens, cuts)
+
+
 def render_for_completion(tok: Tokenizer, conversation: dict) -> list[int]:
     """The prompt for sampling an assistant reply: the conversation without its last assistant
     message (if it ends with one, e.g. a task's reference answer), then <|assistant_start|>."""

@@ -1,203 +1,325 @@
-"""`picochat speedrun`: the whole pipeline in one command.
+"""`picochat speedrun --preset NAME`: a recipe of presets.py from data to report card, in one command.
 
-With no flags it needs no network and no data: it builds a corpus from the text this machine
-already has (the installed Python's documentation and docstrings), trains a tokenizer on it,
-pretrains a tiny model, measures validation bits per byte and samples; then midtrains and
-fine-tunes it into a chat model that uses the calculator, improves its arithmetic with RL (GRPO,
-rewards from the task's grader), measures its task accuracy after every stage, and writes a report.
-`picochat chat --load <save>/sft` talks to the result.
+    data -> corpus -> tokenizer -> base (+ evals) -> mid (+ evals) -> sft (+ evals) -> rl (+ evals) -> report
+
+The offline presets (smoke, tiny, small) need no network and no data: they pretrain on the text
+this machine already has (the installed Python's documentation and docstrings) and teach the chat
+stages identity, arithmetic with the calculator, and questions on that same documentation. The
+download presets (d8, d12, d20, picochat-335m) first fetch what the data dir lacks, then train on
+FineWeb-Edu, SmolTalk, MMLU, GSM8K and ARC as their recipes say.
+
+The plan comes first (plan.py; --dry-run prints it and stops). Each step that finishes is recorded
+in <save>/speedrun.json, so --resume after a kill anywhere skips what is done and resumes the
+training stage that was running from its last checkpoint. The last line says how to talk to the
+model.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
+import json
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import distributed
 from .checkpoint import LoadOptions, open_for_inference
-from .common import DEVICES, DTYPES, PicochatError, autocast, log
-from .data.datasets import LOCATIONS
-from .sample import SampleConfig, SamplingOptions, sample
+from .common import PicochatError, autocast, choose_device, choose_dtype, log, write_atomic
 from .conversation import render_for_completion
-from .optim import OptimConfig
-from .settings import setting
-from .tokenizer import train_tokenizer
-from .train.pretrain import PretrainConfig, pretrain
-from .train.rl import RLConfig, rl_train
-from .train.sft import MidtrainConfig, SFTConfig, chat_train
+from .data.datasets import data_dir, dataset_path, is_present
+from .presets import PRESETS, Preset
+from .settings import check, setting
 from .train.stage import RunControls
 
-# name -> pretraining settings, plus the midtraining and SFT steps (mid_steps, sft_steps), the RL steps
-# and rollout batch (rl_steps; rl_batch = prompts per step, samples per prompt) and how many
-# examples each eval task takes (eval_limit: categorical, generative, CORE per task;
-# None = all).
-# tiny is sized for 15-20 minutes on 2 CPU cores in fp32 (measured: 15m46s and 19m57s).
-PRESETS: dict[str, dict] = {
-    "smoke": dict(depth=2, seq_len=128, vocab_size=512, batch_size=4, total_batch_tokens=512, steps=10,
-                  eval_every=5, eval_tokens=2048, mid_steps=5, sft_steps=5, rl_steps=2, rl_batch=(4, 4),
-                  eval_limit=(10, 2, 4)),  # a one-minute check of the pipeline
-    "tiny": dict(depth=4, seq_len=256, vocab_size=4096, batch_size=16, total_batch_tokens=8192, steps=150,
-                 eval_every=25, eval_tokens=32768, mid_steps=40, sft_steps=150, rl_steps=30, rl_batch=(8, 8),
-                 eval_limit=(200, 20, 40)),
-    "small": dict(depth=6, seq_len=512, vocab_size=8192, batch_size=16, total_batch_tokens=32768, steps=1000,
-                  eval_every=100, mid_steps=200, sft_steps=600, rl_steps=100, rl_batch=(8, 16),
-                  eval_limit=(500, 50, 200)),
-    "d8": dict(depth=8, seq_len=1024, vocab_size=32768, batch_size=16, total_batch_tokens=131072, steps=0,
-               eval_every=250, mid_steps=500, sft_steps=1000, rl_steps=200, rl_batch=(16, 16),
-               eval_limit=(None, None, None)),
-    "d12": dict(depth=12, seq_len=2048, vocab_size=65536, batch_size=16, total_batch_tokens=524288, steps=0,
-                eval_every=250, mid_steps=800, sft_steps=1000, rl_steps=300, rl_batch=(16, 16),
-                eval_limit=(None, None, None)),
-    "d20": dict(depth=20, seq_len=2048, vocab_size=65536, batch_size=32, total_batch_tokens=524288, steps=0,
-                eval_every=250, mid_steps=800, sft_steps=1000, rl_steps=300, rl_batch=(16, 16),
-                eval_limit=(None, None, None)),
-}
-# The chat stages need no download: the built-in identity conversations, and synthetic arithmetic
-# that teaches the calculator tool, measured on arithmetic questions no stage trained on.
-CHAT_DATA = "identity::100,arithmetic::1"  # 12 identity pairs x 100 vs 10,000 arithmetic questions
-CHAT_PROMPTS = ["Who are you?", "What is 4821 * 377?"]
-RL_MAX_TOKENS, RL_LR_SCALE = 64, 0.05  # arithmetic replies are ~30 tokens
+STATE_FILE = "speedrun.json"
 SAMPLE_PROMPTS = ["The", "In Python, a list", "The function returns", "If the file"]
+CHAT_PROMPTS = ["Who are you?", "What is 4821 * 377?", "What is the capital of France?"]
+SPEEDRUN_RUN_FLAGS = ("seed", "device", "dtype", "compile", "grad_checkpoint", "wandb", "resume", "overwrite")
 
 
 @dataclass
 class SpeedrunConfig:
-    preset: str = setting("tiny", "the recipe: smoke (one minute), tiny (offline, 15-20 min on 2 CPU cores), "
-                                  "small, d8, d12, d20", choices=tuple(PRESETS))
-    data: list[str] | None = setting(None, "your own text instead of the builtin offline corpus (default: the "
-                                           "builtin corpus)")
+    preset: str = setting("tiny", "the recipe (presets.py; the README's table): "
+                          + "; ".join(f"{p.name}: {p.about}" for p in PRESETS.values()), choices=tuple(PRESETS))
+    miniature: bool = setting(False, "the preset's stages and data at toy scale (depth 2, a few steps): a check of "
+                                     "the pipeline and its downloads in minutes on a CPU")
+    dry_run: bool = setting(False, "print the plan (stages, data, steps, memory, time here) and stop; writes and "
+                                   "downloads nothing")
+    measure_steps: int = setting(1, "training steps the dry run times on this device for its time estimate "
+                                    "(0: none)", low=0)
+    data: list[str] | None = setting(None, "your own text to pretrain on instead of the preset's (files or dirs)")
+    data_dir: str | None = setting(None, "where datasets live and are downloaded to (default: $PICOCHAT_DATA, "
+                                         "else ~/.cache/picochat/data); the offline presets also run every eval "
+                                         "whose data is there")
     save: str = setting("runs/speedrun", "output directory")
     steps: int = setting(0, "pretraining steps (default: the preset's)", low=0)
-    eval_data: str | None = setting(None, "a data dir laid out like ../shared/data (CORE bundle, ARC, MMLU, GSM8K, "
-                                          "HumanEval, words) for the report card's evals (default: "
-                                          "$PICOCHAT_DATA; without it only the built-in evals run)")
     usd_per_hour: float | None = setting(None, "the machine's price, for the report's cost column (default: a "
                                                "guess for the device)", low=0)
-    overwrite: bool = setting(False, "replace an existing output directory")
-    compile: bool = setting(False, "torch.compile the training steps (pays a compile per stage)")
-    device: str = setting("auto", f"one of {', '.join(DEVICES)} or cuda:N (auto: cuda > mps > cpu)")
-    dtype: str = setting("auto", "compute dtype (auto: bf16 on CUDA and on CPUs with native bf16, else fp32)",
-                         choices=DTYPES)
+    run: RunControls = setting(factory=RunControls, flags=SPEEDRUN_RUN_FLAGS)
 
 
-def speedrun(cfg: SpeedrunConfig) -> Path:
-    if cfg.preset not in PRESETS:
-        raise PicochatError(f"unknown preset {cfg.preset!r} (choose from {', '.join(PRESETS)})")
-    preset = dict(PRESETS[cfg.preset])
-    eval_data = cfg.eval_data or os.environ.get("PICOCHAT_DATA")
-    if eval_data and not Path(eval_data).is_dir():
-        raise PicochatError(f"--eval-data: not a directory: {eval_data}")
-    out = Path(cfg.save)
-    if out.exists():
-        if not cfg.overwrite:
-            raise PicochatError(f"{out} already exists (use --overwrite to replace it)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    timings: dict[str, float] = {}
-
-    t0 = time.perf_counter()
-    if cfg.data:
-        data = cfg.data
-    else:
-        from .data.builtin import build_builtin_corpus
-        log("building the offline corpus from this machine's Python documentation")
-        data = [str(p) for p in build_builtin_corpus(out / "corpus")]
-    timings["corpus"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    vocab = preset.pop("vocab_size")
-    mid_steps, sft_steps = preset.pop("mid_steps"), preset.pop("sft_steps")
-    rl_steps, (rl_prompts, rl_group) = preset.pop("rl_steps"), preset.pop("rl_batch")
-    limits = preset.pop("eval_limit")
-    tok_path = out / "tokenizer.json"
-    train_tokenizer(data, vocab, save=str(tok_path))
-    timings["tokenizer"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    if cfg.steps:
-        preset["steps"] = cfg.steps
-    controls = RunControls(device=cfg.device, dtype=cfg.dtype, compile=cfg.compile)
-    pcfg = PretrainConfig(data=data, save=str(out / "base"), tokenizer=str(tok_path), cache_dir=str(out / "token_cache"),
-                          sample_every=0, optim=OptimConfig(), run=controls, **preset)
-    result = pretrain(pcfg)
-    timings["pretrain"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    load = LoadOptions(str(out / "base"), device=cfg.device, dtype=cfg.dtype)
-    samples = {p: sample(SampleConfig(load, p, sampling=SamplingOptions(temperature=0.0, max_tokens=48)))[0]
-               for p in SAMPLE_PROMPTS}
-    timings["sample"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    _evaluate(out / "base", eval_data, limits, cfg)
-    timings["base evals"] = time.perf_counter() - t0
-
-    answers = {}
-    for config, steps, load, lr_scale in ((MidtrainConfig, mid_steps, "base", 1.0), (SFTConfig, sft_steps, "mid", 0.5)):
-        t0 = time.perf_counter()
-        stage = config.stage
-        chat_train(config(load=str(out / load), data=CHAT_DATA, save=str(out / stage), batch_size=16, steps=steps,
-                          lr_scale=lr_scale, run=RunControls(device=cfg.device, dtype=cfg.dtype, log_every=10)))
-        timings[stage] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        answers[stage] = _evaluate(out / stage, eval_data, limits, cfg)
-        timings[f"{stage} evals"] = time.perf_counter() - t0
-
-    # RL on the arithmetic task: rewards from its grader, the calculator on during rollouts; its
-    # held-out accuracy is measured by _evaluate below, like every stage's
-    t0 = time.perf_counter()
-    rl_train(RLConfig(load=str(out / "sft"), task="arithmetic::1", save=str(out / "rl"), steps=rl_steps,
-                      prompts_per_step=rl_prompts, group_size=rl_group, max_tokens=RL_MAX_TOKENS,
-                      batch_size=rl_prompts * rl_group, rollout_rows=rl_prompts * rl_group, lr_scale=RL_LR_SCALE,
-                      eval_examples=0, run=RunControls(device=cfg.device, dtype=cfg.dtype,
-                                                       log_every=max(1, rl_steps // 10))))
-    timings["rl"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    answers["rl"] = _evaluate(out / "rl", eval_data, limits, cfg)
-    timings["rl evals"] = time.perf_counter() - t0
-
-    from .report import report_card, table
-    extra = {
-        "Samples from the base model (greedy)": "\n".join(f"- `{p}` → {s[len(p):]!r}" for p, s in samples.items()),
-        "Chat answers (greedy, calculator on)": table(["prompt"] + [s.upper() for s in answers],
-                                                     [[f"`{p}`"] + [repr(a[p]) for a in answers.values()]
-                                                      for p in CHAT_PROMPTS]),
-        "Data": f"{len(data)} source(s): " + ", ".join(f"`{p}`" for p in data)
-                + (f"; eval data from `{eval_data}`" if eval_data else
-                   "; no eval data given (--eval-data or $PICOCHAT_DATA), so only the built-in evals ran"),
-    }
-    report = report_card([out / "base", out / "mid", out / "sft", out / "rl"], out / "report.md",
-                         title=f"picochat speedrun — preset `{cfg.preset}`", usd_per_hour=cfg.usd_per_hour,
-                         extra=extra, timings=timings)
-    log(f"done: validation bpb {result['val_bpb']}; report at {report}")
-    return report
+def chosen_preset(cfg: SpeedrunConfig) -> Preset:
+    preset = PRESETS[cfg.preset]
+    if cfg.miniature:
+        preset = preset.miniature()
+    return dataclasses.replace(preset, pretrain_steps=cfg.steps) if cfg.steps else preset
 
 
-def _evaluate(run_dir: Path, eval_data: str | None, limits: tuple, cfg: SpeedrunConfig) -> dict[str, str]:
-    """A stage's evals, saved into its run dir for the report card: CORE for the base model (when
-    the bundle is in the eval data); for chat stages the chat evals whose data is there, built-in
-    arithmetic, and greedy answers to a few prompts."""
+def speedrun(cfg: SpeedrunConfig):
+    """Run the preset (or, with dry_run, return its plan); returns the report's path."""
+    from .plan import make_plan
+    check(cfg)
+    preset = chosen_preset(cfg)
+    device = distributed.local_device(choose_device(cfg.run.device))
+    dtype_name = preset.mps_dtype if device.type == "mps" and cfg.run.dtype == "auto" else cfg.run.dtype
+    dtype = choose_dtype(dtype_name, device)
+    root = data_dir(cfg.data_dir)
+    world = distributed.setup(device)[1]
+    text_chars = _text_chars(cfg.data) if cfg.data or not preset.downloads else None
+    if cfg.dry_run:
+        plan = make_plan(preset, root, device, dtype, world, cfg.measure_steps, text_chars, bool(cfg.data))
+        plan.next = (f"picochat speedrun --preset {cfg.preset}" + (" --miniature" if cfg.miniature else "")
+                     + (f" --data-dir {cfg.data_dir}" if cfg.data_dir else "") + f" --save {cfg.save}")
+        return plan
+    state = RunState.open(Path(cfg.save), cfg)
+    plan = make_plan(preset, root, device, dtype, world, 0, text_chars, bool(cfg.data))
+    log(plan.describe())
+    return Speedrun(cfg, preset, plan, state, dtype_name).run()
+
+
+def shown(result) -> str:
+    """What the command prints: the plan of a dry run, else where the report is."""
+    if isinstance(result, Path):
+        return f"report: {result}"
+    return f"{result.describe()}\n\nNext: {result.next}"
+
+
+def _text_chars(paths: list[str] | None) -> int:
+    """Characters of the pretraining text: the user's files, or the offline corpus's cap."""
+    if not paths:
+        from .data.builtin import CORPUS_CHARS
+        return CORPUS_CHARS
+    from .data.sources import list_files
+    return sum(p.stat().st_size for p in list_files(paths))
+
+
+@dataclass
+class RunState:
+    """<save>/speedrun.json: the settings of the run and every step done, with its time."""
+    path: Path
+    settings: dict
+    done: dict  # step -> seconds
+    notes: dict  # what later steps need: the text, samples, answers
+
+    @classmethod
+    def open(cls, out: Path, cfg: SpeedrunConfig) -> RunState:
+        settings = {"preset": cfg.preset, "miniature": cfg.miniature, "steps": cfg.steps, "data": cfg.data}
+        path = out / STATE_FILE
+        if cfg.run.resume:
+            if not path.is_file():
+                raise PicochatError(f"--resume: nothing to resume in {out} (no {STATE_FILE}); start it without "
+                                    "--resume")
+            saved = json.loads(path.read_text())
+            differ = [f"--{k.replace('_', '-')} {settings[k]!r} (the run has {saved['settings'].get(k)!r})"
+                      for k in settings if saved["settings"].get(k) != settings[k]]
+            if differ:
+                raise PicochatError(f"--resume: {out} is another run: {'; '.join(differ)}. Give the same settings, or "
+                                    "another --save")
+            log(f"resuming the speedrun in {out}: done {', '.join(saved['done']) or 'nothing yet'}")
+            return cls(path, settings, saved["done"], saved["notes"])
+        if out.exists():
+            if not cfg.run.overwrite:
+                raise PicochatError(f"{out} already exists (use --resume to continue it, or --overwrite to replace it)")
+            if distributed.is_main():
+                shutil.rmtree(out)
+        distributed.barrier()
+        state = cls(path, settings, {}, {})
+        state.write()
+        return state
+
+    def write(self) -> None:
+        if distributed.is_main():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path, json.dumps({"settings": self.settings, "done": self.done, "notes": self.notes},
+                                               indent=1))
+
+
+class Speedrun:
+    def __init__(self, cfg: SpeedrunConfig, preset: Preset, plan, state: RunState, dtype: str):
+        self.cfg, self.preset, self.plan, self.state = cfg, preset, plan, state
+        self.out, self.root = Path(cfg.save), plan.data_root
+        self.dtype = dtype  # the precision's name (the MacBook recipe's bf16 on MPS)
+
+    def run(self) -> Path:
+        p = self.preset
+        steps = [("data", self.fetch_data)] if p.downloads else []
+        steps += [("corpus", self.corpus), ("tokenizer", self.tokenizer),
+                 ("pretrain", self.pretrain), ("base evals", lambda: self.evaluate("base")),
+                 ("mid", lambda: self.chat_stage("mid")), ("mid evals", lambda: self.evaluate("mid")),
+                 ("sft", lambda: self.chat_stage("sft")), ("sft evals", lambda: self.evaluate("sft"))]
+        if p.rl_task:
+            steps += [("rl", self.rl), ("rl evals", lambda: self.evaluate("rl"))]
+        t_all = time.perf_counter()
+        for i, (name, fn) in enumerate(steps, 1):
+            if name in self.state.done:
+                log(f"speedrun [{i}/{len(steps)}] {name}: done before, skipped")
+                continue
+            log(f"speedrun [{i}/{len(steps)}] {name}")
+            t0 = time.perf_counter()
+            fn()
+            self.state.done[name] = round(time.perf_counter() - t0, 1)
+            self.state.write()
+        report = self.report()
+        final = "rl" if p.rl_task else "sft"
+        log(f"speedrun done in {time.perf_counter() - t_all:.0f}s: report at {report}")
+        log(f"Next: picochat chat --load {self.out / final}   (or: picochat serve --load {self.out / final})")
+        return report
+
+    # ------------------------------------------------------------------ steps
+
+    def controls(self, stage: str, rows: int, **kw) -> RunControls:
+        """The run controls of a training stage: the speedrun's own, --grad-checkpoint where the
+        plan says the stage needs it, and a resume of the stage's run dir if a kill left one."""
+        r = self.cfg.run
+        resume = (self.out / stage / "config.json").is_file()
+        fit = self.plan.fits.get(stage)
+        ckpt = r.grad_checkpoint or bool(fit and fit.grad_checkpoint)
+        if ckpt and not r.grad_checkpoint:
+            log(f"{stage}: --grad-checkpoint on: {fit.describe()}")
+        return dataclasses.replace(r, dtype=self.dtype, grad_checkpoint=ckpt, resume=resume, overwrite=not resume,
+                                   given=None, **kw)
+
+    def fetch_data(self) -> None:
+        from .data.download import DownloadConfig, download
+        missing = [d.name for d in self.plan.data if not d.present]
+        if not missing:
+            return
+        if distributed.world_size() > 1:
+            raise PicochatError(f"the data dir {self.root} lacks {', '.join(missing)}: download it first, in one "
+                                f"process: picochat data download {' '.join(missing)} --data-dir {self.root} "
+                                f"--num-shards {self.preset.shards}")
+        log(f"data: fetching {', '.join(missing)} ({self.plan.download_mb:,.0f} MB) into {self.root}")
+        download(DownloadConfig(names=missing, data_dir=str(self.root), num_shards=max(1, self.preset.shards)))
+
+    def corpus(self) -> None:
+        if self.cfg.data:
+            text = list(self.cfg.data)
+        elif not self.preset.downloads:
+            from .data.builtin import build_builtin_corpus
+            log("building the offline corpus from this machine's Python documentation")
+            with distributed.main_first():
+                text = [str(p) for p in build_builtin_corpus(self.out / "corpus")]
+        else:
+            shards = sorted(dataset_path(self.preset.pretrain_data, self.root).glob("shard_*.parquet"))
+            if len(shards) < self.preset.shards:
+                raise PicochatError(f"{self.preset.pretrain_data}: {len(shards)} shards in {self.root}, the run needs "
+                                    f"{self.preset.shards}: picochat data download {self.preset.pretrain_data} "
+                                    f"--num-shards {self.preset.shards}")
+            text = [str(p) for p in shards[:self.preset.shards]]
+        self.state.notes["text"] = text
+
+    def tokenizer(self) -> None:
+        from .tokenizer import train_tokenizer
+        with distributed.main_first():
+            if distributed.is_main():
+                train_tokenizer(self.state.notes["text"], self.preset.vocab_size, save=str(self.out / "tokenizer.json"),
+                                max_chars=self.preset.tokenizer_chars)
+
+    def pretrain(self) -> None:
+        from .optim import OptimConfig
+        from .train.pretrain import PretrainConfig, pretrain
+        p = self.preset
+        pretrain(PretrainConfig(
+            data=self.state.notes["text"], save=str(self.out / "base"), tokenizer=str(self.out / "tokenizer.json"),
+            vocab_size=p.vocab_size, depth=p.depth, seq_len=p.seq_len, window_pattern=p.window_pattern,
+            batch_size=p.batch_size, total_batch_tokens=p.total_batch_tokens, steps=p.steps,
+            eval_every=p.eval_every, eval_tokens=p.eval_tokens, cache_dir=str(self.out / "token_cache"),
+            optim=OptimConfig(), run=self.controls("pretrain", p.batch_size)))
+
+    def chat_stage(self, stage: str) -> None:
+        from .train.sft import MidtrainConfig, SFTConfig, chat_train
+        p = self.preset
+        config, load = (MidtrainConfig, "base") if stage == "mid" else (SFTConfig, "mid")
+        rows, accum, steps, spec = ((p.mid_rows, p.mid_accum, p.mid_steps, p.mid_data) if stage == "mid" else
+                                    (p.sft_rows, p.sft_accum, p.sft_steps, p.sft_data))
+        extra = {"lr_scale": p.sft_lr_scale} if stage == "sft" and p.sft_lr_scale is not None else {}
+        chat_train(config(load=str(self.out / load), data=spec.format(data=self.root), save=str(self.out / stage),
+                          batch_size=rows, grad_accum=p.chat_accum(accum, distributed.world_size()), steps=steps,
+                          run=self.controls(stage, rows, log_every=10), **extra))
+
+    def rl(self) -> None:
+        from .train.rl import RLConfig, rl_train
+        p = self.preset
+        rows = p.rl_prompts * p.rl_group
+        rl_train(RLConfig(load=str(self.out / "sft"), task=p.rl_task.format(data=self.root), save=str(self.out / "rl"),
+                          steps=p.rl_steps, prompts_per_step=p.rl_prompts, group_size=p.rl_group,
+                          max_tokens=p.rl_max_tokens, batch_size=p.rl_micro_rows, rollout_rows=rows,
+                          eval_examples=0, run=dataclasses.replace(
+                              self.controls("rl", p.rl_micro_rows, log_every=max(1, p.rl_steps // 10)), compile=False)))
+
+    def evaluate(self, stage: str) -> None:
+        """A stage's evals, saved into its run dir for the report card (rank 0; the others wait):
+        CORE and greedy samples for the base model; for the chat stages every chat eval whose data
+        is in the data dir (the built-in ones always) and greedy answers to a few prompts."""
+        if distributed.is_main():
+            notes = _evaluate(self.out / stage, self.root, self.preset.eval_limits, self.cfg.run.device, self.dtype)
+            self.state.notes.setdefault("answers", {})[stage] = notes
+        distributed.barrier()
+
+    def report(self) -> Path:
+        from .report import report_card, table
+        from .tasks.pydocs import sample_questions
+        notes = self.state.notes
+        stages = [s for s in ("base", "mid", "sft", "rl") if (self.out / s / "config.json").is_file()]
+        answers = {s: a for s, a in notes.get("answers", {}).items() if s != "base"}
+        samples = notes.get("answers", {}).get("base", {})
+        prompts = CHAT_PROMPTS + [q for q, _ in sample_questions()]
+        references = dict(sample_questions())
+        text = notes.get("text", [])
+        extra = {
+            "Samples from the base model (greedy)": "\n".join(f"- `{p}` → {s[len(p):]!r}" for p, s in samples.items()),
+            "Chat answers (greedy, calculator on)": table(
+                ["prompt"] + [s.upper() for s in answers],
+                [[f"`{p}`"] + [repr(a.get(p, "")) for a in answers.values()] for p in prompts])
+            + "\n\nThe Python questions are held out of training; their documentation says:\n"
+            + "\n".join(f"- {q} {a}" for q, a in references.items()),
+            "Data": f"{len(text)} source(s): " + ", ".join(f"`{p}`" for p in text[:8])
+                    + (f" and {len(text) - 8} more" if len(text) > 8 else "") + f"; datasets from `{self.root}`",
+        }
+        title = f"picochat speedrun — preset `{self.preset.name}`"
+        return report_card([self.out / s for s in stages], self.out / "report.md", title=title,
+                           usd_per_hour=self.cfg.usd_per_hour, extra=extra, timings=dict(self.state.done))
+
+
+def _evaluate(run_dir: Path, root: Path, limits: tuple, device: str, dtype: str) -> dict[str, str]:
     from .engine import Engine
     from .evals.chat_eval import build_eval_task, evaluate_task
+    from .sample import SampleConfig, SamplingOptions, sample
+    from .tasks.pydocs import sample_questions
     from .tasks.registry import EVALS
     categorical, generative, core = limits
-    run = open_for_inference(LoadOptions(str(run_dir), device=cfg.device, dtype=cfg.dtype))
+    load = LoadOptions(str(run_dir), device=device, dtype=dtype)
+    run = open_for_inference(load)
     if run.meta["stage"] == "base":
-        if eval_data and (Path(eval_data) / "core_eval_bundle").is_dir():
+        if is_present("core", root):
             from .evals.core import run_core
-            run_core(run, Path(eval_data) / "core_eval_bundle", limit=core)
-        return {}
+            run_core(run, dataset_path("core", root), limit=core)
+        return {p: sample(SampleConfig(load, p, sampling=SamplingOptions(temperature=0.0, max_tokens=48)))[0]
+                for p in SAMPLE_PROMPTS}
     for name, spec in EVALS.items():
-        if not spec.dataset or (eval_data and (Path(eval_data) / LOCATIONS[spec.dataset]).exists()):
-            # arithmetic is cheap (short replies) and the one chat eval that always runs: take more
-            limit = categorical if spec.eval.kind == "categorical" else max(generative or 0, 100) \
-                if name == "arithmetic" else generative
-            evaluate_task(run, name, build_eval_task(name, eval_data), limit=limit)
+        if spec.dataset and not is_present(spec.dataset, root):
+            continue
+        # the built-in evals are cheap (short replies) and the ones that always run: take more
+        limit = categorical if spec.eval.kind == "categorical" else \
+            (max(generative or 0, 100) if generative and not spec.dataset else generative)
+        path = dataset_path(spec.dataset, root) if spec.dataset else None
+        evaluate_task(run, name, build_eval_task(name, str(path) if path else None), limit=limit)
     engine = Engine(run.model, run.tokenizer)
     answers = {}
     with autocast(run.device, run.decode_dtype):
-        for prompt in CHAT_PROMPTS:
+        for prompt in CHAT_PROMPTS + [q for q, _ in sample_questions()]:
             ids = render_for_completion(run.tokenizer, {"messages": [{"role": "user", "content": prompt}]})
-            answers[prompt] = engine.generate_batch(ids, max_tokens=48, temperature=0.0)[0].text
+            answers[prompt] = engine.generate_batch(ids, max_tokens=64, temperature=0.0)[0].text
     return answers
+

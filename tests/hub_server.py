@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import threading
 import time
 import zipfile
@@ -171,6 +172,13 @@ class FakeHub:
 
 
 # ----------------------------------------------------------------------------- every dataset, small
+
+
+def hub_env(hub: FakeHub, **more: str) -> dict:
+    """The environment of a picochat subprocess that downloads from `hub`."""
+    from .conftest import REPO
+    return dict(os.environ, PYTHONPATH=str(REPO), HF_ENDPOINT=hub.url, PICOCHAT_FILES_URL=hub.url + "/files",
+                HF_HUB_DISABLE_TELEMETRY="1", **more)
 
 def fill(hub: FakeHub, shards: int = 2, docs_per_shard: int = 200) -> None:
     """Every dataset `picochat data download` knows, in its real schema and layout, small: rows

@@ -19,7 +19,8 @@ def _required(parser: argparse.ArgumentParser) -> list[str]:
     argv = []
     for action in parser._actions:
         if action.required and action.option_strings:
-            argv += [action.option_strings[0], *(["x"] if action.nargs in (None, "+") else [])]
+            value = action.choices[0] if action.choices else "x"  # a required choice takes its first
+            argv += [action.option_strings[0], *([value] if action.nargs in (None, "+") else [])]
         elif not action.option_strings and action.nargs in (None, "+"):  # a positional
             argv.append("x")
     return argv

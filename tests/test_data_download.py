@@ -157,7 +157,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 from .conftest import REPO  # noqa: E402
-from .hub_server import PARQUET, fill  # noqa: E402
+from .hub_server import PARQUET, fill, hub_env  # noqa: E402
 from .hub_server import FakeHub as LoopbackHub  # noqa: E402
 
 
@@ -168,16 +168,11 @@ def fake_hub():
         yield h
 
 
-def _env(hub, **more) -> dict:
-    return dict(os.environ, PYTHONPATH=str(REPO), HF_ENDPOINT=hub.url, PICOCHAT_FILES_URL=hub.url + "/files",
-                HF_HUB_DISABLE_TELEMETRY="1", **more)
-
-
 def _download(hub, data_dir, *names, timeout=120):
     """`picochat data download`, patient for one second of silence, three retries."""
     return subprocess.run([sys.executable, "-m", "picochat", "data", "download", *names, "--data-dir", str(data_dir),
                            "--timeout", "1", "--retries", "3"],
-                          capture_output=True, text=True, env=_env(hub), timeout=timeout)
+                          capture_output=True, text=True, env=hub_env(hub), timeout=timeout)
 
 
 def test_every_chat_and_eval_set_lands_where_the_tasks_find_it(fake_hub, tmp_path):
@@ -267,7 +262,7 @@ def test_an_interrupted_download_continues_where_it_stopped(fake_hub, tmp_path):
     path = "/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_00000.parquet"
     fake_hub.stall_first[path] = 30.0  # half arrives, then nothing: Ctrl-C meanwhile
     proc = subprocess.Popen([sys.executable, "-m", "picochat", "data", "download", "fineweb-edu", "--num-shards", "1",
-                             "--data-dir", str(tmp_path)], env=_env(fake_hub), stdout=subprocess.PIPE,
+                             "--data-dir", str(tmp_path)], env=hub_env(fake_hub), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     part = tmp_path / "fineweb-edu" / "shard_00000.parquet.part"
     deadline = time.monotonic() + 60

@@ -1,7 +1,15 @@
+import dataclasses
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 
-from .conftest import run_cli
+import pytest
+
+from .conftest import REPO, run_cli
+from .hub_server import FakeHub, fill, hub_env
 
 
 def test_offline_speedrun_smoke_preset_runs_the_whole_pipeline(tmp_path):
@@ -28,3 +36,169 @@ def test_offline_speedrun_smoke_preset_runs_the_whole_pipeline(tmp_path):
     # a second run into the same directory refuses, with one error line
     again = run_cli("speedrun", "--preset", "smoke", "--save", str(out), "--device", "cpu", cwd=tmp_path)
     assert again.returncode == 2 and again.stderr.strip().startswith("error:") and "already exists" in again.stderr
+
+
+# ----------------------------------------------------------------------------- presets and the plan
+
+def test_preset_numbers_are_the_recipes():
+    """d20 is nanochat's 561M speedrun; picochat-335m the MacBook Air model card's 335M."""
+    from picochat.presets import PRESETS
+    d20, mac = PRESETS["d20"], PRESETS["picochat-335m"]
+    assert d20.params == 560_988_200 and d20.steps == 21_400 and d20.tokens == 21_400 * 524_288  # 20 per parameter
+    assert abs(d20.tokens / d20.params - 20) < 0.01 and d20.shards == 238
+    c = mac.model_config()
+    assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.sequence_len, c.vocab_size) == (16, 1024, 8, 8, 1024, 65536)
+    assert mac.params == 335_544_352 and mac.steps == 54_000 and round(mac.tokens / 1e6) == 442
+    assert mac.mid_steps * mac.mid_rows * mac.seq_len == 32_768_000 and mac.sft_steps == 1000 and mac.sft_rows == 8
+    assert mac.mps_dtype == "bf16" and not mac.rl_task
+    for name in ("d8", "d12", "d20"):  # nanochat's chat stages, not the offline ones
+        p = PRESETS[name]
+        assert "smoltalk" in p.mid_data and "mmlu" in p.mid_data and "gsm8k" in p.rl_task and p.downloads
+    # they differ only in scale, so the d20 miniature below runs d8's and d12's stages and data too
+    mini = [dataclasses.replace(PRESETS[n].miniature(), name="", about="") for n in ("d8", "d12", "d20")]
+    assert mini[0] == mini[1] == mini[2]
+    assert not PRESETS["tiny"].downloads and "pydocs" in PRESETS["tiny"].sft_data
+
+
+def _dry_run(preset: str, tmp_path, *more: str) -> str:
+    data = tmp_path / "data"
+    r = run_cli("speedrun", "--preset", preset, "--dry-run", "--data-dir", str(data), "--save", str(tmp_path / "run"),
+                "--device", "cpu", "--dtype", "fp32", *more, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not data.exists() and not (tmp_path / "run").exists()  # a dry run writes nothing
+    return r.stdout
+
+
+def test_dry_run_plans_d20_and_the_macbook_model(tmp_path):
+    out = _dry_run("d20", tmp_path, "--measure-steps", "0")
+    assert "560,988,200 parameters (561.0M)" in out
+    assert re.search(r"pretrain +fineweb-edu +21,400 steps +11\.22B tokens +32 x 2,048 x 8 = 524,288", out)
+    assert "fineweb-edu  238 shards; 0 here, 238 to download (22.6 GB)" in out
+    for name in ("smoltalk", "mmlu", "gsm8k", "arc", "humaneval", "words", "core"):
+        assert re.search(rf"^    {name} +to download \(", out, re.M), name
+    assert re.search(r"rl +gsm8k 1 +467 steps", out) and "mid       smoltalk 1, mmlu 1, gsm8k 1" in out
+    assert re.search(r"pretrain +32 x 2,048 rows: [0-9.]+ GiB \([0-9.]+ GiB with --grad-checkpoint\); this device "
+                     r"has [0-9.]+ GiB", out)
+    assert "Next: picochat speedrun --preset d20" in out
+    out = _dry_run("picochat-335m", tmp_path, "--measure-steps", "0")
+    assert "depth 16, width 1024, 8/8 heads, context 1,024, vocab 65,536" in out
+    assert "335,544,352 parameters (335.5M)" in out and "11 shards; 0 here, 11 to download" in out
+    assert re.search(r"pretrain +fineweb-edu +54,000 steps +442\.4M tokens", out)
+    assert re.search(r"mid +text 1, smoltalk 1,.* +4,000 steps +32\.8M tokens", out)
+    assert re.search(r"sft +smoltalk =10000, gsm8k 1, arc-easy 1, arc-challenge 1, identity =1000, spelling =600 +"
+                     r"1,000 steps", out)
+    assert "rl " not in out.split("evals")[0].split("stages")[1]  # the MacBook recipe has no RL
+
+
+def test_dry_run_times_real_steps_here(tmp_path):
+    out = _dry_run("tiny", tmp_path, "--measure-steps", "2")
+    m = re.search(r"from 2 timed step\(s\) of 8 x 256 tokens here: ([0-9.]+) s/step, ([0-9,]+) tok/s", out)
+    assert m and float(m.group(1)) > 0
+    assert re.search(r"pretrain +builtin +150 steps +1\.2M tokens +16 x 256 x 2 = 8,192 +~\d", out)
+    assert re.search(r"total about \S+ of compute here", out)
+    assert "evals     arithmetic, pydocs" in out
+
+
+def test_memory_fit_switches_grad_checkpoint_on_only_when_it_is_what_fits():
+    from picochat.plan import Fit
+    gib = 1 << 30
+    assert Fit(8, 1024, 4 * gib, 2 * gib, 8 * gib).describe().endswith(": fits")
+    fit = Fit(8, 1024, 20 * gib, 7 * gib, 10 * gib)
+    assert fit.grad_checkpoint and fit.fits and "switches on" in fit.describe()
+    fit = Fit(8, 1024, 40 * gib, 12 * gib, 10 * gib)
+    assert not fit.grad_checkpoint and not fit.fits and "DOES NOT FIT" in fit.describe()
+
+
+# ----------------------------------------------------------------------------- the download presets in miniature
+
+@pytest.fixture(scope="module")
+def miniature_hub():
+    with FakeHub() as hub:
+        fill(hub)
+        yield hub
+
+
+def _speedrun(hub, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "picochat", "speedrun", "--device", "cpu", *args],
+                          capture_output=True, text=True, env=hub_env(hub), timeout=timeout)
+
+
+def test_d20_in_miniature_downloads_what_it_needs_and_runs_every_stage(miniature_hub, tmp_path):
+    from picochat.tasks.pydocs import sample_questions
+    data, out = tmp_path / "data", tmp_path / "run"
+    r = _speedrun(miniature_hub, "--preset", "d20", "--miniature", "--data-dir", str(data), "--save", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = r.stdout
+    assert log.index("plan: preset d20 (miniature)") < log.index("speedrun [1/11] data") < log.index("data: fetching")
+    assert len(list((data / "fineweb-edu").glob("shard_*.parquet"))) == 2  # what the budget needs, not all 1,823
+    for stage, depth in (("base", 2), ("mid", 2), ("sft", 2), ("rl", 2)):
+        config = json.loads((out / stage / "config.json").read_text())
+        assert config["model"]["n_layer"] == depth, stage
+    mid = json.loads((out / "mid" / "config.json").read_text())["train"]["data"]
+    assert f"smoltalk:{data}/smoltalk:1" in mid and f"mmlu:{data}/mmlu:1" in mid and "spelling:" in mid
+    rl = json.loads((out / "rl" / "config.json").read_text())["train"]
+    assert rl["task"] == f"gsm8k:{data}/gsm8k:1" and rl["steps"] == 2
+    evals = {p.stem for p in (out / "sft" / "evals").glob("*.json")}
+    assert {"arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spelling", "arithmetic", "pydocs"} <= evals
+    assert (out / "base" / "evals" / "core.json").is_file()
+    report = (out / "report.md").read_text()
+    assert re.search(r"^\| \*\*ChatCORE\*\* \|", report, re.M) and re.search(r"^\| CORE \|", report, re.M)
+    question = sample_questions()[0][0]
+    assert f"| `{question}` |" in report  # the held-out Python questions, asked of every chat stage
+    assert f"Next: picochat chat --load {out / 'rl'}" in log
+
+
+def test_the_macbook_recipe_in_miniature_resumes_after_a_kill(miniature_hub, tmp_path):
+    """SIGTERM in the middle of the run, then --resume: finished steps are skipped, nothing is
+    downloaded twice, and the run ends as an uninterrupted one would."""
+    data, out = tmp_path / "data", tmp_path / "run"
+    args = ["--preset", "picochat-335m", "--miniature", "--data-dir", str(data), "--save", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "picochat", "speedrun", "--device", "cpu", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=hub_env(miniature_hub))
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("speedrun [8/9] sft"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=300) != 0, "".join(seen)[-2000:]
+    state = json.loads((out / "speedrun.json").read_text())
+    assert list(state["done"]) == ["data", "corpus", "tokenizer", "pretrain", "base evals", "mid", "mid evals"]
+    fetched = len(miniature_hub.gets(".parquet"))
+    r = _speedrun(miniature_hub, *args, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for step in ("data", "corpus", "tokenizer", "pretrain", "base evals", "mid", "mid evals"):
+        assert f"] {step}: done before, skipped" in r.stdout
+    assert len(miniature_hub.gets(".parquet")) == fetched  # nothing downloaded again
+    assert json.loads((out / "sft" / "config.json").read_text())["step"] == 4
+    assert list(json.loads((out / "speedrun.json").read_text())["done"])[-2:] == ["sft", "sft evals"]
+    assert not (out / "rl").exists() and "Next: picochat chat --load" in r.stdout and str(out / "sft") in r.stdout
+    # a resume with another preset is refused
+    r = _speedrun(miniature_hub, "--preset", "d8", "--miniature", "--data-dir", str(data), "--save", str(out),
+                  "--resume")
+    assert r.returncode == 2 and r.stderr.startswith("error: --resume:") and "another run" in r.stderr
+
+
+def test_wandb_mirrors_the_metrics_rows(tmp_path, small_corpus, small_tokenizer):
+    """--wandb PROJECT sends every metrics.jsonl row to Weights & Biases (offline mode: to disk)."""
+    save = tmp_path / "base"
+    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="offline", WANDB_SILENT="true")
+    r = subprocess.run([sys.executable, "-m", "picochat", "pretrain", "--data", str(small_corpus), "--tokenizer",
+                        str(small_tokenizer), "--depth", "2", "--seq-len", "64", "--batch-size", "2", "--steps", "4",
+                        "--eval-every", "2", "--device", "cpu", "--save", str(save), "--wandb", "picochat-test"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and "wandb: mirroring metrics to project 'picochat-test'" in r.stdout
+    logged = runs[0].read_bytes()
+    rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all("loss" in row for row in rows)
+    for row in rows:  # every number of every row is in the W&B run's history records
+        assert json.dumps(row["loss"]).encode() in logged
+    assert b"val_bpb" in logged and json.dumps(rows[-1]["val_bpb"]).encode() in logged
+
+
+def test_the_readme_shows_the_presets_table():
+    from picochat.presets import preset_table
+    assert preset_table() in (REPO / "README.md").read_text()

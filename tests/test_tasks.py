@@ -329,6 +329,52 @@ def test_mixture_counts_and_determinism(tmp_path):
     assert [m1[i] for i in range(len(m1))] == [m2[i] for i in range(len(m2))]
 
 
+# ----------------------------------------------------------------------------- Python docs, plain text
+
+def test_pydocs_questions_come_from_the_stdlib_docstrings():
+    import inspect
+    import json as json_module
+
+    from picochat.tasks.pydocs import PyDocs, build_pairs, held_out, overlap_f1, sample_questions
+    pairs = dict(build_pairs())
+    # answers are the first paragraph of the docstring, read from the source (never imported)
+    assert pairs["What does json.dumps() do?"].startswith("Serialize ``obj`` to a JSON formatted ``str``")
+    assert json_module.dumps.__doc__.strip().startswith("Serialize ``obj`` to a JSON formatted ``str``")
+    names = [("**" if p.kind == p.VAR_KEYWORD else "") + p.name
+             for p in inspect.signature(json_module.dumps).parameters.values()]
+    assert pairs["What are the parameters of json.dumps?"] == f"json.dumps takes {', '.join(names[:-1])} and {names[-1]}."
+    assert pairs["Which module provides urlopen?"] == "urlopen is in the urllib.request module."
+    assert not any(q.startswith("What does _") or "._" in q.split()[2] for q in pairs)  # private names left out
+    train, test = PyDocs("train"), PyDocs("test")
+    assert len(train) + len(test) == len(pairs) > 2000 and 0.05 < len(test) / len(pairs) < 0.15
+    train_q = {ex["messages"][0]["content"] for ex in train}
+    test_q = {ex["messages"][0]["content"] for ex in test}
+    assert not train_q & test_q and all(held_out(q) for q in test_q)  # the held-out tenth is disjoint
+    assert [ex["messages"][0]["content"] for ex in PyDocs("test")] == [ex["messages"][0]["content"] for ex in test]
+    assert {q for q, _ in sample_questions()} <= test_q and len(sample_questions()) == 4
+    # the grader: word-overlap F1 with the reference, passing at 0.5
+    assert overlap_f1("Return a set of all tasks for the loop.", "Return a set of all tasks for the loop.") == 1.0
+    assert overlap_f1("a set of tasks", "Return a set of all tasks for the loop.") == pytest.approx(8 / 13)  # P 4/4, R 4/9
+    ex = test[0]
+    assert test.reward(ex, ex["answer"]) == 1.0 and test.reward(ex, "no idea") == 0.0
+
+
+def test_text_rows_train_on_every_token(tok, tmp_path):
+    from picochat.conversation import render_example
+    from picochat.tasks.text import Text
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"document number {i}"}) + "\n" for i in range(30)))
+    task = Text(tmp_path, limit=12)
+    assert len(task) == 12 and task[3] == {"text": "document number 3"}
+    ids, mask = render_example(tok, task[3])
+    assert ids[0] == tok.bos_id and ids[1:] == tok.encode("document number 3") and mask == [0] + [1] * (len(ids) - 1)
+    ids, mask = render_example(tok, task[3], max_tokens=4)
+    assert len(ids) == 4 and len(mask) == 4
+    with pytest.raises(PicochatError, match="limit"):
+        Text(tmp_path, limit=0)
+    mix = build_mixture(f"text:{tmp_path}:1,identity::1")
+    assert sum("text" in mix[i] for i in range(len(mix))) == 30  # a mixture reads up to DEFAULT_LIMIT documents
+
+
 # ----------------------------------------------------------------------------- every task renders
 
 def test_every_task_renders(tok, tmp_path):

@@ -182,7 +182,10 @@ def _package_docstrings(col: _Collector, dists: list[importlib.metadata.Distribu
                     col.add(doc)
 
 
-def build_builtin_corpus(out_dir: str | Path, max_bytes: int = 8_000_000) -> list[Path]:
+CORPUS_CHARS = 8_000_000  # the offline corpus's size, about (mostly ASCII: characters ~ bytes)
+
+
+def build_builtin_corpus(out_dir: str | Path, max_bytes: int = CORPUS_CHARS) -> list[Path]:
     """Write the offline corpus into out_dir as a few .txt files (+ SOURCES.md); returns the .txt paths.
 
     Sources in priority order, each filling what the earlier ones left of max_bytes (characters,

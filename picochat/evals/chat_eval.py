@@ -53,6 +53,8 @@ def build_eval_task(name: str, data: str | None, split: str | None = None):
     path = resolve_data(name, data)
     if name in ("spelling", "arithmetic"):
         return build_task(name, path, seed=SYNTHETIC_TEST_SEED, size=SYNTHETIC_TEST_SIZE)
+    if name == "pydocs":
+        return build_task(name, split="test")
     return build_task(name, path, split=split or EVALS[name].eval.split)
 
 

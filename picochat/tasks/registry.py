@@ -61,6 +61,11 @@ SPECS = [
     TaskSpec("arithmetic", "arithmetic:Arithmetic", ("seed",), None, "Arithmetic (tools)", needs_path=False,
              eval=EvalSpec("generative", 0.0, max_tokens=48,
                            about="synthetic arithmetic with the calculator (generative, built in)")),
+    TaskSpec("pydocs", "pydocs:PyDocs", ("split",), None, "Python docs Q&A", needs_path=False,
+             eval=EvalSpec("generative", 0.0, max_tokens=64,
+                           about="questions on the installed Python's standard library, answered from its "
+                                 "docstrings (held-out questions; built in)")),
+    TaskSpec("text", "text:Text", ("path",), "fineweb-edu", "Pretraining text", graded=False),
 ]
 TASKS = {spec.name: spec for spec in SPECS}
 EVALS = {name: spec for name, spec in TASKS.items() if spec.eval is not None}

@@ -78,6 +78,7 @@ class Callbacks:
     eval_every: int = 0
     sample: Callable[[], str] | None = None  # -> text, every sample_every steps (0: never)
     sample_every: int = 0
+    record: Callable[[dict], None] | None = None  # every metrics row as it is made (--wandb)
 
 
 class Stopped(PicochatError):
@@ -239,6 +240,8 @@ class Trainer:
                 if callbacks.sample and loop.sample_every and (self.step % loop.sample_every == 0 or last):
                     record["sample"] = callbacks.sample()
                 self.metrics.append(record)
+                if callbacks.record is not None:
+                    callbacks.record(record)
                 if "loss" in record:
                     extra = "".join(f" | {k} {v:.4f}" for k, v in record.items() if k.startswith("val_"))
                     numbers = "".join(f" | {k} {v:.4g}" for k, v in shown.items())

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 from ..checkpoint import load_run
 from ..common import PicochatError, log, seed_everything
-from ..conversation import describe_cuts, render_conversation
+from ..conversation import describe_cuts, render_example
 from ..data.loader import PackingLoader, TokenDataset
 from ..memory import check_training_memory
 from ..optim import OptimConfig, scale_lrs
@@ -84,7 +84,7 @@ class PaddedConversations:
         picks = self.order.take(self.batch_size * self.world_size)
         mine = picks[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         before = sum(self.cuts.values())
-        rows = [render_conversation(self.tok, self.task[i], max_tokens=self.seq_len + 1, cuts=self.cuts)
+        rows = [render_example(self.tok, self.task[i], max_tokens=self.seq_len + 1, cuts=self.cuts)
                 for i in mine]
         self.rendered += len(rows)
         if before == 0 and self.cuts:
@@ -122,7 +122,7 @@ def chat_train(cfg: ChatTrainConfig) -> dict:
         cfg = replace(cfg, run=replace(cfg.run, compile=False))
     if cfg.stage == "mid":
         cuts = Counter()
-        rendered = [render_conversation(tok, task[i], max_tokens=seq_len + 1, cuts=cuts) for i in range(len(task))]
+        rendered = [render_example(tok, task[i], max_tokens=seq_len + 1, cuts=cuts) for i in range(len(task))]
         if cuts:
             log(f"mid: {describe_cuts(cuts, len(task), seq_len + 1)}")
         dataset = TokenDataset.from_sequences(rendered, tok.bos_id)

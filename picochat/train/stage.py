@@ -33,11 +33,14 @@ class RunControls:
     compile: bool = setting(False, "torch.compile the training step (pays a compile at the start; "
                                    "worth it for long runs)")
     grad_checkpoint: bool = setting(False, "recompute activations in the backward pass: much less memory, "
-                                           "about 30%% more compute")
+                                           "about 30%% more compute (the speedrun switches it on where a stage "
+                                           "needs it to fit)")
     save_every: int = setting(0, "also checkpoint every N steps (0: by time, see --save-every-minutes)", low=0)
     save_every_minutes: float = setting(10.0, "checkpoint at least this often, by wall time (0: not by time); "
                                               "a run also checkpoints at its end and on Ctrl-C or SIGTERM", low=0)
     log_every: int = setting(1, "print a progress line every N steps", low=1)
+    wandb: str | None = setting(None, "also send the metrics to this Weights & Biases project (pip install "
+                                      "'picochat[wandb]'; WANDB_MODE=offline keeps them on disk)", metavar="PROJECT")
     stop_at: int = setting(0, "stop after this step with a resumable run dir (0: run to the end)", low=0)
     resume: bool = setting(False, "continue the run in --save exactly where it stopped, with its own settings")
     overwrite: bool = setting(False, "replace an existing run dir")
@@ -142,8 +145,16 @@ class Stage:
                          extra={"step": step, **meta, "world_size": self.world})
             distributed.barrier()
 
-        callbacks = dataclasses.replace(callbacks, save=save_fn)
-        metrics = trainer.fit(data, callbacks, objective)
+        mirror = None
+        if r.wandb and distributed.is_main():
+            from .wandb_mirror import WandbMirror
+            mirror = WandbMirror(r.wandb, save, self.name, meta)
+        callbacks = dataclasses.replace(callbacks, save=save_fn, record=mirror)
+        try:
+            metrics = trainer.fit(data, callbacks, objective)
+        finally:
+            if mirror is not None:
+                mirror.close()
         final = metrics[-1] if metrics else {}
         return {"run_dir": str(save), "steps": trainer.step, "params": model.num_params(),
                 "train_seconds": trainer.elapsed, "final_loss": final.get("loss"),
