@@ -1,0 +1,31 @@
+"""The configuration of a picochat model exported for transformers (`picochat export --format hf`),
+for the picochat features transformers' own NanoChat architecture lacks: sliding-window layers
+and the per-layer residual and x0 scalars. Loaded with trust_remote_code=True."""
+
+from transformers import PretrainedConfig
+
+
+class PicochatConfig(PretrainedConfig):
+    model_type = "picochat"
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+
+    def __init__(self, vocab_size=32768, hidden_size=768, num_hidden_layers=12, num_attention_heads=6,
+                 num_key_value_heads=6, max_position_embeddings=2048, windows=None,
+                 rope_theta=10000.0, final_logit_softcapping=15.0, rms_norm_eps=1.1920928955078125e-07,
+                 use_cache=True, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                 tie_word_embeddings=False, **kwargs):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = 4 * hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.max_position_embeddings = max_position_embeddings
+        # per layer, the keys a query sees counting its own (a sliding window), or 0: every earlier one
+        self.windows = list(windows) if windows is not None else [0] * num_hidden_layers
+        self.rope_theta = rope_theta
+        self.final_logit_softcapping = final_logit_softcapping
+        self.rms_norm_eps = rms_norm_eps
+        self.use_cache = use_cache
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                         tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -1,0 +1,339 @@
+"""picochat export / import: real transformers loads what export writes and computes the same
+function; import brings transformers and nanochat checkpoints back, reading nanochat's pickles
+without running them."""
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from picochat.checkpoint import load_run, save_run
+from picochat.config import ModelConfig
+from picochat.conversation import render_conversation, render_for_completion
+from picochat.engine import Engine
+from picochat.model import GPT
+from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+from .conftest import randomized, run_cli
+
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = ["To be, or not to be", "ROMEO: What light through yonder window breaks? It is the east, and Juliet is the"
+           " sun."]  # 9 and 47 tokens: below and above the windows, within the context of 64
+
+
+def _model(tok: Tokenizer, pattern: str, x0: bool, resid: bool, seed: int) -> GPT:
+    """A depth-2 GQA model with noise on every weight; its scalars as asked."""
+    config = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, sequence_len=64,
+                         window_pattern=pattern, window=12)
+    model = randomized(GPT(config), seed=seed)
+    with torch.no_grad():
+        model.resid_lambdas.copy_(torch.tensor([1.3, 0.7]) if resid else torch.ones(2))
+        model.x0_lambdas.copy_(torch.tensor([0.2, -0.1]) if x0 else torch.zeros(2))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tok(small_tokenizer) -> Tokenizer:
+    return Tokenizer.load(small_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def runs(tok, tmp_path_factory) -> dict[str, Path]:
+    """remote: sliding windows inside the context, trained x0 mixing and residual scales;
+    native: full attention, residual scales only (they fold); plain: scalars at their start."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, pattern, x0, resid, seed in (("remote", "SL", True, True, 1), ("native", "L", False, True, 2),
+                                           ("plain", "L", False, False, 3)):
+        out[name] = save_run(root / name, _model(tok, pattern, x0, resid, seed), tok, stage="sft")
+    return out
+
+
+def _export(run: Path, save: Path, *more: str) -> str:
+    r = run_cli("export", "--load", str(run), "--save", str(save), *more)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def _hf(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+
+
+def _ids(tok: Tokenizer, text: str) -> list[int]:
+    return [tok.bos_id, *tok.encode(text)]
+
+
+@pytest.mark.parametrize("name", ["remote", "native"])
+def test_exported_model_computes_picochat_s_function(runs, tok, tmp_path, name):
+    log = _export(runs[name], tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    if name == "remote":
+        assert config["model_type"] == "picochat" and (tmp_path / "hf" / "modeling_picochat.py").is_file()
+        assert "sliding windows of 12 tokens within its context of 64; trained x0 mixing" in log
+        assert "trust_remote_code=True" in log
+    else:
+        assert config["model_type"] == "nanochat" and not (tmp_path / "hf" / "modeling_picochat.py").exists()
+        assert "NanoChat (model_type nanochat, no remote code), residual scales folded" in log
+    model, hf_tok = _hf(tmp_path / "hf")
+    assert type(model).__name__ == ("PicochatForCausalLM" if name == "remote" else "NanoChatForCausalLM")
+    ours = load_run(runs[name]).model.eval()
+    worst = 0.0
+    for prompt in PROMPTS:
+        ids = _ids(tok, prompt)
+        assert hf_tok(prompt, add_special_tokens=False)["input_ids"] == ids[1:]  # the same tokenizer
+        with torch.no_grad():
+            theirs = model(torch.tensor([ids])).logits
+            mine = ours(torch.tensor([ids]))
+        worst = max(worst, (theirs - mine).abs().max().item())
+    assert worst <= 1e-4, worst
+    # greedy generation: transformers' generate and picochat's engine agree token for token
+    engine = Engine(ours, tok)
+    for prompt in PROMPTS[:1]:
+        ids = _ids(tok, prompt)
+        want = engine.generate_batch(ids, max_tokens=32, temperature=0.0, tools=False)[0].tokens
+        got = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+        stops = {tok.special_id("<|assistant_end|>"), tok.bos_id}
+        assert got[:len(want)] == want and (len(want) == 32 or got[len(want)] in stops)
+
+
+def test_chat_template_gives_conversation_py_s_ids(runs, tok, tmp_path):
+    _export(runs["plain"], tmp_path / "hf")
+    _, hf_tok = _hf(tmp_path / "hf")
+    conversation = {"messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What is 12 * 7?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Let me compute. "},
+                                          {"type": "python", "text": "12 * 7"},
+                                          {"type": "python_output", "text": "84"},
+                                          {"type": "text", "text": " It is 84."}]},
+        {"role": "user", "content": "And 3 + 4?\nThanks."}]}
+
+    def template(messages, prompt):
+        out = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=prompt)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    assert template(conversation["messages"], True) == render_for_completion(tok, conversation)
+    whole = conversation["messages"][:3]
+    assert template(whole, False) == render_conversation(tok, {"messages": whole})[0]
+    assert hf_tok.bos_token == "<|bos|>" and hf_tok.eos_token == "<|assistant_end|>" and hf_tok.pad_token
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert gen["eos_token_id"][0] == tok.special_id("<|assistant_end|>")
+    # a user who types a special token's text: picochat encodes it as text, transformers' template
+    # turns it into the special token (as every transformers chat template does; the README says so)
+    typed = {"messages": [{"role": "user", "content": "say <|assistant_end|> now"}]}
+    end = tok.special_id("<|assistant_end|>")
+    assert end not in render_for_completion(tok, typed)
+    assert end in template(typed["messages"], True)
+
+
+def test_round_trip_is_bit_identical_and_evals_agree(runs, tok, tmp_path):
+    from picochat.evals.chat_eval import build_eval_task, evaluate_task
+    from safetensors.torch import load_file
+    for name in ("remote", "plain"):
+        _export(runs[name], tmp_path / f"{name}-hf")
+        r = run_cli("import", "--format", "hf", "--load", str(tmp_path / f"{name}-hf"), "--save", str(tmp_path / name))
+        assert r.returncode == 0, r.stderr[-2000:]
+        before, after = load_file(runs[name] / "model.safetensors"), load_file(tmp_path / name / "model.safetensors")
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), name
+        a, b = load_run(runs[name]), load_run(tmp_path / name)
+        assert a.config == b.config and b.meta["stage"] == "sft" and b.meta["imported_from"]["format"] == "hf"
+        scores = [evaluate_task(run, "arithmetic", build_eval_task("arithmetic", None), limit=6, save=False)
+                  for run in (a, b)]
+        assert scores[0]["accuracy"] == scores[1]["accuracy"] and scores[0]["n"] == 6
+        ids = _ids(tok, PROMPTS[0])
+        replies = [Engine(run.model.eval(), tok).generate_batch(ids, max_tokens=16, temperature=0.0)[0].tokens
+                   for run in (a, b)]
+        assert replies[0] == replies[1]
+    # the folded export is the same function, not the same numbers: its import computes the same logits
+    _export(runs["native"], tmp_path / "native-hf")
+    assert run_cli("import", "--format", "hf", "--load", str(tmp_path / "native-hf"), "--save",
+                   str(tmp_path / "native")).returncode == 0
+    ids = torch.tensor([_ids(tok, PROMPTS[1])])
+    with torch.no_grad():
+        diff = (load_run(runs["native"]).model(ids) - load_run(tmp_path / "native").model(ids)).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_int8_and_bf16_exports(runs, tok, tmp_path):
+    from picochat import int8
+    run = load_run(runs["plain"])
+    int8.quantize_model(run.model)
+    save_run(tmp_path / "int8", run.model, tok, stage="sft")
+    log = _export(tmp_path / "int8", tmp_path / "hf", "--dtype", "fp32")
+    assert "is INT8: its weights are dequantized to fp32" in log
+    model, _ = _hf(tmp_path / "hf")
+    ids = torch.tensor([_ids(tok, PROMPTS[1])])
+    with torch.no_grad():
+        assert (model(ids).logits - load_run(tmp_path / "int8").model.eval()(ids)).abs().max().item() <= 1e-3
+    _export(runs["plain"], tmp_path / "bf16", "--dtype", "bf16")
+    from safetensors.torch import load_file
+    assert {v.dtype for v in load_file(tmp_path / "bf16" / "model.safetensors").values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+# ----------------------------------------------------------------------------- nanochat checkpoints
+
+def _nanochat_dir(root: Path, tok: Tokenizer, pattern: str | None, seed: int = 0, extra: dict | None = None) -> Path:
+    """A nanochat checkpoint in its documented layout: <base>/tokenizer/tokenizer.pkl (a pickled
+    tiktoken Encoding with nanochat's nine special tokens) and <base>/base_checkpoints/d2/
+    model_000005.pt (the state dict, as saved from a torch.compile'd model, the vocab padded to a
+    multiple of 64, embeddings in bf16) with meta_000005.json."""
+    import tiktoken
+    n = tok.vocab_size - len(SPECIAL_TOKENS)
+    ranks = {tok.token_bytes(i): i for i in range(n)}
+    enc = tiktoken.Encoding(name="rustbpe", pat_str=__import__("picochat.tokenizer").tokenizer.SPLIT_PATTERN,
+                            mergeable_ranks=ranks, special_tokens={s: n + i for i, s in enumerate(SPECIAL_TOKENS[:9])})
+    (root / "tokenizer").mkdir(parents=True)
+    (root / "tokenizer" / "tokenizer.pkl").write_bytes(pickle.dumps(enc))
+    torch.save(torch.tensor([len(t) for t in ranks]), root / "tokenizer" / "token_bytes.pt")
+    vocab, padded, d, layers = n + 9, -(-(n + 9) // 64) * 64, 64, 2
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape):
+        return 0.3 * torch.randn(*shape, generator=g)
+
+    state = {"transformer.wte.weight": w(padded, d).bfloat16(), "lm_head.weight": w(padded, d)}
+    for i in range(layers):
+        state.update({f"transformer.h.{i}.attn.c_q.weight": w(d, d), f"transformer.h.{i}.attn.c_k.weight": w(32, d),
+                      f"transformer.h.{i}.attn.c_v.weight": w(32, d), f"transformer.h.{i}.attn.c_proj.weight": w(d, d),
+                      f"transformer.h.{i}.mlp.c_fc.weight": w(4 * d, d),
+                      f"transformer.h.{i}.mlp.c_proj.weight": w(d, 4 * d)})
+    state["resid_lambdas"], state["x0_lambdas"] = torch.tensor([1.2, 0.8]), torch.tensor([0.3, -0.2])
+    state.update(extra or {})
+    ckpt = root / "base_checkpoints" / "d2"
+    ckpt.mkdir(parents=True)
+    torch.save({f"_orig_mod.{k}": v for k, v in state.items()}, ckpt / "model_000005.pt")
+    config = {"sequence_len": 64, "vocab_size": vocab, "n_layer": layers, "n_head": 4, "n_kv_head": 2, "n_embd": d}
+    if pattern:
+        config["window_pattern"] = pattern
+    (ckpt / "meta_000005.json").write_text(json.dumps({"step": 5, "model_config": config, "val_bpb": 1.0}))
+    return ckpt
+
+
+def nanochat_reference(state: dict, config: dict, ids: torch.Tensor) -> torch.Tensor:
+    """nanochat's forward (gpt.py as of January 2026), written from its definition: RMSNorm
+    without weights, rotary (base 10,000) then QK-norm, GQA, FlashAttention's window (left, 0)
+    letting a query see `left` keys before itself, a short window of sequence_len // 2 on S
+    layers (the last layer always long), ReLU^2, the residual and x0 scalars, logits soft-capped
+    at 15 and cut to the vocab."""
+    F = torch.nn.functional
+    state = {k.removeprefix("_orig_mod."): v.float() for k, v in state.items()}
+    d, H, Hkv, L = config["n_embd"], config["n_head"], config["n_kv_head"], config["n_layer"]
+    hd, T = d // H, ids.size(1)
+    norm = lambda x: F.rms_norm(x, (x.size(-1),))  # noqa: E731
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
+    freqs = torch.outer(torch.arange(T).float(), inv)
+    cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+
+    def rope(x):
+        x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+        return torch.cat([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], dim=-1)
+
+    pattern = config.get("window_pattern", "L")
+    lefts = [config["sequence_len"] // 2 if pattern[i % len(pattern)] == "S" else config["sequence_len"]
+             for i in range(L)]
+    lefts[-1] = config["sequence_len"]
+    pos = torch.arange(T)
+    x = norm(state["transformer.wte.weight"][ids])
+    x0 = x
+    for i in range(L):
+        p = f"transformer.h.{i}."
+        x = state["resid_lambdas"][i] * x + state["x0_lambdas"][i] * x0
+        h = norm(x)
+        q = (h @ state[p + "attn.c_q.weight"].T).view(1, T, H, hd)
+        k = (h @ state[p + "attn.c_k.weight"].T).view(1, T, Hkv, hd)
+        v = (h @ state[p + "attn.c_v.weight"].T).view(1, T, Hkv, hd)
+        q, k = norm(rope(q)), norm(rope(k))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+        mask = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] <= lefts[i])
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + y.transpose(1, 2).reshape(1, T, d) @ state[p + "attn.c_proj.weight"].T
+        m = F.relu(norm(x) @ state[p + "mlp.c_fc.weight"].T).square()
+        x = x + m @ state[p + "mlp.c_proj.weight"].T
+    logits = norm(x) @ state["lm_head.weight"].T
+    logits = logits[..., :config["vocab_size"]].float()
+    return 15 * torch.tanh(logits / 15)
+
+
+@pytest.mark.parametrize("pattern", ["SL", None])
+def test_nanochat_checkpoint_imports_and_matches_its_reference_forward(tok, tmp_path, pattern):
+    ckpt = _nanochat_dir(tmp_path / "nanochat", tok, pattern)
+    r = run_cli("import", "--format", "nanochat", "--load", str(ckpt), "--save", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = load_run(tmp_path / "run")
+    assert run.meta["stage"] == "base" and run.meta["imported_from"]["step"] == 5  # from base_checkpoints/
+    assert run.tokenizer.encode("To be, or not to be") == tok.encode("To be, or not to be")
+    config = json.loads((ckpt / "meta_000005.json").read_text())["model_config"]
+    state = torch.load(ckpt / "model_000005.pt", weights_only=True)
+    for prompt in PROMPTS:
+        ids = torch.tensor([_ids(tok, prompt)])
+        with torch.no_grad():
+            mine = run.model.eval()(ids)[..., :config["vocab_size"]]
+        assert (mine - nanochat_reference(state, config, ids)).abs().max().item() <= 1e-4
+    assert "picochat's other 2 (reserved, never trained) get zero rows" in r.stdout
+
+
+def test_nanochat_features_picochat_lacks_are_refused(tok, tmp_path):
+    ckpt = _nanochat_dir(tmp_path / "nc", tok, "SSSL", extra={"value_embeds.0.weight": torch.zeros(4, 2),
+                                                              "smear_gate.weight": torch.zeros(2)})
+    r = run_cli("import", "--format", "nanochat", "--load", str(ckpt), "--save", str(tmp_path / "run"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "has smear and value embeddings" in r.stderr and not (tmp_path / "run").exists()
+
+
+class _Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.path), "ran"))
+
+
+def test_a_pickle_that_would_run_code_is_refused(tok, tmp_path):
+    ckpt = _nanochat_dir(tmp_path / "nc", tok, None)
+    canary = tmp_path / "canary"
+    (tmp_path / "nc" / "tokenizer" / "tokenizer.pkl").write_bytes(pickle.dumps(_Exploit(canary)))
+    r = run_cli("import", "--format", "nanochat", "--load", str(ckpt), "--save", str(tmp_path / "run"))
+    assert r.returncode == 2 and "tokenizer.pkl asks for pathlib.Path.write_text" in r.stderr
+    assert not canary.exists() and not (tmp_path / "run").exists()
+    # a model file with code in it: torch.load(weights_only=True) refuses it
+    ckpt2 = _nanochat_dir(tmp_path / "nc2", tok, None)
+    torch.save({"x": _Exploit(canary)}, ckpt2 / "model_000005.pt")
+    r = run_cli("import", "--format", "nanochat", "--load", str(ckpt2), "--save", str(tmp_path / "run"))
+    assert r.returncode == 2 and "cannot be read as weights" in r.stderr and not canary.exists()
+
+
+def test_bad_imports_and_exports_say_why_in_one_line(runs, tok, tmp_path, small_corpus):
+    def fails(*args, says):
+        r = run_cli(*args)
+        assert r.returncode == 2 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
+        assert says in r.stderr, r.stderr
+
+    fails("import", "--format", "gguf", "--load", str(tmp_path), "--save", str(tmp_path / "x"), says="invalid choice")
+    fails("export", "--load", str(runs["plain"]), "--save", str(tmp_path / "x"), "--format", "onnx",
+          says="invalid choice")
+    hf = tmp_path / "hf"
+    _export(runs["plain"], hf)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text((hf / "tokenizer.json").read_text())
+    fails("import", "--format", "hf", "--load", str(broken), "--save", str(tmp_path / "x"), says="config.json is missing")
+    # another tokenizer than the weights'
+    from picochat.tokenizer import train_tokenizer
+    train_tokenizer([str(small_corpus)], 400, save=str(tmp_path / "other.json"))
+    (hf / "tokenizer.json").write_text((tmp_path / "other.json").read_text())
+    fails("import", "--format", "hf", "--load", str(hf), "--save", str(tmp_path / "x"),
+          says="the tokenizer does not match the weights")
+    fails("import", "--format", "nanochat", "--load", str(tmp_path), "--save", str(tmp_path / "x"),
+          says="no model_NNNNNN.pt")
+    fails("export", "--load", str(tmp_path / "nothing"), "--save", str(tmp_path / "x"), says="")
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob("x.tmp*"))
+    fails("export", "--load", str(runs["plain"]), "--save", str(hf), says="already exists")
+    fails("import", "--format", "hf", "--load", str(hf), "--save", str(runs["plain"]), says="already exists")
