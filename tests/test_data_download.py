@@ -252,6 +252,7 @@ def test_missing_and_unreachable(fake_hub, tmp_path):
                            capture_output=True, text=True, env=env, timeout=120)
     line = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and line.startswith("error: cannot download ") and url in line
+    assert "Retrying" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "HF_ENDPOINT" in line and "--data-dir" in line
     r = _download(fake_hub, tmp_path, "nosuch")
     assert r.returncode == 2 and "unknown dataset 'nosuch'" in r.stderr

@@ -11,6 +11,7 @@ Range request; it also checks the size and the Hub's sha256 and moves the file i
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,11 +55,18 @@ def list_files(repo: str, path: str | None = None, revision: str = "main") -> li
     """Every file of a dataset repo (under `path`), with its size and sha256."""
     from huggingface_hub import HfApi
     where = f"{endpoint()}/api/datasets/{repo}/tree/{revision}" + (f"/{path}" if path else "")
+    # the client retries a failed request 5 times over about 25 s, logging two lines each time:
+    # keep its retries, not its lines (a failure ends in one error line of ours)
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
     try:
         tree = list(HfApi(endpoint=endpoint()).list_repo_tree(repo, path, recursive=True, repo_type="dataset",
                                                               revision=revision))
     except Exception as e:  # httpx and huggingface_hub errors, whatever their class
         raise _hub_error(e, where) from None
+    finally:
+        hub_log.setLevel(level)
     return [RemoteFile(repo, f.path, revision, f.size, f.lfs.sha256 if f.lfs else None)
             for f in tree if getattr(f, "size", None) is not None]
 
