@@ -337,3 +337,19 @@ def test_bad_imports_and_exports_say_why_in_one_line(runs, tok, tmp_path, small_
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob("x.tmp*"))
     fails("export", "--load", str(runs["plain"]), "--save", str(hf), says="already exists")
     fails("import", "--format", "hf", "--load", str(hf), "--save", str(runs["plain"]), says="already exists")
+
+
+def test_a_nanochat_config_s_epsilon_is_named_on_import(capsys):
+    """transformers' NanoChat configs say rms_norm_eps 1e-6; picochat (and nanochat itself) use fp32's
+    machine epsilon: the import keeps picochat's and says so."""
+    from picochat.convert.layout import NATIVE, from_hf, to_hf
+    config = ModelConfig(vocab_size=64, n_layer=2, n_embd=32, n_head=2, n_kv_head=1, sequence_len=16,
+                         window_pattern="L")
+    weights = {k: v.float() for k, v in GPT(config).state_dict().items()}
+    hf, hf_weights = to_hf(config, weights, NATIVE)
+    from_hf(hf, hf_weights)
+    said = capsys.readouterr()
+    assert "rms_norm_eps" not in said.out + said.err
+    back, _ = from_hf({**hf, "rms_norm_eps": 1e-6}, hf_weights)
+    said = capsys.readouterr()
+    assert "rms_norm_eps 1e-06 in config.json" in said.out + said.err and back.n_layer == 2

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..common import PicochatError
+from ..common import PicochatError, log
 from ..config import ModelConfig
 
 # RMSNorm's epsilon in picochat: F.rms_norm's default, the dtype's machine epsilon (fp32)
@@ -129,6 +129,10 @@ def from_hf(hf: dict, weights: dict[str, torch.Tensor]) -> tuple[ModelConfig, di
                          rope_base=float(rope.get("rope_theta", 10000.0)))
     if not config.softcap:
         raise PicochatError("no final_logit_softcapping: picochat's logits are always soft-capped")
+    eps = hf.get("rms_norm_eps", RMS_EPS)
+    if abs(eps - RMS_EPS) > 1e-12:  # transformers' NanoChat config says 1e-6 where nanochat itself used this
+        log(f"import: rms_norm_eps {eps:g} in config.json; picochat's RMSNorm uses fp32's machine epsilon "
+            f"({RMS_EPS:.3g}), as nanochat's own model does")
     state = {}
     for name, w in weights.items():
         if (name == "lm_head.weight" and hf.get("tie_word_embeddings")) or name.endswith("rotary_emb.inv_freq"):
