@@ -3,13 +3,15 @@
 It answers what the Hub's own client asks (huggingface_hub): the tree API of a dataset repo and
 revision (`/api/datasets/<repo>/tree/<revision>/<path>`, with each file's size and sha256), and
 `/datasets/<repo>/resolve/<revision>/<path>` (HEAD and GET, with Range), plus plain files at
-`/files/<name>` (the CORE zip, the word list). Every file is made by the test, in memory. It
+`/files/<name>` (the CORE zip, the word list), and the three calls of an upload to a model repo
+(create, preupload, commit). Every file is made by the test, in memory. It
 records each request and can be told, per path, to cut its first response short, to stall it, to
 serve corrupt bytes, or to answer 404.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -49,6 +51,8 @@ class FakeHub:
         self.stall_first: dict[str, float] = {}  # paths whose first GET sends part, then waits this long
         self.part = 1 / 3  # how much of the body those get
         self.corrupt: set[str] = set()  # paths served with one byte changed (the sha256 no longer matches)
+        self.models: dict[str, dict[str, bytes]] = {}  # model repos written through the Hub's commit API
+        self.token: str | None = None  # the token that writes need ("Authorization: Bearer <token>")
         self.lock = threading.Lock()
         hub = self
 
@@ -63,6 +67,9 @@ class FakeHub:
 
             def do_GET(self):
                 hub._serve(self, head=False)
+
+            def do_POST(self):
+                hub._write(self)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -137,6 +144,41 @@ class FakeHub:
             return
         h.wfile.write(body)
 
+    def _write(self, h: BaseHTTPRequestHandler) -> None:
+        """What the Hub's client sends to upload a folder: create the repo, ask each file's upload
+        mode ("regular" here: the content comes base64 in the commit), then the commit as NDJSON."""
+        path = unquote(urlsplit(h.path).path)
+        body = h.rfile.read(int(h.headers.get("Content-Length") or 0))
+        with self.lock:
+            self.requests.append(("POST", path, None))
+        reply = lambda status, obj: self._send(h, status, json.dumps(obj).encode(),  # noqa: E731
+                                               {"Content-Type": "application/json"}, False)
+        if self.token is None or h.headers.get("Authorization") != f"Bearer {self.token}":
+            return reply(401, {"error": "Invalid credentials in Authorization header"})
+        if path == "/api/repos/create":
+            ask = json.loads(body)
+            repo = f"{ask['organization']}/{ask['name']}" if ask.get("organization") else ask["name"]
+            if repo in self.models:
+                return reply(409, {"error": "You already created this model repo", "url": f"{self.url}/{repo}"})
+            self.models[repo] = {}
+            return reply(200, {"url": f"{self.url}/{repo}"})
+        repo, _, action = path.removeprefix("/api/models/").rpartition("/")[0].rpartition("/")
+        if repo not in self.models:
+            return reply(404, {"error": "Repository not found"})
+        if action == "preupload":
+            files = json.loads(body)["files"]
+            return reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                         for f in files]})
+        if action == "commit":
+            for line in body.splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    self.models[repo][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            oid = hashlib.sha1(body).hexdigest()
+            return reply(200, {"commitUrl": f"{self.url}/{repo}/commit/{oid}", "commitOid": oid,
+                               "pullRequestUrl": None})
+        reply(404, {"error": "not found"})
+
     def _file(self, path: str) -> bytes | None:
         if path.startswith("/files/"):
             return self.plain.get(path.removeprefix("/files/"))
@@ -171,14 +213,14 @@ class FakeHub:
             h.wfile.write(body)
 
 
-# ----------------------------------------------------------------------------- every dataset, small
-
-
 def hub_env(hub: FakeHub, **more: str) -> dict:
     """The environment of a picochat subprocess that downloads from `hub`."""
     from .conftest import REPO
     return dict(os.environ, PYTHONPATH=str(REPO), HF_ENDPOINT=hub.url, PICOCHAT_FILES_URL=hub.url + "/files",
                 HF_HUB_DISABLE_TELEMETRY="1", **more)
+
+# ----------------------------------------------------------------------------- every dataset, small
+
 
 def fill(hub: FakeHub, shards: int = 2, docs_per_shard: int = 200) -> None:
     """Every dataset `picochat data download` knows, in its real schema and layout, small: rows

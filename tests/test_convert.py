@@ -353,3 +353,32 @@ def test_a_nanochat_config_s_epsilon_is_named_on_import(capsys):
     back, _ = from_hf({**hf, "rms_norm_eps": 1e-6}, hf_weights)
     said = capsys.readouterr()
     assert "rms_norm_eps 1e-06 in config.json" in said.out + said.err and back.n_layer == 2
+
+
+def test_push_uploads_the_exported_directory_to_the_hub(runs, tmp_path):
+    """--push goes through the Hub's own client to HF_ENDPOINT (a loopback Hub here), with HF_TOKEN."""
+    import subprocess
+    import sys
+
+    from .hub_server import FakeHub, hub_env
+
+    def export(save, *more, **env):
+        return subprocess.run([sys.executable, "-m", "picochat", "export", "--load", str(runs["remote"]), "--save",
+                               str(save), *more], capture_output=True, text=True, timeout=300,
+                              env=hub_env(hub, HF_HOME=str(tmp_path / "hf_home"), **env))
+
+    with FakeHub() as hub:
+        hub.token = "hf_secret"
+        r = export(tmp_path / "up", "--push", "me/picochat-tiny", HF_TOKEN="hf_secret")
+        assert r.returncode == 0, r.stderr[-2000:]
+        sent = hub.models["me/picochat-tiny"]
+        assert sent and sent == {p.name: p.read_bytes() for p in (tmp_path / "up").iterdir() if p.is_file()}
+        assert "modeling_picochat.py" in sent and f"{hub.url}/me/picochat-tiny/commit/" in r.stdout
+        assert "from_pretrained('me/picochat-tiny', trust_remote_code=True)" in r.stdout
+        # a wrong token: one error line naming HF_TOKEN; the exported directory stays
+        r = export(tmp_path / "up2", "--push", "me/other", HF_TOKEN="wrong")
+        assert r.returncode == 2 and r.stderr.startswith("error: the Hub refused the upload of ")
+        assert "HF_TOKEN" in r.stderr and r.stderr.count("\n") == 1 and (tmp_path / "up2" / "config.json").is_file()
+        # a name that is no repo id: refused before anything is written
+        r = export(tmp_path / "up3", "--push", "no repo")
+        assert r.returncode == 2 and "USER/NAME" in r.stderr and not (tmp_path / "up3").exists()

@@ -23,6 +23,9 @@ class ExportConfig:
     format: str = setting("hf", "hf: a transformers model directory", choices=("hf",))
     dtype: str = setting("fp32", "the precision of the saved weights", choices=("fp32", "bf16"))
     overwrite: bool = setting(False, "replace an existing --save directory")
+    push: str | None = setting(None, "then upload it to this Hub model repo, created if missing, through the Hub's "
+                                     "own client (HF_TOKEN or `hf auth login` authenticates; HF_ENDPOINT names "
+                                     "another Hub)", metavar="USER/NAME")
 
 
 @dataclass
@@ -68,9 +71,12 @@ def float_weights(model) -> dict[str, torch.Tensor]:
 
 def export(cfg: ExportConfig) -> Path:
     from ..checkpoint import load_run
+    from ..data.hub import check_repo_id
     from .hf import write_dir
     from .layout import NATIVE, REMOTE, why_remote
     check(cfg)
+    if cfg.push:
+        check_repo_id(cfg.push)
     run = load_run(cfg.load, "cpu")
     if run.meta.get("quantization"):
         log(f"export: {cfg.load} is INT8: its weights are dequantized to {cfg.dtype} (the quantization error stays)")
@@ -95,8 +101,14 @@ def export(cfg: ExportConfig) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     remote = ", trust_remote_code=True" if reasons else ""
-    log(f"export: wrote {save}. Next: AutoModelForCausalLM.from_pretrained({str(save)!r}{remote}), "
-        f"AutoTokenizer.from_pretrained({str(save)!r}{remote})")
+    where = str(save)
+    log(f"export: wrote {save}")
+    if cfg.push:
+        from ..data.hub import upload
+        log(f"export: uploading {save} to the Hub's {cfg.push}")
+        log(f"export: uploaded: {upload(save, cfg.push, f'picochat export of {Path(cfg.load).name}')}")
+        where = cfg.push
+    log(f"Next: AutoModelForCausalLM.from_pretrained({where!r}{remote}), AutoTokenizer.from_pretrained({where!r}{remote})")
     return save
 
 

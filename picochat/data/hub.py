@@ -1,5 +1,5 @@
-"""The Hugging Face Hub: which files a dataset has, and fetching them, honouring HF_ENDPOINT (another
-base URL: a mirror, a local server) and HF_TOKEN.
+"""The Hugging Face Hub: which files a dataset has, fetching them, and uploading an exported model,
+honouring HF_ENDPOINT (another base URL: a mirror, a local server) and HF_TOKEN.
 
 Listing goes through the Hub's own client (huggingface_hub, which tokenizers already needs): the
 tree API of a dataset's parquet export (the `refs/convert/parquet` branch every Hub dataset has),
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +42,7 @@ class RemoteFile:
         return f"{endpoint()}/datasets/{self.repo}/resolve/{self.revision}/{self.path}"
 
 
-def _hub_error(e: Exception, what: str) -> PicochatError:
+def _hub_error(e: Exception, what: str, verb: str = "download") -> PicochatError:
     """One line for a failed Hub call: what, where, and how to point picochat elsewhere."""
     status = getattr(getattr(e, "response", None), "status_code", None)
     if status == 404:
@@ -48,25 +50,32 @@ def _hub_error(e: Exception, what: str) -> PicochatError:
     if status in (401, 403):
         return PicochatError(f"the Hub refused {what} (HTTP {status}): set HF_TOKEN to a token with access")
     reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-    return PicochatError(f"cannot download {what}: {reason}{HINT}")
+    return PicochatError(f"cannot {verb} {what}: {reason}" + (HINT if verb == "download" else ""))
+
+
+@contextmanager
+def _quiet_client():
+    """The client retries a failed request 5 times over about 25 s, logging two lines each time:
+    keep its retries, not its lines (a failure ends in one error line of ours)."""
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_log.setLevel(level)
 
 
 def list_files(repo: str, path: str | None = None, revision: str = "main") -> list[RemoteFile]:
     """Every file of a dataset repo (under `path`), with its size and sha256."""
     from huggingface_hub import HfApi
     where = f"{endpoint()}/api/datasets/{repo}/tree/{revision}" + (f"/{path}" if path else "")
-    # the client retries a failed request 5 times over about 25 s, logging two lines each time:
-    # keep its retries, not its lines (a failure ends in one error line of ours)
-    hub_log = logging.getLogger("huggingface_hub")
-    level = hub_log.level
-    hub_log.setLevel(logging.ERROR)
     try:
-        tree = list(HfApi(endpoint=endpoint()).list_repo_tree(repo, path, recursive=True, repo_type="dataset",
-                                                              revision=revision))
+        with _quiet_client():
+            tree = list(HfApi(endpoint=endpoint()).list_repo_tree(repo, path, recursive=True, repo_type="dataset",
+                                                                  revision=revision))
     except Exception as e:  # httpx and huggingface_hub errors, whatever their class
         raise _hub_error(e, where) from None
-    finally:
-        hub_log.setLevel(level)
     return [RemoteFile(repo, f.path, revision, f.size, f.lfs.sha256 if f.lfs else None)
             for f in tree if getattr(f, "size", None) is not None]
 
@@ -95,3 +104,28 @@ def fetch(file: RemoteFile, dest: Path, timeout: float = 30, retries: int = 5, o
         path.unlink()
         raise PicochatError(f"download of {file.url} is {path.stat().st_size} bytes, not {file.size}: removed")
     return path
+
+
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def check_repo_id(repo: str) -> str:
+    if not REPO_ID.fullmatch(repo):
+        raise PicochatError(f"--push {repo!r}: a Hub repo is USER/NAME (or ORG/NAME)")
+    return repo
+
+
+def upload(folder: Path, repo: str, message: str) -> str:
+    """Upload a directory to a model repo on the Hub, created if it is missing, through the Hub's
+    own client (HF_TOKEN or its stored login authenticates); returns the commit's URL."""
+    from huggingface_hub import HfApi
+    api = HfApi(endpoint=endpoint(), token=os.environ.get("HF_TOKEN") or None)
+    try:
+        with _quiet_client():
+            api.create_repo(check_repo_id(repo), repo_type="model", exist_ok=True)
+            info = api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model", commit_message=message)
+    except PicochatError:
+        raise
+    except Exception as e:
+        raise _hub_error(e, f"the upload of {folder} to {endpoint()}/{repo}", verb="make") from None
+    return str(info.commit_url)
