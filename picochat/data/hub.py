@@ -127,5 +127,5 @@ def upload(folder: Path, repo: str, message: str) -> str:
     except PicochatError:
         raise
     except Exception as e:
-        raise _hub_error(e, f"the upload of {folder} to {endpoint()}/{repo}", verb="make") from None
+        raise _hub_error(e, f"the upload of {folder} to {endpoint()}/{repo}", verb="complete") from None
     return str(info.commit_url)
