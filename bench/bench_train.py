@@ -25,21 +25,21 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from picochat.common import choose_device, set_threads  # noqa: E402
 from picochat.config import ModelConfig  # noqa: E402
-from picochat.train.measure import time_training_step  # noqa: E402
+from picochat.train.measure import sync, time_training_step  # noqa: E402
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 8) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
         if time.perf_counter() - t0 > 10:  # pathological dtypes: do not wait minutes
             reps = _ + 1
             break
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 

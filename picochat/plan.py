@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .common import PicochatError, first_line, format_count, format_duration
-from .data.datasets import DATASETS, HubShards, dataset_path, is_present
+from .data.datasets import DATASETS, HubShards, is_present, shard_files
 from .memory import GiB, available_memory, estimate_training_memory
 from .presets import CHARS_PER_TOKEN, Preset
 
@@ -97,7 +97,7 @@ def data_status(preset: Preset, root: Path) -> list[DataStatus]:
     for name in preset.datasets(evals=True):
         d = DATASETS[name]
         if isinstance(d.source, HubShards):
-            have = len(list(dataset_path(name, root).glob("shard_*.parquet")))
+            have = len(shard_files(name, root))
             missing = max(0, preset.shards - have)
             detail = f"{preset.shards} shards; {have} here" + (f", {missing} to download" if missing else "")
             out.append(DataStatus(name, missing == 0, detail, missing * d.mb))

@@ -30,11 +30,15 @@ class SampleConfig:
 
 
 def sample(cfg: SampleConfig) -> list[str]:
-    run = open_for_inference(cfg.model)
-    tok, s = run.tokenizer, cfg.sampling
-    ids = [tok.bos_id] + tok.encode(cfg.prompt)
+    return continuations(open_for_inference(cfg.model), cfg.prompt, cfg.sampling, cfg.num_samples)
+
+
+def continuations(run, prompt: str, s: SamplingOptions, n: int = 1) -> list[str]:
+    """`n` continuations of `prompt` by an opened run (checkpoint.open_for_inference)."""
+    tok = run.tokenizer
+    ids = [tok.bos_id] + tok.encode(prompt)
     seed = s.seed if s.seed is not None else 0
     with autocast(run.device, run.decode_dtype):
-        return [cfg.prompt + tok.decode(generate(run.model, ids, s.max_tokens, s.temperature, s.top_k or None,
-                                                 seed=seed + i, stop=(tok.bos_id,), top_p=s.top_p))
-                for i in range(cfg.num_samples)]
+        return [prompt + tok.decode(generate(run.model, ids, s.max_tokens, s.temperature, s.top_k or None,
+                                             seed=seed + i, stop=(tok.bos_id,), top_p=s.top_p))
+                for i in range(n)]

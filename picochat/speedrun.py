@@ -27,7 +27,7 @@ from . import distributed
 from .checkpoint import LoadOptions, open_for_inference
 from .common import PicochatError, autocast, choose_device, choose_dtype, log, write_atomic
 from .conversation import render_for_completion
-from .data.datasets import data_dir, dataset_path, is_present
+from .data.datasets import data_dir, dataset_path, is_present, shard_files
 from .presets import PRESETS, Preset
 from .settings import check, setting
 from .train.stage import RunControls
@@ -211,7 +211,7 @@ class Speedrun:
             with distributed.main_first():
                 text = [str(p) for p in build_builtin_corpus(self.out / "corpus")]
         else:
-            shards = sorted(dataset_path(self.preset.pretrain_data, self.root).glob("shard_*.parquet"))
+            shards = shard_files(self.preset.pretrain_data, self.root)
             if len(shards) < self.preset.shards:
                 raise PicochatError(f"{self.preset.pretrain_data}: {len(shards)} shards in {self.root}, the run needs "
                                     f"{self.preset.shards}: picochat data download {self.preset.pretrain_data} "
@@ -270,12 +270,12 @@ class Speedrun:
     def report(self) -> Path:
         from .report import report_card, table
         from .tasks.pydocs import sample_questions
+        references = dict(sample_questions())
         notes = self.state.notes
         stages = [s for s in ("base", "mid", "sft", "rl") if (self.out / s / "config.json").is_file()]
         answers = {s: a for s, a in notes.get("answers", {}).items() if s != "base"}
         samples = notes.get("answers", {}).get("base", {})
-        prompts = CHAT_PROMPTS + [q for q, _ in sample_questions()]
-        references = dict(sample_questions())
+        prompts = CHAT_PROMPTS + list(references)
         text = notes.get("text", [])
         extra = {
             "Samples from the base model (greedy)": "\n".join(f"- `{p}` → {s[len(p):]!r}" for p, s in samples.items()),
@@ -295,18 +295,17 @@ class Speedrun:
 def _evaluate(run_dir: Path, root: Path, limits: tuple, device: str, dtype: str) -> dict[str, str]:
     from .engine import Engine
     from .evals.chat_eval import build_eval_task, evaluate_task
-    from .sample import SampleConfig, SamplingOptions, sample
+    from .sample import SamplingOptions, continuations
     from .tasks.pydocs import sample_questions
     from .tasks.registry import EVALS
     categorical, generative, core = limits
-    load = LoadOptions(str(run_dir), device=device, dtype=dtype)
-    run = open_for_inference(load)
+    run = open_for_inference(LoadOptions(str(run_dir), device=device, dtype=dtype))
     if run.meta["stage"] == "base":
         if is_present("core", root):
             from .evals.core import run_core
             run_core(run, dataset_path("core", root), limit=core)
-        return {p: sample(SampleConfig(load, p, sampling=SamplingOptions(temperature=0.0, max_tokens=48)))[0]
-                for p in SAMPLE_PROMPTS}
+        greedy = SamplingOptions(temperature=0.0, max_tokens=48)
+        return {p: continuations(run, p, greedy)[0] for p in SAMPLE_PROMPTS}
     for name, spec in EVALS.items():
         if spec.dataset and not is_present(spec.dataset, root):
             continue

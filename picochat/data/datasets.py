@@ -33,7 +33,6 @@ class HubShards:
     shards exist, and --num-shards takes the first few (nanochat keeps the last for validation)."""
     repo: str
     count: int
-    mb_per_shard: float
     chars_per_shard: float  # what a shard holds, for planning how many a run needs
 
 
@@ -66,9 +65,9 @@ CORE_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundl
 WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 _ARC_SPLITS = ("train", "validation", "test")
 DATASETS = {d.name: d for d in [
-    Dataset("fineweb-edu", "fineweb-edu", HubShards("karpathy/fineweb-edu-100b-shuffle", 1823, 95, 250e6),
+    Dataset("fineweb-edu", "fineweb-edu", HubShards("karpathy/fineweb-edu-100b-shuffle", 1823, 250e6),
             "FineWeb-Edu, nanochat's 100B-token shuffle (pretraining)", 95),
-    Dataset("climbmix", "climbmix", HubShards("karpathy/climbmix-400b-shuffle", 6543, 95, 250e6),
+    Dataset("climbmix", "climbmix", HubShards("karpathy/climbmix-400b-shuffle", 6543, 250e6),
             "ClimbMix, the 400B-token shuffle nanochat moved to in 2026 (pretraining)", 95),
     Dataset("smoltalk", "smoltalk", HubParquet("HuggingFaceTB/smol-smoltalk", (("default", ("train", "test")),)),
             "SmolTalk (smol), 460K general conversations", 420),
@@ -104,9 +103,14 @@ def dataset_path(name: str, given: str | os.PathLike | None = None) -> Path:
     return data_dir(given) / LOCATIONS[name]
 
 
+def shard_files(name: str, given: str | os.PathLike | None = None) -> list[Path]:
+    """The pretraining shards of dataset `name` in the data dir, in order."""
+    return sorted(dataset_path(name, given).glob("shard_*.parquet"))
+
+
 def is_present(name: str, given: str | os.PathLike | None = None, shards: int = 0) -> bool:
     """Whether the data dir holds the dataset (for shards: at least `shards` of them)."""
     path = dataset_path(name, given)
     if isinstance(DATASETS[name].source, HubShards):
-        return len(list(path.glob("shard_*.parquet"))) >= max(shards, 1)
+        return len(shard_files(name, given)) >= max(shards, 1)
     return path.exists() and (path.is_file() or any(path.iterdir()))
