@@ -38,6 +38,7 @@ stop token, and the trained sequence must end with the very token the model samp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 import warnings
@@ -412,16 +413,12 @@ def rl_train(cfg: RLConfig) -> dict:
         f"{cfg.group_size} samples ({data.rows} rows per process, {data.micro_batches} micro-batches of "
         f"{cfg.batch_size}), epochs {cfg.epochs}, from {cfg.load}")
 
-    evaluate = None
-    eval_start = None
+    evaluate, eval_start = None, None
     if eval_task is not None:
         n = min(cfg.eval_examples, len(eval_task))
         temp = 0.0 if cfg.eval_k == 1 else cfg.temperature
-
-        def evaluate() -> dict:
-            return pass_at_k(model, tok, eval_task, list(range(n)), cfg.eval_k, cfg.max_tokens, temp,
-                             cfg.top_k or None, cfg.run.seed, max(cfg.rollout_rows, cfg.eval_k))
-
+        evaluate = functools.partial(pass_at_k, model, tok, eval_task, list(range(n)), cfg.eval_k, cfg.max_tokens,
+                                     temp, cfg.top_k or None, cfg.run.seed, max(cfg.rollout_rows, cfg.eval_k))
         if run is None:
             eval_start = evaluate()
             log("rl: before training, " + ", ".join(f"{k} {v:.4f}" for k, v in eval_start.items()))
