@@ -23,7 +23,7 @@ import json, resource, sys, torch
 sys.path.insert(0, sys.argv[1])
 from picochat.config import ModelConfig
 from picochat.memory import estimate_training_memory
-from picochat.model import GPT
+from picochat.model import GPT, num_params
 from picochat.optim import OptimConfig, build_optimizer
 depth, vocab, seq, rows, ckpt = (int(a) for a in sys.argv[2:7])
 config = ModelConfig.from_depth(depth, vocab_size=vocab, sequence_len=seq)
@@ -37,7 +37,7 @@ for _ in range(2):
     opt.zero_grad(set_to_none=True)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 est = estimate_training_memory(config, rows, seq, torch.float32, bool(ckpt))
-print(json.dumps({"peak": peak, "estimate": est.total, "params": config.num_params()}))
+print(json.dumps({"peak": peak, "estimate": est.total, "params": num_params(config)}))
 """
 
 

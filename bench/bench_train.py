@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from picochat.common import choose_device, set_threads  # noqa: E402
 from picochat.config import ModelConfig  # noqa: E402
+from picochat.model import flops_per_token  # noqa: E402
 from picochat.train.measure import sync, time_training_step  # noqa: E402
 
 
@@ -49,7 +50,7 @@ def bench_one(depth, dtype, compile_, accum, args, device, peak) -> dict:
                                    accum=accum, compile=compile_)
     tok_s = args.batch_size * args.seq_len * accum / t.step_seconds
     return {"params": params, "tok_s": tok_s, "step_s": t.step_seconds, "warmup_s": t.warmup_seconds,
-            "mfu": cfg.flops_per_token() * tok_s / peak, "opt_share": t.optimizer_seconds / t.step_seconds}
+            "mfu": flops_per_token(cfg) * tok_s / peak, "opt_share": t.optimizer_seconds / t.step_seconds}
 
 
 def main():

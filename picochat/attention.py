@@ -19,6 +19,15 @@ import torch.nn.functional as F
 from .common import first_line, log
 
 
+def rotary_tables(head_dim: int, base: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles at `positions` (float, any shape P): (*P, head_dim / 2).
+    Pair i of a head turns by position x base^(-2i / head_dim): fast near the front, slow at the
+    back, so that both near and far offsets are told apart."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    angles = positions.float()[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x1[i], x2[i]) of each head by a position-dependent angle. x: (B, T, H, D)."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -122,7 +131,7 @@ def attention(q, k, v, window: int, q_start: int = 0, k_start: int = 0,
     keys may even come out of a ring buffer in rotated order, which softmax does not care about
     (RoPE was applied before caching, so each key carries its own position).
 
-    key_valid (B, Tk), only for a batch of left-padded rows (KVCache.start): False marks a pad key,
+    key_valid (B, Tk), only for a batch of left-padded rows (DynamicKVCache.start): False marks a pad key,
     which no query may see. A pad query still sees itself, so that no row of the mask is empty
     (an all-masked softmax is NaN, and a NaN in a pad's cached value would leak through the
     zero weight the real queries give it: 0 * NaN = NaN)."""

@@ -69,6 +69,11 @@ class ModelConfig:
         return self.n_embd // self.n_head
 
     @property
+    def mlp_hidden(self) -> int:
+        """The MLP's inner width: 4 x the model's, as in GPT-2 and nanochat."""
+        return 4 * self.n_embd
+
+    @property
     def window_len(self) -> int:
         return self.window or max(1, self.sequence_len // 4)
 
@@ -78,20 +83,6 @@ class ModelConfig:
         wins = [self.window_len if c == "S" else 0 for c in pattern]
         wins[-1] = 0
         return wins
-
-    def num_params(self) -> int:
-        d, kv = self.n_embd, self.n_kv_head * self.head_dim
-        per_layer = 2 * d * d + 2 * d * kv + 8 * d * d
-        return self.n_layer * (per_layer + 2) + 2 * self.vocab_size * d
-
-    def flops_per_token(self) -> float:
-        """Training FLOPs per token (forward + backward): 6N for the matmuls plus attention."""
-        d, kv = self.n_embd, self.n_kv_head * self.head_dim
-        matmul = self.n_layer * (2 * d * d + 2 * d * kv + 8 * d * d) + self.vocab_size * d
-        # attention score + value matmuls, PaLM's convention (no discount for the causal mask)
-        attn = sum(12 * self.n_head * self.head_dim * (min(w, self.sequence_len) or self.sequence_len)
-                   for w in self.layer_windows())
-        return 6 * matmul + attn
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -109,6 +100,3 @@ class ModelConfig:
             if isinstance(value, bool) or not isinstance(value, want):
                 raise PicochatError(f"model config key {key!r} must be {what}, not {json.dumps(value)}")
         return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)

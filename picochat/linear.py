@@ -46,6 +46,11 @@ class Linear(nn.Linear):
     torch.compile the row blocks are what inductor turns into fused kernels of its own (F.linear
     would stay a BLAS call). bench/bench_decode.py measures the whole step."""
 
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
+        if bias:  # every path below computes x @ W.T alone
+            raise ValueError("picochat's Linear has no bias")
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if x.device.type != "cpu" or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):

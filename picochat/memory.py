@@ -1,4 +1,5 @@
-"""Will this training config fit? A peak-memory estimate made before any model is built.
+"""Will this training config fit? A peak-memory estimate made before any model is built (the
+parameters are counted on the meta device, model.param_counts).
 
 Peak = weights + gradients (fp32, 4 bytes per parameter each) + the optimizer's state (Adam's two
 moments for embeddings, head and scalars; Muon's momentum), which lives from the first step on,
@@ -11,8 +12,8 @@ plus a fixed allowance for the runtime (the CUDA context, PyTorch's own librarie
 
 The activation counts per token were measured with autograd's saved-tensor hooks on this model
 (tests/test_memory.py checks them against the same measurement): a full-attention layer keeps
-about 16 d + 3 kv values per token (d = model width, kv = key/value width; SDPA keeps no T x T
-matrix), a sliding-window layer about 3 d more, the embedding about 3 d, and the soft-capped fp32
+about 4 d + 3 h + 3 kv values per token (d = model width, h = the MLP's inner width, 4 d; kv =
+key/value width; SDPA keeps no T x T matrix), a sliding-window layer about 3 d more, the embedding about 3 d, and the soft-capped fp32
 logits 2 x vocab. With --grad-checkpoint a layer keeps only its input (d), one layer's
 activations are rebuilt at a time during the backward pass, and the logits exist for one chunk of
 rows at a time (model.loss_chunk_rows).
@@ -27,7 +28,8 @@ import torch
 
 from .common import PicochatError
 from .config import ModelConfig
-from .model import loss_chunk_rows
+from .model import loss_chunk_rows, param_counts
+from .optim import state_values
 
 GiB = 1 << 30
 RUNTIME_BYTES = GiB // 2
@@ -61,7 +63,7 @@ class MemoryEstimate:
 def activation_values_per_token(config: ModelConfig, grad_checkpoint: bool) -> tuple[float, float]:
     """(values kept per token through the backward pass, fp32 logit values per token)."""
     d, kv = config.n_embd, config.n_kv_head * config.head_dim
-    layers = [16 * d + 3 * kv + (3 * d if w else 0) for w in config.layer_windows()]
+    layers = [4 * d + 3 * config.mlp_hidden + 3 * kv + (3 * d if w else 0) for w in config.layer_windows()]
     if grad_checkpoint:  # every layer's input, plus one layer rebuilt at a time
         hidden = 3 * d + config.n_layer * d + max(layers)
     else:
@@ -73,16 +75,15 @@ def activation_values_per_token(config: ModelConfig, grad_checkpoint: bool) -> t
 def estimate_training_memory(config: ModelConfig, rows: int, seq_len: int, dtype: torch.dtype,
                              grad_checkpoint: bool = False) -> MemoryEstimate:
     """Peak bytes of one process training `rows` x `seq_len` micro-batches."""
-    params = config.num_params()
-    adam = 2 * config.vocab_size * config.n_embd + 2 * config.n_layer
-    matrix = params - adam
+    counts = param_counts(config)
+    params = sum(counts.values())
     hidden, logits = activation_values_per_token(config, grad_checkpoint)
     tokens = rows * seq_len
     # with --grad-checkpoint the loss too is computed (and recomputed) a chunk of rows at a time
     logit_tokens = min(tokens, loss_chunk_rows(config.vocab_size)) if grad_checkpoint else tokens
     act_bytes = 4 if dtype == torch.float32 else 2.5  # bf16 autocast: matmul outputs bf16, norms fp32
-    return MemoryEstimate(weights=4 * params, grads=4 * params, optimizer=8 * adam + 4 * matrix,
-                          optimizer_step=8 * matrix,
+    return MemoryEstimate(weights=4 * params, grads=4 * params, optimizer=4 * state_values(counts),
+                          optimizer_step=8 * counts["matrix"],
                           activations=int(tokens * hidden * act_bytes), logits=int(logit_tokens * logits * 4))
 
 

@@ -4,7 +4,7 @@ A decoder-only transformer in the nanochat family:
 - token embedding, then a parameter-free RMSNorm (also before the head and inside each block);
 - rotary position embeddings and QK-norm; grouped-query attention (n_kv_head divides n_head);
 - sliding-window attention on the layers the pattern marks `S`, full causal attention on `L`;
-- ReLU^2 MLP (4x), no biases anywhere, untied input and output embeddings;
+- ReLU^2 MLP (config.mlp_hidden wide), no biases anywhere, untied input and output embeddings;
 - two learnable scalars per layer: one scales the residual stream, one mixes back the first
   embedding x0 (a cheap skip connection that helps small models);
 - logits soft-capped with tanh, in fp32.
@@ -13,8 +13,12 @@ Attention kernels live in attention.py, the KV caches in kv_cache.py, the Linear
 inference paths in linear.py: this file is the network itself.
 
 forward(idx, targets=None, kv_cache=None): with targets it returns the loss; without, the logits.
-With a KVCache it attends over the cached prefix and appends the new keys and values, so a prefill
-followed by one-token decodes gives the same logits as one full forward.
+With a KV cache (kv_cache.KVCache) it attends over the cached prefix and appends the new keys and
+values, so a prefill followed by one-token decodes gives the same logits as one full forward.
+
+The model is also its own description: param_counts and flops_per_token count a model of a config
+built on the meta device (no memory, no time), so every count — the plan's, the memory estimate's,
+MFU's — is the model's own.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import apply_rotary, attention
+from .attention import apply_rotary, attention, rotary_tables
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .linear import Linear
@@ -47,10 +51,10 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         d, kv = config.n_embd, config.n_kv_head * config.head_dim
-        self.c_q = Linear(d, d, bias=False)
-        self.c_k = Linear(d, kv, bias=False)
-        self.c_v = Linear(d, kv, bias=False)
-        self.c_proj = Linear(d, d, bias=False)
+        self.c_q = Linear(d, d)
+        self.c_k = Linear(d, kv)
+        self.c_v = Linear(d, kv)
+        self.c_proj = Linear(d, d)
 
     def forward(self, x, cos, sin, window: int, kv_cache: KVCache | None):
         B, T, _ = x.shape
@@ -74,8 +78,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.c_fc = Linear(config.n_embd, config.mlp_hidden)
+        self.c_proj = Linear(config.mlp_hidden, config.n_embd)
 
     def forward(self, x):
         return self.c_proj(F.relu(self.c_fc(x)).square())
@@ -99,24 +103,23 @@ class GPT(nn.Module):
         self.windows = config.layer_windows()
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size)
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         # recompute each block's activations in the backward pass instead of keeping them: a
         # training setting (--grad-checkpoint), not part of the saved config
         self.grad_checkpoint = False
-        self._rotary_len = 0
-        self._set_rotary(2 * config.sequence_len)
+        self.set_rotary(2 * config.sequence_len)
         self.init_weights()
 
-    def _set_rotary(self, length: int, device=None) -> None:
-        d = self.config.head_dim
-        inv_freq = self.config.rope_base ** (-torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
-        angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+    def set_rotary(self, length: int, device=None) -> None:
+        """(Re)build the rotary tables for positions 0..length-1 on `device` (they are buffers that
+        are not saved: a model loaded on the meta device, then moved, builds them here)."""
+        cos, sin = rotary_tables(self.config.head_dim, self.config.rope_base,
+                                 torch.arange(length, dtype=torch.float32, device=device))
         # (T, 1, D/2): broadcasts over batch in front and heads behind
-        self.register_buffer("rope_cos", angles.cos()[:, None, :], persistent=False)
-        self.register_buffer("rope_sin", angles.sin()[:, None, :], persistent=False)
-        self._rotary_len = length
+        self.register_buffer("rope_cos", cos[:, None, :], persistent=False)
+        self.register_buffer("rope_sin", sin[:, None, :], persistent=False)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -153,13 +156,11 @@ class GPT(nn.Module):
         mask, asks for the logits at those positions only, as (N, vocab): evals score a few
         positions per sequence, and the head is the biggest matmul of a small model."""
         B, T = idx.shape
-        start = kv_cache.pos if kv_cache is not None else 0
-        if isinstance(start, torch.Tensor):  # a StaticKVCache: one token at a position held in a tensor
-            cos, sin = self.rope_cos[start], self.rope_sin[start]
-        else:
-            if start + T > self._rotary_len:
-                self._set_rotary(2 * (start + T), device=idx.device)
-            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        end = kv_cache.max_len if kv_cache is not None else T
+        if end > self.rope_cos.size(0):
+            self.set_rotary(2 * end, device=idx.device)
+        at = kv_cache.positions(T) if kv_cache is not None else slice(0, T)
+        cos, sin = self.rope_cos[at], self.rope_sin[at]
 
         x = norm(self.wte(idx))
         x0 = x
@@ -207,3 +208,27 @@ class GPT(nn.Module):
             return losses
         total = losses.sum()
         return total if reduction == "sum" else total / (targets != -1).sum()
+
+
+# ----------------------------------------------------------------------------- the model's own description
+
+def param_counts(config: ModelConfig) -> dict[str, int]:
+    """Parameters per optimizer group (GPT.param_groups) of a model of `config`, counted on one
+    built on the meta device: the only parameter count there is."""
+    with torch.device("meta"):
+        model = GPT(config)
+    return {group: sum(p.numel() for p in params) for group, params in model.param_groups().items()}
+
+
+def num_params(config: ModelConfig) -> int:
+    return sum(param_counts(config).values())
+
+
+def flops_per_token(config: ModelConfig) -> float:
+    """Training FLOPs per token (forward + backward): 6 per weight of every matmul (the hidden
+    matrices and the head; the embedding is a lookup), plus attention's score and value products,
+    PaLM's convention (no discount for the causal mask)."""
+    counts = param_counts(config)
+    attn = sum(12 * config.n_head * config.head_dim * (min(w, config.sequence_len) or config.sequence_len)
+               for w in config.layer_windows())
+    return 6 * (counts["matrix"] + counts["head"]) + attn

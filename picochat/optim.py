@@ -341,6 +341,14 @@ class Optimizer:
 
 
 GROUP_NAMES = ("matrix", "embedding", "head", "scalar")
+# what each group's optimizer keeps per parameter between steps: Muon one momentum, AdamW two moments
+STATE_VALUES = {"matrix": 1, "embedding": 2, "head": 2, "scalar": 2}
+
+
+def state_values(counts: dict[str, int]) -> int:
+    """Values of optimizer state kept between steps, from the parameters per group
+    (model.param_counts)."""
+    return sum(STATE_VALUES[group] * n for group, n in counts.items())
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, group_by_shape: bool = True) -> Optimizer:

@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import load_evals, read_metrics
 from .common import PicochatError, format_duration, log, write_atomic
 from .config import ModelConfig
+from .evals.results import load_evals
+from .model import num_params
+from .run_dir import read_metrics
 from .settings import setting
 from .tasks.registry import CHATCORE, EVALS, NANOCHAT_CHATCORE, TASKS
 
@@ -186,7 +188,7 @@ def eval_table(stages: list[StageRecord]) -> str | None:
 def headline(stages: list[StageRecord], cost: float) -> str:
     base = next((s for s in stages if s.stage == "base"), stages[0])
     model = base.meta.get("model", {})
-    params = ModelConfig.from_dict(model).num_params() if model else None
+    params = num_params(ModelConfig.from_dict(model)) if model else None
     bits = [f"depth {model.get('n_layer', '?')}, width {model.get('n_embd', '?')}, context "
             f"{model.get('sequence_len', '?')}, vocab {model.get('vocab_size', '?'):,}"
             + (f" ({params / 1e6:.1f}M parameters)" if params else "")]

@@ -11,11 +11,11 @@ import torch
 from picochat.common import CPU_BF16_ENV, PicochatError, choose_dtype
 from picochat.config import ModelConfig
 from picochat.engine import Engine
-from picochat.model import GPT
+from picochat.model import GPT, flops_per_token
 from picochat.optim import OptimConfig, build_optimizer, ns_dtype_for
 from picochat.train.loop import LoopConfig, Trainer
 
-from .conftest import randomized
+from .conftest import complete, randomized
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,7 +54,7 @@ class FixedBatches:
 def _trainer(model, device, compile: bool = False) -> Trainer:
     cfg = OptimConfig()
     return Trainer(model, build_optimizer(model, cfg), cfg, LoopConfig(steps=4, grad_accum=2), torch.device(device),
-                   torch.float32, flops_per_token=model.config.flops_per_token(), compile=compile)
+                   torch.float32, flops_per_token=flops_per_token(model.config), compile=compile)
 
 
 def test_mps_fallback_is_switched_on_before_torch_loads():
@@ -112,11 +112,11 @@ def test_the_device_trains_and_decodes_like_the_cpu(device):
         torch.testing.assert_close(q.detach().cpu(), p.detach(), atol=2e-3, rtol=2e-3)
     cpu.eval(), acc.eval()
     prompt = idx[0, :10].tolist()
-    want = Engine(cpu).generate_batch(prompt, max_tokens=20, temperature=0.0)[0].tokens
-    assert Engine(acc).generate_batch(prompt, max_tokens=20, temperature=0.0)[0].tokens == want
+    want = complete(Engine(cpu), prompt, max_tokens=20, temperature=0.0)[0].tokens
+    assert complete(Engine(acc), prompt, max_tokens=20, temperature=0.0)[0].tokens == want
     if device == "cuda":
         compiled = Engine(acc, compile=True)
-        assert compiled.generate_batch(prompt, max_tokens=20, temperature=0.0)[0].tokens == want
+        assert complete(compiled, prompt, max_tokens=20, temperature=0.0)[0].tokens == want
         assert compiled.decode_step is not None  # it compiled and ran, no fallback
 
 

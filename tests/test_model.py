@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from picochat.common import PicochatError
-from picochat.config import DEPTH_PRESETS, ModelConfig
 from picochat import attention as attention_module
 from picochat.attention import attention, banded_attention
-from picochat.kv_cache import KVCache
-from picochat.model import GPT
+from picochat.common import PicochatError
+from picochat.config import DEPTH_PRESETS, ModelConfig
+from picochat.kv_cache import DynamicKVCache
+from picochat.model import GPT, num_params
 
 from .conftest import randomized
 
@@ -86,7 +86,7 @@ def test_kv_cache_logits_equal_full_forward_with_windows_and_gqa():
     model = _randomized(cfg)
     idx = torch.randint(0, 97, (3, 40))
     full = model(idx)
-    cache = KVCache(cfg, batch_size=3, max_len=48)
+    cache = DynamicKVCache(cfg, batch_size=3, max_len=48)
     pieces = [model(idx[:, :13], kv_cache=cache), model(idx[:, 13:21], kv_cache=cache)]  # prefill, then a chunk
     pieces += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(21, 40)]  # one-token decodes
     assert cache.pos == 40
@@ -156,11 +156,9 @@ def test_training_is_stable_and_loss_falls(depth):
 
 def test_preset_sizes_match_the_peers():
     def params(depth, vocab):
-        cfg = ModelConfig.from_depth(depth, vocab_size=vocab)
-        with torch.device("meta"):
-            n = GPT(cfg).num_params()
-        assert n == cfg.num_params()
-        return n
+        return num_params(ModelConfig.from_depth(depth, vocab_size=vocab))
+    small = ModelConfig.from_depth(2, vocab_size=512, sequence_len=8)
+    assert params(2, 512) == GPT(small).num_params()  # counted on the meta device, as a real model has them
     assert 25e6 < params(4, 32768) < 35e6  # the Rust picochat's 28M
     assert 85e6 < params(8, 32768) < 105e6  # and its 90M
     assert round(params(16, 65536) / 1e6) == 336  # 16 x 1024, the MPS fork's 335M (335.5M)

@@ -70,7 +70,8 @@ def to_hf(config: ModelConfig, weights: dict[str, torch.Tensor], architecture: s
     common = {"vocab_size": config.vocab_size, "hidden_size": config.n_embd,
               "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
               "num_key_value_heads": config.n_kv_head, "max_position_embeddings": config.sequence_len,
-              "final_logit_softcapping": config.softcap, "rms_norm_eps": RMS_EPS, "tie_word_embeddings": False}
+              "intermediate_size": config.mlp_hidden, "final_logit_softcapping": config.softcap,
+              "rms_norm_eps": RMS_EPS, "tie_word_embeddings": False}
     out = {}
     if architecture == NATIVE:
         scale = torch.cumprod(weights["resid_lambdas"].double(), 0)
@@ -81,7 +82,7 @@ def to_hf(config: ModelConfig, weights: dict[str, torch.Tensor], architecture: s
                 w = (w.double() / scale[int(name.split(".")[1])]).to(w.dtype)
             out[hf_name(name)] = w
         hf = {"model_type": NATIVE, "architectures": ["NanoChatForCausalLM"], **common,
-              "intermediate_size": 4 * config.n_embd, "hidden_act": "relu2", "attention_bias": False,
+              "hidden_act": "relu2", "attention_bias": False,
               "attention_dropout": 0.0, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base}}
         return hf, out
     out = {hf_name(name): w for name, w in weights.items()}
@@ -112,8 +113,6 @@ def from_hf(hf: dict, weights: dict[str, torch.Tensor]) -> tuple[ModelConfig, di
                             f"{REMOTE!r} (its own export)")
     d, heads = hf["hidden_size"], hf["num_attention_heads"]
     n_layer = hf["num_hidden_layers"]
-    if hf.get("intermediate_size", 4 * d) != 4 * d:
-        raise PicochatError(f"intermediate_size {hf['intermediate_size']}: picochat's MLP is 4 x hidden_size ({4 * d})")
     if hf.get("hidden_act", "relu2") != "relu2":
         raise PicochatError(f"hidden_act {hf['hidden_act']!r}: picochat's MLP is relu2")
     if hf.get("attention_bias") or hf.get("head_dim", d // heads) != d // heads:
@@ -127,6 +126,9 @@ def from_hf(hf: dict, weights: dict[str, torch.Tensor]) -> tuple[ModelConfig, di
                          window_pattern=pattern, window=window,
                          softcap=float(hf.get("final_logit_softcapping") or 0.0),
                          rope_base=float(rope.get("rope_theta", 10000.0)))
+    if hf.get("intermediate_size", config.mlp_hidden) != config.mlp_hidden:
+        raise PicochatError(f"intermediate_size {hf['intermediate_size']}: picochat's MLP is 4 x hidden_size "
+                            f"({config.mlp_hidden})")
     if not config.softcap:
         raise PicochatError("no final_logit_softcapping: picochat's logits are always soft-capped")
     eps = hf.get("rms_norm_eps", RMS_EPS)

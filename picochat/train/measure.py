@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig
-from ..model import GPT
+from ..model import GPT, flops_per_token
 from ..optim import OptimConfig, build_optimizer
 from .loop import LoopConfig, Trainer
 
@@ -70,7 +70,7 @@ def time_training_step(config: ModelConfig, rows: int, device: torch.device, dty
     model.grad_checkpoint = grad_checkpoint
     optim = optim or OptimConfig()
     trainer = Trainer(model, build_optimizer(model, optim), optim, LoopConfig(steps=10 ** 9, grad_accum=accum),
-                      device, dtype, flops_per_token=config.flops_per_token(), compile=compile)
+                      device, dtype, flops_per_token=flops_per_token(config), compile=compile)
     opt_seconds: list[float] = []
     step = trainer.optimizer.step
 
@@ -98,7 +98,7 @@ def time_training_step(config: ModelConfig, rows: int, device: torch.device, dty
     params = model.num_params()
     timing = StepTiming(rows=rows * accum, seq_len=config.sequence_len, step_seconds=dt,
                         optimizer_seconds=sorted(opt_seconds)[len(opt_seconds) // 2], warmup_seconds=warm,
-                        mfu=config.flops_per_token() * tokens / dt / trainer.peak)
+                        mfu=flops_per_token(config) * tokens / dt / trainer.peak)
     del trainer, model
     gc.collect()
     if device.type == "cuda":

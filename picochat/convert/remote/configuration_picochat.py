@@ -10,13 +10,13 @@ class PicochatConfig(PretrainedConfig):
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     def __init__(self, vocab_size=32768, hidden_size=768, num_hidden_layers=12, num_attention_heads=6,
-                 num_key_value_heads=6, max_position_embeddings=2048, windows=None,
+                 num_key_value_heads=6, max_position_embeddings=2048, intermediate_size=None, windows=None,
                  rope_theta=10000.0, final_logit_softcapping=15.0, rms_norm_eps=1.1920928955078125e-07,
                  use_cache=True, bos_token_id=None, eos_token_id=None, pad_token_id=None,
                  tie_word_embeddings=False, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
-        self.intermediate_size = 4 * hidden_size
+        self.intermediate_size = intermediate_size or 4 * hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads

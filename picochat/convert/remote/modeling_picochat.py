@@ -60,8 +60,8 @@ class PicochatAttention(nn.Module):
 class PicochatMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, 4 * config.hidden_size, bias=False)
-        self.fc2 = nn.Linear(4 * config.hidden_size, config.hidden_size, bias=False)
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
         return self.fc2(F.relu(self.fc1(x)).square())
