@@ -12,7 +12,6 @@ Making a plan writes nothing and downloads nothing.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +22,13 @@ from .common import PicochatError, first_line, format_count, format_duration
 from .data.datasets import DATASETS, HubShards, is_present, shard_files
 from .memory import GiB, available_memory, estimate_training_memory
 from .presets import CHARS_PER_TOKEN, Preset
+from .train.pretrain import plan_pretrain
+from .train.rl import plan_rl
+from .train.sft import plan_chat
+from .train.stage import TrainPlan
 
-# MEASURED.md (2 cores): HF tokenizers trains on about 6 MB of text a second and encodes about
-# 3.6 MB a second per core (encode_batch, 7.2 on 2 threads)
+# measured on 2 cores (bench/bench_tokenizer.py): the tokenizer trains on about 6 MB of text a
+# second and encodes about 3.6 MB a second per core (7.2 on 2 threads)
 TOKENIZER_TRAIN_BYTES_PER_S = 6e6
 ENCODE_BYTES_PER_S_PER_CORE = 3.6e6
 # RL trains on the sampled replies only, about half their cap long; sampling them costs about two
@@ -37,13 +40,20 @@ RL_SAMPLING_FACTOR = 2.0
 
 @dataclass
 class StagePlan:
+    """A row of the plan: a stage, what it reads, its TrainPlan (the one the stage itself will
+    derive), the tokens it trains on and the time it should take here."""
     name: str
     reads: str
-    steps: int | None  # None: one pass over a mixture not downloaded yet
-    tokens: int | None  # trained on, about
-    batch: str
+    train: TrainPlan | None  # None: the tokenizer
+    tokens: int | None = None  # trained on, about (None: not known before the data is there)
+    batch: str = ""
     seconds: float | None = None
     note: str = ""
+    estimated: bool = False  # steps from an estimate of the data's tokens (the tokenizer does not exist yet)
+
+    @property
+    def steps(self) -> int | None:
+        return self.train.steps if self.train is not None else None
 
 
 @dataclass
@@ -77,10 +87,10 @@ class Fit:
         return need + ": DOES NOT FIT (a bigger machine, or a smaller preset)"
 
 
-def memory_fit(preset: Preset, rows: int, device: torch.device, dtype: torch.dtype) -> Fit:
+def memory_fit(preset: Preset, rows: int, seq_len: int, device: torch.device, dtype: torch.dtype) -> Fit:
     config = preset.model_config()
-    plain, ckpt = (estimate_training_memory(config, rows, preset.seq_len, dtype, g).total for g in (False, True))
-    return Fit(rows, preset.seq_len, plain, ckpt, available_memory(device))
+    plain, ckpt = (estimate_training_memory(config, rows, seq_len, dtype, g).total for g in (False, True))
+    return Fit(rows, seq_len, plain, ckpt, available_memory(device))
 
 
 @dataclass
@@ -154,7 +164,8 @@ class Plan:
         lines.append("  stages")
         width = max(len(s.reads) for s in self.stages)
         for s in self.stages:
-            steps = "" if s.name == "tokenizer" else f"{s.steps:,} steps" if s.steps is not None else "one pass"
+            steps = ("" if s.name == "tokenizer" else f"{'~' if s.estimated else ''}{s.steps:,} steps"
+                     if s.steps is not None else "one pass")
             tokens = f"{format_count(s.tokens)} tokens" if s.tokens else ""
             time_ = f"~{format_duration(s.seconds)}" if s.seconds is not None else ""
             lines.append(f"    {s.name:<9} {s.reads:<{width}}  {steps:>13}  {tokens:>14}  {s.batch:<26} {time_:>9}"
@@ -181,15 +192,22 @@ def _mb(mb: float) -> str:
 
 def make_plan(preset: Preset, data_root: Path, device: torch.device, dtype: torch.dtype, world: int = 1,
               measure_steps: int = 0, text_chars: int | None = None, own_text: bool = False) -> Plan:
-    """The plan of `preset` on this device. measure_steps > 0 times that many real training steps
-    of the preset's model here for the wall-time column; text_chars: the pretraining text's size
-    when it is the user's own (own_text) or the offline corpus (None: the preset's shards)."""
+    """The plan of `preset` on this device: each stage's TrainPlan made by the stage's own planner
+    from the config the speedrun will run (Preset.configs). measure_steps > 0 times that many real
+    training steps of the preset's model here for the wall-time column; text_chars: the
+    pretraining text's size when it is the user's own (own_text) or the offline corpus (None: the
+    preset's shards)."""
     data = data_status(preset, data_root) if preset.downloads else []
     here = all(d.present for d in data)
-    fits = {"pretrain": memory_fit(preset, preset.batch_size, device, dtype)}
-    for stage, rows in (("mid", preset.mid_rows), ("sft", preset.sft_rows), ("rl", preset.rl_micro_rows)):
-        if stage != "rl" or preset.rl_task:
-            fits[stage] = memory_fit(preset, rows, device, dtype)
+    configs = preset.configs(Path("."), data_root, world)
+    context = preset.pretrain.seq_len
+    pre = plan_pretrain(configs["pretrain"], preset.params, world)
+    trains = {"pretrain": pre}
+    for name in ("mid", "sft"):
+        trains[name] = plan_chat(configs[name], context, world, None)
+    if "rl" in configs:
+        trains["rl"] = plan_rl(configs["rl"], context, world)
+    fits = {name: memory_fit(preset, t.rows, t.seq_len, device, dtype) for name, t in trains.items()}
 
     timing, per_token, opt = "", None, None
     if measure_steps:
@@ -205,41 +223,38 @@ def make_plan(preset: Preset, data_root: Path, device: torch.device, dtype: torc
     tok_chars = min(chars, preset.tokenizer_chars)
     text = "your text" if own_text else preset.pretrain_data
     stages.append(StagePlan("tokenizer", f"{format_count(tok_chars)} chars of {text}", None, None,
-                            f"vocab {preset.vocab_size:,}", tok_chars / TOKENIZER_TRAIN_BYTES_PER_S,
+                            f"vocab {preset.pretrain.vocab_size:,}", tok_chars / TOKENIZER_TRAIN_BYTES_PER_S,
                             note="then pretraining tokenizes its text first: "
                                  f"~{format_duration(chars / (ENCODE_BYTES_PER_S_PER_CORE * (os.cpu_count() or 1)))}"))
-    accum = max(1, preset.total_batch_tokens // (preset.batch_size * preset.seq_len * world))
-    stages.append(StagePlan("pretrain", text, preset.steps, preset.tokens,
-                            f"{preset.batch_size} x {preset.seq_len:,} x {accum} = {preset.total_batch_tokens:,}",
-                            cost(preset.tokens, preset.steps)))
-    for name, spec, steps, rows, acc in (("mid", preset.mid_data, preset.mid_steps, preset.mid_rows, preset.mid_accum),
-                                         ("sft", preset.sft_data, preset.sft_steps, preset.sft_rows, preset.sft_accum)):
-        acc = preset.chat_accum(acc, world)
-        per_step = rows * acc * world
-        tokens, note = None, ""
+    stages.append(StagePlan("pretrain", text, pre, pre.tokens, f"{pre.rows} x {pre.seq_len:,} x {pre.grad_accum}"
+                            f"{f' x {world}' if world > 1 else ''} = {pre.tokens_per_step:,}",
+                            cost(pre.tokens, pre.steps)))
+    for name in ("mid", "sft"):
+        cfg, train = configs[name], trains[name]
+        tokens, note, estimated = train.tokens, "", False
         if here:
             try:
-                n, mean = mixture_size(spec.format(data=data_root))
+                n, mean = mixture_size(cfg.data, cfg.controls.seed)
             except PicochatError as e:
                 n, mean, note = 0, 0.0, f"cannot read its data: {first_line(e)}"
-            if n and name == "mid":  # packed rows: every position is a token
-                steps = steps or math.ceil(n * mean / (per_step * preset.seq_len))
-                tokens = steps * per_step * preset.seq_len
-            elif n:  # one conversation per row, padded
-                steps = steps or math.ceil(n / per_step)
-                tokens = steps * per_step * min(mean, preset.seq_len)
+            if n and name == "mid":  # packed rows of the mixture's tokens, estimated from its characters
+                train = plan_chat(cfg, context, world, n * mean / (train.seq_len + 1))
+                tokens, estimated = train.tokens, not cfg.steps
+            elif n:  # one conversation per row, padded: the steps are exact, the tokens about
+                train = plan_chat(cfg, context, world, n)
+                tokens = int(train.steps * train.rows_per_step * min(mean, train.seq_len))
             note = note or (f"{n:,} examples a pass" if n else "")
-        elif steps:
-            tokens = steps * per_step * preset.seq_len
-        stages.append(StagePlan(name, _short(spec), steps or None, tokens,
-                                f"{rows} x {preset.seq_len:,}" + (f" x {acc}" if acc > 1 else ""),
-                                cost(tokens, steps or None), note))
-    if preset.rl_task:
-        rows = preset.rl_prompts * preset.rl_group
-        tokens = int(preset.rl_steps * rows * preset.rl_max_tokens * RL_REPLY_FRACTION)
-        seconds = cost(tokens * (1 + RL_SAMPLING_FACTOR), preset.rl_steps)
-        stages.append(StagePlan("rl", _short(preset.rl_task), preset.rl_steps, tokens,
-                                f"{preset.rl_prompts} prompts x {preset.rl_group} samples", seconds,
+        trains[name] = train
+        stages.append(StagePlan(name, _short(cfg.data), train, tokens,
+                                f"{train.rows} x {train.seq_len:,}" + (f" x {train.grad_accum}" if train.grad_accum > 1
+                                                                       else ""),
+                                cost(tokens, train.steps), note, estimated))
+    if "rl" in configs:
+        cfg, train = configs["rl"], trains["rl"]
+        tokens = int(train.steps * train.rows_per_step * cfg.max_tokens * RL_REPLY_FRACTION)
+        stages.append(StagePlan("rl", _short(cfg.task), train, tokens,
+                                f"{cfg.prompts_per_step} prompts x {cfg.group_size} samples",
+                                cost(tokens * (1 + RL_SAMPLING_FACTOR), train.steps),
                                 "sampling counted as two training passes: rough"))
     return Plan(preset, device, dtype, world, data_root, data, stages, fits, timing, preset.eval_names())
 
@@ -257,19 +272,19 @@ def _measure(preset: Preset, device: torch.device, dtype: torch.dtype, steps: in
     accelerator the preset's own micro-batch; the time per token is taken to stay the same for
     the preset's own micro-batch."""
     from .train.measure import time_training_step
+    seq_len, batch = preset.pretrain.seq_len, preset.pretrain.batch_size
     # a CPU: rows enough for about 2K tokens (its throughput flattens out there), nothing to warm up
-    rows, warmup = ((min(preset.batch_size, max(1, 2048 // preset.seq_len)), 0) if device.type == "cpu" else
-                    (preset.batch_size, 1))
-    small = memory_fit(preset, rows, device, dtype)
+    rows, warmup = (min(batch, max(1, 2048 // seq_len)), 0) if device.type == "cpu" else (batch, 1)
+    small = memory_fit(preset, rows, seq_len, device, dtype)
     if not small.fits:
-        return (f"not measured: even one {rows} x {preset.seq_len:,} step needs {small.checkpointed / GiB:.1f} GiB, "
+        return (f"not measured: even one {rows} x {seq_len:,} step needs {small.checkpointed / GiB:.1f} GiB, "
                 f"more than this device's {small.available / GiB:.1f} GiB"), None, None
     try:
         t, _ = time_training_step(preset.model_config(), rows, device, dtype, steps=steps, warmup=warmup,
                                   grad_checkpoint=small.grad_checkpoint or fit.grad_checkpoint)
     except (RuntimeError, torch.OutOfMemoryError) as e:
         return f"not measured: one step failed here ({first_line(e)})", None, None
-    return (f"from {steps} timed step(s) of {rows} x {preset.seq_len:,} tokens here"
+    return (f"from {steps} timed step(s) of {rows} x {seq_len:,} tokens here"
             + (" after one warm-up" if warmup else "") + ": "
-            f"{t.step_seconds:.2f} s/step, {rows * preset.seq_len / t.step_seconds:,.0f} tok/s, MFU "
+            f"{t.step_seconds:.2f} s/step, {rows * seq_len / t.step_seconds:,.0f} tok/s, MFU "
             f"{100 * t.mfu:.0f}%, optimizer {t.optimizer_seconds:.2f} s"), t.seconds_per_token, t.optimizer_seconds

@@ -1,10 +1,13 @@
-"""The speedrun's recipes, one row each: the model, the pretraining data and budget, and the data
-mixtures and steps of every later stage. `picochat speedrun --preset NAME` runs a row; the
-README's table is this one.
+"""The speedrun's recipes, one row each: the pretraining data and the configs of its stages.
+`picochat speedrun --preset NAME` runs a row; the README's table is this one.
 
-Mixture specs name tasks (tasks/registry.py) with `{data}` for the data dir, weights as multiples
-of a task or `=N` examples (tasks/mixture.py). Steps of 0 mean: pretraining, `tokens_params_ratio`
-tokens per parameter; midtraining and SFT, one pass over their mixture.
+A preset is data: each stage's own config (PretrainConfig, MidtrainConfig, SFTConfig, RLConfig),
+with its paths left empty for the speedrun to fill in. The speedrun and the plan read them as they
+are, so a stage setting a recipe changes is one keyword here. Mixture specs name tasks
+(tasks/registry.py) with `{data}` for the data dir, weights as multiples of a task or `=N`
+examples (tasks/mixture.py). Steps of 0 mean: pretraining, `tokens_params_ratio` tokens per
+parameter; midtraining and SFT, one pass over their mixture. A chat stage's grad_accum is that of
+one process: under torchrun it is divided by the processes, to keep the recipe's global batch.
 """
 
 from __future__ import annotations
@@ -12,17 +15,24 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from .common import format_count
 from .config import ModelConfig
 from .data.datasets import DATASETS
+from .model import num_params
 from .tasks.registry import EVALS
+from .train.pretrain import PretrainConfig, model_config, plan_pretrain
+from .train.rl import RLConfig
+from .train.sft import MidtrainConfig, SFTConfig
+from .train.stage import TrainPlan
 
 # nanochat's chat stages (its mid_train.py, chat_sft.py, chat_rl.py), as the d8/d12/d20 recipes use them
 NANOCHAT_MID = ("smoltalk:{data}/smoltalk:1,mmlu:{data}/mmlu:1,gsm8k:{data}/gsm8k:1,identity::20,"
                 "spelling:{data}/words/words_alpha.txt:2")
 NANOCHAT_SFT = ("arc-easy:{data}/arc:1,arc-challenge:{data}/arc:1,gsm8k:{data}/gsm8k:1,smoltalk:{data}/smoltalk:=10000,"
                 "identity::20,spelling:{data}/words/words_alpha.txt:=600")
+NANOCHAT_RL = "gsm8k:{data}/gsm8k:1"
 # the offline presets: the built-in identity set, arithmetic that needs the calculator, and questions
 # on the same Python documentation the model was pretrained on
 OFFLINE_CHAT = "identity::100,arithmetic::0.5,pydocs::2"
@@ -31,55 +41,48 @@ EVAL_DATASETS = ("core", *dict.fromkeys(s.dataset for s in EVALS.values() if s.d
 CHARS_PER_TOKEN = 4.8  # nanochat's tokenizer on FineWeb-Edu: for how many shards a budget needs
 
 
+def pretraining(**kw) -> PretrainConfig:
+    """A recipe's pretraining: a validation bpb every 250 steps on 1M tokens unless it says."""
+    return PretrainConfig(data=[], save="", **{"eval_every": 250, "eval_tokens": 1 << 20, **kw})
+
+
+def midtraining(data: str = OFFLINE_CHAT, **kw) -> MidtrainConfig:
+    return MidtrainConfig(load="", data=data, save="", **{"batch_size": 16, **kw})
+
+
+def fine_tuning(data: str = OFFLINE_CHAT, **kw) -> SFTConfig:
+    return SFTConfig(load="", data=data, save="", **{"batch_size": 16, **kw})
+
+
+def reinforcement(task: str, steps: int, prompts: int = 16, group: int = 16, rows: int = 0, **kw) -> RLConfig:
+    """RL as the speedrun runs it: every sampled row decodes at once, `rows` train at a time (0:
+    all of them), and no held-out eval of its own (the speedrun evaluates every stage after it)."""
+    return RLConfig(load="", task=task, save="", steps=steps, prompts_per_step=prompts, group_size=group,
+                    rollout_rows=prompts * group, batch_size=rows or prompts * group, eval_examples=0, **kw)
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
     about: str  # what it is meant for
-    depth: int
-    seq_len: int
-    vocab_size: int
-    batch_size: int  # rows per micro-batch (pretraining)
-    total_batch_tokens: int  # tokens per optimizer step
-    pretrain_steps: int = 0  # 0: tokens_params_ratio tokens per parameter
-    tokens_params_ratio: float = 20.0
-    window_pattern: str = "SSSL"
+    pretrain: PretrainConfig  # its `data` is the speedrun's: pretrain_data below, or --data
+    mid: MidtrainConfig
+    sft: SFTConfig
+    rl: RLConfig | None = None  # None: no RL stage
     pretrain_data: str = "builtin"  # the offline corpus, or a shard dataset (fineweb-edu, climbmix)
     tokenizer_chars: int = 2_000_000_000  # text the tokenizer trains on, at most
-    eval_every: int = 250  # validation bpb every N pretraining steps
-    eval_tokens: int = 1 << 20
-    mid_data: str = OFFLINE_CHAT
-    mid_steps: int = 0
-    mid_rows: int = 16  # rows per midtraining micro-batch
-    mid_accum: int = 1
-    sft_data: str = OFFLINE_CHAT
-    sft_steps: int = 0
-    sft_rows: int = 16
-    sft_accum: int = 1
-    sft_lr_scale: float | None = None  # None: SFT's own default
-    rl_task: str = ""  # "": no RL stage
-    rl_steps: int = 0
-    rl_prompts: int = 16
-    rl_group: int = 16
-    rl_rows: int = 0  # training rows per micro-batch (0: the whole step's prompts x group)
-    rl_max_tokens: int = 256
     eval_limits: tuple = (None, None, None)  # examples per eval: categorical, generative, CORE task (None: all)
     mps_dtype: str = "auto"  # the precision on an Apple GPU (the MacBook recipe trained in bf16)
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig.from_depth(self.depth, vocab_size=self.vocab_size, sequence_len=self.seq_len,
-                                      window_pattern=self.window_pattern)
+        return model_config(self.pretrain, self.pretrain.vocab_size)
 
     @property
     def params(self) -> int:
-        return self.model_config().num_params()
+        return num_params(self.model_config())
 
-    @property
-    def steps(self) -> int:
-        return self.pretrain_steps or max(1, round(self.tokens_params_ratio * self.params / self.total_batch_tokens))
-
-    @property
-    def tokens(self) -> int:
-        return self.steps * self.total_batch_tokens
+    def pretrain_plan(self, world: int = 1) -> TrainPlan:
+        return plan_pretrain(self.pretrain, self.params, world)
 
     @property
     def shards(self) -> int:
@@ -88,7 +91,7 @@ class Preset:
         if self.pretrain_data == "builtin":
             return 0
         per_shard = DATASETS[self.pretrain_data].source.chars_per_shard
-        return math.ceil(self.tokens * CHARS_PER_TOKEN * 1.1 / per_shard) + 1
+        return math.ceil(self.pretrain_plan().tokens * CHARS_PER_TOKEN * 1.1 / per_shard) + 1
 
     @property
     def downloads(self) -> bool:
@@ -96,20 +99,10 @@ class Preset:
         eval sets only if they happen to be there)."""
         return self.pretrain_data != "builtin"
 
-    @staticmethod
-    def chat_accum(accum: int, world: int) -> int:
-        """A chat stage's micro-batches per process: its recipe's batch is of one process, so
-        that more processes keep the same global batch."""
-        return max(1, accum // world)
-
-    @property
-    def rl_micro_rows(self) -> int:
-        return self.rl_rows or self.rl_prompts * self.rl_group
-
     def datasets(self, evals: bool = False) -> list[str]:
         """The datasets its stages read; with `evals`, and those of its evals (a downloading
         preset runs them all: CORE and every chat eval)."""
-        specs = " ".join((self.mid_data, self.sft_data, self.rl_task))
+        specs = " ".join((self.mid.data, self.sft.data, self.rl.task if self.rl else ""))
         names = [self.pretrain_data] if self.downloads else []
         for name, d in DATASETS.items():
             if "{data}/" + d.place in specs and name not in names:
@@ -123,51 +116,78 @@ class Preset:
         have = self.datasets(evals=True)
         return (["core"] if "core" in have else []) + [n for n, s in EVALS.items() if not s.dataset or s.dataset in have]
 
+    def configs(self, out: Path, data_root: Path, world: int = 1, text: list[str] | None = None) -> dict:
+        """Every stage's config as the speedrun runs it (and its plan plans it): run dirs in `out`,
+        mixtures read from `data_root`, pretraining on `text`, and a chat stage's accumulation
+        divided by the processes (the recipe's global batch is that of one process)."""
+        def chat(cfg, load: str, save: str):
+            return replace(cfg, load=str(out / load), data=cfg.data.format(data=data_root), save=str(out / save),
+                           grad_accum=max(1, cfg.grad_accum // world))
+        replace = dataclasses.replace
+        configs = {"pretrain": replace(self.pretrain, data=list(text or []), save=str(out / "base"),
+                                       tokenizer=str(out / "tokenizer.json"), cache_dir=str(out / "token_cache")),
+                   "mid": chat(self.mid, "base", "mid"), "sft": chat(self.sft, "mid", "sft")}
+        if self.rl is not None:
+            configs["rl"] = replace(self.rl, load=str(out / "sft"), task=self.rl.task.format(data=data_root),
+                                    save=str(out / "rl"))
+        return configs
+
     def miniature(self) -> Preset:
         """The same stages and data mixtures at toy scale: a check of the pipeline and the data, in
         minutes on a CPU, before spending days on the real thing."""
-        return dataclasses.replace(
-            self, name=f"{self.name} (miniature)", depth=2, seq_len=128, vocab_size=512, batch_size=4,
-            total_batch_tokens=1024, pretrain_steps=8, window_pattern="SL", tokenizer_chars=2_000_000, eval_every=4,
-            eval_tokens=4096, mid_steps=4, mid_rows=4, mid_accum=1, sft_steps=4, sft_rows=4, sft_accum=1,
-            rl_steps=min(self.rl_steps, 2), rl_prompts=2, rl_group=4, rl_max_tokens=32, eval_limits=(8, 2, 4))
+        replace = dataclasses.replace
+        rl = self.rl and replace(self.rl, steps=min(self.rl.steps, 2), prompts_per_step=2, group_size=4, max_tokens=32,
+                                 rollout_rows=8, batch_size=min(self.rl.batch_size, 8))
+        return replace(
+            self, name=f"{self.name} (miniature)", tokenizer_chars=2_000_000, eval_limits=(8, 2, 4), rl=rl,
+            pretrain=replace(self.pretrain, depth=2, seq_len=128, vocab_size=512, batch_size=4, total_batch_tokens=1024,
+                             steps=8, window_pattern="SL", eval_every=4, eval_tokens=4096),
+            mid=replace(self.mid, steps=4, batch_size=4, grad_accum=1),
+            sft=replace(self.sft, steps=4, batch_size=4, grad_accum=1))
 
 
 PRESETS = {p.name: p for p in [
-    Preset("smoke", "a one-minute check of the pipeline", depth=2, seq_len=128, vocab_size=512, batch_size=4,
-           total_batch_tokens=512, pretrain_steps=10, eval_every=5, eval_tokens=2048, mid_steps=5, sft_steps=5, sft_lr_scale=0.5,
-           rl_task="arithmetic::1", rl_steps=2, rl_prompts=4, rl_group=4, rl_max_tokens=64, eval_limits=(10, 2, 4)),
+    Preset("smoke", "a one-minute check of the pipeline",
+           pretraining(depth=2, seq_len=128, vocab_size=512, batch_size=4, total_batch_tokens=512, steps=10,
+                       eval_every=5, eval_tokens=2048),
+           midtraining(steps=5), fine_tuning(steps=5, lr_scale=0.5),
+           reinforcement("arithmetic::1", steps=2, prompts=4, group=4, max_tokens=64), eval_limits=(10, 2, 4)),
     # tiny is sized for 2 CPU cores: measured 11m21s with native bf16, 15m46s and 19m57s in fp32
-    Preset("tiny", "a 2-core CPU, offline (the default): 11 min with native bf16, 15-20 without", depth=4, seq_len=256, vocab_size=4096,
-           batch_size=16, total_batch_tokens=8192, pretrain_steps=150, eval_every=25, eval_tokens=32768,
-           mid_steps=40, sft_steps=150, sft_lr_scale=0.5, rl_task="arithmetic::1", rl_steps=30, rl_prompts=8, rl_group=8,
-           rl_max_tokens=64, eval_limits=(200, 20, 40)),
-    Preset("small", "a laptop GPU or an M-series Mac, offline", depth=6, seq_len=512, vocab_size=8192, batch_size=16,
-           total_batch_tokens=32768, pretrain_steps=1000, eval_every=100, mid_steps=200, sft_steps=600, sft_lr_scale=0.5,
-           rl_task="arithmetic::1", rl_steps=100, rl_prompts=8, rl_group=16, rl_max_tokens=64,
+    Preset("tiny", "a 2-core CPU, offline (the default): 11 min with native bf16, 15-20 without",
+           pretraining(depth=4, seq_len=256, vocab_size=4096, batch_size=16, total_batch_tokens=8192, steps=150,
+                       eval_every=25, eval_tokens=32768),
+           midtraining(steps=40), fine_tuning(steps=150, lr_scale=0.5),
+           reinforcement("arithmetic::1", steps=30, prompts=8, group=8, max_tokens=64), eval_limits=(200, 20, 40)),
+    Preset("small", "a laptop GPU or an M-series Mac, offline",
+           pretraining(depth=6, seq_len=512, vocab_size=8192, batch_size=16, total_batch_tokens=32768, steps=1000,
+                       eval_every=100),
+           midtraining(steps=200), fine_tuning(steps=600, lr_scale=0.5),
+           reinforcement("arithmetic::1", steps=100, prompts=8, group=16, max_tokens=64),
            eval_limits=(500, 50, 200)),
-    Preset("d8", "one GPU: nanochat's recipe at depth 8", depth=8, seq_len=1024, vocab_size=32768, batch_size=16,
-           total_batch_tokens=131072, pretrain_data="fineweb-edu", mid_data=NANOCHAT_MID, mid_rows=16, mid_accum=8,
-           sft_data=NANOCHAT_SFT, sft_rows=8, sft_accum=4, rl_task="gsm8k:{data}/gsm8k:1", rl_steps=467, rl_rows=8),
-    Preset("d12", "one big GPU: nanochat's recipe at depth 12", depth=12, seq_len=2048, vocab_size=65536,
-           batch_size=16, total_batch_tokens=524288, pretrain_data="fineweb-edu", mid_data=NANOCHAT_MID, mid_rows=16,
-           mid_accum=16, sft_data=NANOCHAT_SFT, sft_rows=8, sft_accum=4, rl_task="gsm8k:{data}/gsm8k:1",
-           rl_steps=467, rl_rows=8),
-    Preset("d20", "an 8-GPU node: nanochat's d20 speedrun (561M)", depth=20, seq_len=2048, vocab_size=65536,
-           batch_size=32, total_batch_tokens=524288, pretrain_data="fineweb-edu", mid_data=NANOCHAT_MID, mid_rows=32,
-           mid_accum=8, sft_data=NANOCHAT_SFT, sft_rows=8, sft_accum=4, rl_task="gsm8k:{data}/gsm8k:1",
-           rl_steps=467, rl_rows=8),
+    Preset("d8", "one GPU: nanochat's recipe at depth 8",
+           pretraining(depth=8, seq_len=1024, vocab_size=32768, batch_size=16, total_batch_tokens=131072),
+           midtraining(NANOCHAT_MID, grad_accum=8), fine_tuning(NANOCHAT_SFT, batch_size=8, grad_accum=4),
+           reinforcement(NANOCHAT_RL, steps=467, rows=8), pretrain_data="fineweb-edu"),
+    Preset("d12", "one big GPU: nanochat's recipe at depth 12",
+           pretraining(depth=12, seq_len=2048, vocab_size=65536, batch_size=16, total_batch_tokens=524288),
+           midtraining(NANOCHAT_MID, grad_accum=16), fine_tuning(NANOCHAT_SFT, batch_size=8, grad_accum=4),
+           reinforcement(NANOCHAT_RL, steps=467, rows=8), pretrain_data="fineweb-edu"),
+    Preset("d20", "an 8-GPU node: nanochat's d20 speedrun (561M)",
+           pretraining(depth=20, seq_len=2048, vocab_size=65536, batch_size=32, total_batch_tokens=524288),
+           midtraining(NANOCHAT_MID, batch_size=32, grad_accum=8), fine_tuning(NANOCHAT_SFT, batch_size=8, grad_accum=4),
+           reinforcement(NANOCHAT_RL, steps=467, rows=8), pretrain_data="fineweb-edu"),
     # the MacBook Air model card: 16 x 1024, 8/8 heads, context 1024, vocab 65,536; ~442M tokens of
     # FineWeb-Edu pretraining (54,000 steps of 8 x 1024 tokens; the card's ~60,000 steps were of
     # about 7,400), ~33M tokens of midtraining on pretraining text and conversations, then 1,000 SFT
     # steps at batch 8; bf16 on MPS; no RL
-    Preset("picochat-335m", "a 16 GB Apple-silicon Mac: the MacBook Air model (335M), about 6 days", depth=16,
-           seq_len=1024, vocab_size=65536, batch_size=8, total_batch_tokens=8192, pretrain_steps=54_000,
-           window_pattern="L", pretrain_data="fineweb-edu", eval_every=2000, eval_tokens=1 << 18,
-           mid_data="text:{data}/fineweb-edu:1," + NANOCHAT_MID, mid_steps=4_000, mid_rows=8,
-           sft_data=("smoltalk:{data}/smoltalk:=10000,gsm8k:{data}/gsm8k:1,arc-easy:{data}/arc:1,"
-                     "arc-challenge:{data}/arc:1,identity::=1000,spelling:{data}/words/words_alpha.txt:=600"),
-           sft_steps=1000, sft_rows=8, mps_dtype="bf16"),
+    Preset("picochat-335m", "a 16 GB Apple-silicon Mac: the MacBook Air model (335M), about 6 days",
+           pretraining(depth=16, seq_len=1024, vocab_size=65536, batch_size=8, total_batch_tokens=8192, steps=54_000,
+                       window_pattern="L", eval_every=2000, eval_tokens=1 << 18),
+           midtraining("text:{data}/fineweb-edu:1," + NANOCHAT_MID, steps=4_000, batch_size=8),
+           fine_tuning("smoltalk:{data}/smoltalk:=10000,gsm8k:{data}/gsm8k:1,arc-easy:{data}/arc:1,"
+                       "arc-challenge:{data}/arc:1,identity::=1000,spelling:{data}/words/words_alpha.txt:=600",
+                       steps=1000, batch_size=8),
+           pretrain_data="fineweb-edu", mps_dtype="bf16"),
 ]}
 
 
@@ -180,8 +200,9 @@ def preset_table() -> str:
             "|---|---|---|---|---|---|---|"]
     for p in PRESETS.values():
         data = "offline corpus" if not p.downloads else p.pretrain_data
-        rl = f"{p.rl_steps} steps, {p.rl_task.split(':')[0]}" if p.rl_task else "none"
-        rows.append(f"| `{p.name}` | depth {p.depth}, {p.params / 1e6:.1f}M | {p.seq_len:,} / {p.vocab_size:,} "
-                    f"| {data}: {p.steps:,} steps x {p.total_batch_tokens:,} = {format_count(p.tokens)} tokens "
-                    f"| {steps(p.mid_steps)} / {steps(p.sft_steps)} | {rl} | {p.about} |")
+        rl = f"{p.rl.steps} steps, {p.rl.task.split(':')[0]}" if p.rl else "none"
+        plan, c = p.pretrain_plan(), p.pretrain
+        rows.append(f"| `{p.name}` | depth {c.depth}, {p.params / 1e6:.1f}M | {c.seq_len:,} / {c.vocab_size:,} "
+                    f"| {data}: {plan.steps:,} steps x {plan.tokens_per_step:,} = {format_count(plan.tokens)} tokens "
+                    f"| {steps(p.mid.steps)} / {steps(p.sft.steps)} | {rl} | {p.about} |")
     return "\n".join(rows)

@@ -13,6 +13,12 @@ default, and `picochat sft ...` cannot differ from `chat_train(SFTConfig(...))`.
 A field becomes `--depth` (underscores to dashes). A bool that defaults to False is a switch; one
 that defaults to True is turned off by `--no-<name>`. A nested config dataclass gives flags of its
 own fields (all, or those named in `flags`). cli=False keeps a field for Python callers only.
+
+A setting of a training stage either defines the run (the default: the model's shape, the data,
+the batch, the optimizer, the seed) or may change when the run is resumed (defines_run=False:
+where to save, how often to log or evaluate, the device). A resume restores the first kind from
+the run dir and refuses a typed value that contradicts it (train/stage.py reads the mark; no list
+of names is kept anywhere else).
 """
 
 from __future__ import annotations
@@ -22,17 +28,20 @@ import dataclasses
 import functools
 import types
 import typing
-from dataclasses import MISSING, field
+from dataclasses import MISSING, dataclass, field
 
 
 def setting(default=MISSING, help: str = "", *, factory=None, flag: str | None = None, aliases: tuple = (),
             choices=None, metavar: str | None = None, cli: bool = True, flags: tuple[str, ...] | None = None,
-            positional: bool = False, low: float | None = None, high: float | None = None):
+            positional: bool = False, low: float | None = None, high: float | None = None,
+            defines_run: bool = True):
     """A config field that is also a flag. `factory` makes mutable defaults (a nested config, a
     list); `flags` names the fields of a nested config that are flags (default: all); `low` and
-    `high` bound a number (check() enforces them, for the CLI and Python callers alike)."""
+    `high` bound a number (check() enforces them, for the CLI and Python callers alike);
+    defines_run=False: a resumed run may take another value (see the module's docstring)."""
     meta = {"help": help, "flag": flag, "aliases": tuple(aliases), "choices": choices, "metavar": metavar,
-            "cli": cli, "flags": flags, "positional": positional, "low": low, "high": high}
+            "cli": cli, "flags": flags, "positional": positional, "low": low, "high": high,
+            "defines_run": defines_run}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -80,7 +89,8 @@ def flag_name(cls, f: dataclasses.Field) -> str:
     return f"--no-{dashed}" if _types(cls)[f.name] is bool and default_of(f) is True else f"--{dashed}"
 
 
-def _show(value) -> str:
+def show(value) -> str:
+    """A setting's value as it would be typed."""
     return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
@@ -94,7 +104,7 @@ def _help(f: dataclasses.Field, tp, default) -> str:
         return text  # the help itself says what happens without it
     if default is None or default == "" or default == [] or default == ():
         return f"{text} (default: none)"
-    return f"{text} (default: {_show(default)})"
+    return f"{text} (default: {show(default)})"
 
 
 def add_flags(parser: argparse.ArgumentParser, cls, only: tuple[str, ...] | None = None, defaults=None,
@@ -182,3 +192,65 @@ def check(cfg) -> None:
             bounds = f"between {low} and {high}" if low is not None and high is not None else (
                 f"at least {low}" if low is not None else f"at most {high}")
             raise PicochatError(f"{name} must be {bounds}, not {value}")
+
+
+# ----------------------------------------------------------------------------- what defines a run
+
+@dataclass(frozen=True)
+class Leaf:
+    """One setting of a config, nested configs opened: its path of field names from the top, its
+    field, the config holding it and its default there."""
+    path: tuple[str, ...]
+    field: dataclasses.Field
+    holder: object
+    default: object
+
+    @property
+    def defines_run(self) -> bool:
+        return self.field.metadata.get("defines_run", True)
+
+
+def leaves(cfg, path: tuple[str, ...] = (), defaults=None) -> list[Leaf]:
+    """Every setting of `cfg`, nested configs opened. A nested config's defaults are those of the
+    instance its field's factory makes (SFT's optimizer decays over the whole stage, say)."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        default = getattr(defaults, f.name) if defaults is not None else default_of(f)
+        if dataclasses.is_dataclass(value):
+            out += leaves(value, path + (f.name,), default if dataclasses.is_dataclass(default) else None)
+        else:
+            out.append(Leaf(path + (f.name,), f, cfg, default))
+    return out
+
+
+def record(cfg) -> dict:
+    """A config as JSON-ready data: nested configs as objects, tuples and sets as lists."""
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple, set, frozenset)):
+            return sorted(value) if isinstance(value, (set, frozenset)) else [plain(v) for v in value]
+        return value
+    return plain(cfg)
+
+
+def typed(leaf: Leaf, value):
+    """A recorded value back in its field's type (JSON has no tuples)."""
+    tp = _types(type(leaf.holder))[leaf.field.name]
+    return tuple(value) if typing.get_origin(tp) is tuple and isinstance(value, list) else value
+
+
+def replaced(cfg, values: dict[tuple[str, ...], object]):
+    """cfg with the settings at these paths replaced (nested configs copied, never changed)."""
+    top: dict = {}
+    nested: dict = {}
+    for path, value in values.items():
+        if len(path) == 1:
+            top[path[0]] = value
+        else:
+            nested.setdefault(path[0], {})[path[1:]] = value
+    for name, sub in nested.items():
+        top[name] = replaced(getattr(cfg, name), sub)
+    return dataclasses.replace(cfg, **top)
+

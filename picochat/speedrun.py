@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import distributed
-from .checkpoint import LoadOptions, open_for_inference
 from .common import PicochatError, autocast, choose_device, choose_dtype, log, write_atomic
 from .conversation import render_for_completion
 from .data.datasets import data_dir, dataset_path, is_present, shard_files
+from .data.sources import TEXT_FILES
+from .inference import LoadOptions, open_for_inference
 from .presets import PRESETS, Preset
-from .settings import check, setting
-from .train.stage import RunControls
+from .settings import check, flags_of, leaves, setting
+from .train.stage import Controls
 
 STATE_FILE = "speedrun.json"
 SAMPLE_PROMPTS = ["The", "In Python, a list", "The function returns", "If the file"]
@@ -45,25 +46,26 @@ class SpeedrunConfig:
     miniature: bool = setting(False, "the preset's stages and data at toy scale (depth 2, a few steps): a check of "
                                      "the pipeline and its downloads in minutes on a CPU")
     dry_run: bool = setting(False, "print the plan (stages, data, steps, memory, time here) and stop; writes and "
-                                   "downloads nothing")
+                                   "downloads nothing", defines_run=False)
     measure_steps: int = setting(1, "training steps the dry run times on this device for its time estimate "
-                                    "(0: none)", low=0)
-    data: list[str] | None = setting(None, "your own text to pretrain on instead of the preset's (files or dirs)")
+                                    "(0: none)", low=0, defines_run=False)
+    data: list[str] | None = setting(None, f"your own text to pretrain on instead of the preset's: {TEXT_FILES}")
     data_dir: str | None = setting(None, "where datasets live and are downloaded to (default: $PICOCHAT_DATA, "
                                          "else ~/.cache/picochat/data); the offline presets also run every eval "
-                                         "whose data is there")
-    save: str = setting("runs/speedrun", "output directory")
+                                         "whose data is there", defines_run=False)
+    save: str = setting("runs/speedrun", "output directory", defines_run=False)
     steps: int = setting(0, "pretraining steps (default: the preset's)", low=0)
     usd_per_hour: float | None = setting(None, "the machine's price, for the report's cost column (default: a "
-                                               "guess for the device)", low=0)
-    run: RunControls = setting(factory=RunControls, flags=SPEEDRUN_RUN_FLAGS)
+                                               "guess for the device)", low=0, defines_run=False)
+    controls: Controls = setting(factory=Controls, flags=SPEEDRUN_RUN_FLAGS)
 
 
 def chosen_preset(cfg: SpeedrunConfig) -> Preset:
     preset = PRESETS[cfg.preset]
     if cfg.miniature:
         preset = preset.miniature()
-    return dataclasses.replace(preset, pretrain_steps=cfg.steps) if cfg.steps else preset
+    return dataclasses.replace(preset, pretrain=dataclasses.replace(preset.pretrain, steps=cfg.steps)) if cfg.steps \
+        else preset
 
 
 def speedrun(cfg: SpeedrunConfig):
@@ -71,8 +73,8 @@ def speedrun(cfg: SpeedrunConfig):
     from .plan import make_plan
     check(cfg)
     preset = chosen_preset(cfg)
-    device = distributed.local_device(choose_device(cfg.run.device))
-    dtype_name = preset.mps_dtype if device.type == "mps" and cfg.run.dtype == "auto" else cfg.run.dtype
+    device = distributed.local_device(choose_device(cfg.controls.device))
+    dtype_name = preset.mps_dtype if device.type == "mps" and cfg.controls.dtype == "auto" else cfg.controls.dtype
     dtype = choose_dtype(dtype_name, device)
     root = data_dir(cfg.data_dir)
     world = distributed.setup(device)[1]
@@ -82,10 +84,11 @@ def speedrun(cfg: SpeedrunConfig):
         plan.next = (f"picochat speedrun --preset {cfg.preset}" + (" --miniature" if cfg.miniature else "")
                      + (f" --data-dir {cfg.data_dir}" if cfg.data_dir else "") + f" --save {cfg.save}")
         return plan
-    state = RunState.open(Path(cfg.save), cfg)
+    record = SpeedrunRecord.open(Path(cfg.save), cfg)
     plan = make_plan(preset, root, device, dtype, world, 0, text_chars, bool(cfg.data))
     log(plan.describe())
-    return Speedrun(cfg, preset, plan, state, dtype_name).run()
+    record.notes["plan"] = {s.name: s.train.to_dict() for s in plan.stages if s.train is not None}
+    return Speedrun(cfg, preset, plan, record, dtype_name).run()
 
 
 def shown(result) -> str:
@@ -105,38 +108,39 @@ def _text_chars(paths: list[str] | None) -> int:
 
 
 @dataclass
-class RunState:
-    """<save>/speedrun.json: the settings of the run and every step done, with its time."""
+class SpeedrunRecord:
+    """<save>/speedrun.json: the settings that define the run and every step done, with its time."""
     path: Path
     settings: dict
     done: dict  # step -> seconds
-    notes: dict  # what later steps need: the text, samples, answers
+    notes: dict  # the plan, and what later steps need: the text, samples, answers
 
     @classmethod
-    def open(cls, out: Path, cfg: SpeedrunConfig) -> RunState:
-        settings = {"preset": cfg.preset, "miniature": cfg.miniature, "steps": cfg.steps, "data": cfg.data}
+    def open(cls, out: Path, cfg: SpeedrunConfig) -> SpeedrunRecord:
+        settings = {leaf.field.name: getattr(leaf.holder, leaf.field.name) for leaf in leaves(cfg) if leaf.defines_run}
         path = out / STATE_FILE
-        if cfg.run.resume:
+        if cfg.controls.resume:
             if not path.is_file():
                 raise PicochatError(f"--resume: nothing to resume in {out} (no {STATE_FILE}); start it without "
                                     "--resume")
             saved = json.loads(path.read_text())
-            differ = [f"--{k.replace('_', '-')} {settings[k]!r} (the run has {saved['settings'].get(k)!r})"
-                      for k in settings if saved["settings"].get(k) != settings[k]]
+            flags = flags_of(SpeedrunConfig)
+            differ = [f"{flags[k]} {settings[k]!r} (the run has {saved['settings'][k]!r})"
+                      for k in settings if k in saved["settings"] and saved["settings"][k] != settings[k]]
             if differ:
                 raise PicochatError(f"--resume: {out} is another run: {'; '.join(differ)}. Give the same settings, or "
                                     "another --save")
             log(f"resuming the speedrun in {out}: done {', '.join(saved['done']) or 'nothing yet'}")
             return cls(path, settings, saved["done"], saved["notes"])
         if out.exists():
-            if not cfg.run.overwrite:
+            if not cfg.controls.overwrite:
                 raise PicochatError(f"{out} already exists (use --resume to continue it, or --overwrite to replace it)")
             if distributed.is_main():
                 shutil.rmtree(out)
         distributed.barrier()
-        state = cls(path, settings, {}, {})
-        state.write()
-        return state
+        record = cls(path, settings, {}, {})
+        record.write()
+        return record
 
     def write(self) -> None:
         if distributed.is_main():
@@ -146,8 +150,8 @@ class RunState:
 
 
 class Speedrun:
-    def __init__(self, cfg: SpeedrunConfig, preset: Preset, plan, state: RunState, dtype: str):
-        self.cfg, self.preset, self.plan, self.state = cfg, preset, plan, state
+    def __init__(self, cfg: SpeedrunConfig, preset: Preset, plan, record: SpeedrunRecord, dtype: str):
+        self.cfg, self.preset, self.plan, self.record = cfg, preset, plan, record
         self.out, self.root = Path(cfg.save), plan.data_root
         self.dtype = dtype  # the precision's name (the MacBook recipe's bf16 on MPS)
 
@@ -158,30 +162,30 @@ class Speedrun:
                  ("pretrain", self.pretrain), ("base evals", lambda: self.evaluate("base")),
                  ("mid", lambda: self.chat_stage("mid")), ("mid evals", lambda: self.evaluate("mid")),
                  ("sft", lambda: self.chat_stage("sft")), ("sft evals", lambda: self.evaluate("sft"))]
-        if p.rl_task:
+        if p.rl is not None:
             steps += [("rl", self.rl), ("rl evals", lambda: self.evaluate("rl"))]
         t_all = time.perf_counter()
         for i, (name, fn) in enumerate(steps, 1):
-            if name in self.state.done:
+            if name in self.record.done:
                 log(f"speedrun [{i}/{len(steps)}] {name}: done before, skipped")
                 continue
             log(f"speedrun [{i}/{len(steps)}] {name}")
             t0 = time.perf_counter()
             fn()
-            self.state.done[name] = round(time.perf_counter() - t0, 1)
-            self.state.write()
+            self.record.done[name] = round(time.perf_counter() - t0, 1)
+            self.record.write()
         report = self.report()
-        final = "rl" if p.rl_task else "sft"
+        final = "rl" if p.rl is not None else "sft"
         log(f"speedrun done in {time.perf_counter() - t_all:.0f}s: report at {report}")
         log(f"Next: picochat chat --load {self.out / final}   (or: picochat serve --load {self.out / final})")
         return report
 
     # ------------------------------------------------------------------ steps
 
-    def controls(self, stage: str, rows: int, **kw) -> RunControls:
-        """The run controls of a training stage: the speedrun's own, --grad-checkpoint where the
-        plan says the stage needs it, and a resume of the stage's run dir if a kill left one."""
-        r = self.cfg.run
+    def controls(self, stage: str, **kw) -> Controls:
+        """The controls of a training stage: the speedrun's own, --grad-checkpoint where the plan
+        says the stage needs it, and a resume of the stage's run dir if a kill left one."""
+        r = self.cfg.controls
         resume = (self.out / stage / "config.json").is_file()
         fit = self.plan.fits.get(stage)
         ckpt = r.grad_checkpoint or bool(fit and fit.grad_checkpoint)
@@ -189,6 +193,11 @@ class Speedrun:
             log(f"{stage}: --grad-checkpoint on: {fit.describe()}")
         return dataclasses.replace(r, dtype=self.dtype, grad_checkpoint=ckpt, resume=resume, overwrite=not resume,
                                    given=None, **kw)
+
+    def config(self, stage: str, **controls):
+        """The stage's config from the preset, as the plan planned it, with the speedrun's controls."""
+        cfg = self.preset.configs(self.out, self.root, distributed.world_size(), self.record.notes.get("text"))[stage]
+        return dataclasses.replace(cfg, controls=self.controls(stage, **controls))
 
     def fetch_data(self) -> None:
         from .data.download import DownloadConfig, download
@@ -217,61 +226,41 @@ class Speedrun:
                                     f"{self.preset.shards}: picochat data download {self.preset.pretrain_data} "
                                     f"--num-shards {self.preset.shards}")
             text = [str(p) for p in shards[:self.preset.shards]]
-        self.state.notes["text"] = text
+        self.record.notes["text"] = text
 
     def tokenizer(self) -> None:
         from .tokenizer import train_tokenizer
         with distributed.main_first():
             if distributed.is_main():
-                train_tokenizer(self.state.notes["text"], self.preset.vocab_size, save=str(self.out / "tokenizer.json"),
-                                max_chars=self.preset.tokenizer_chars)
+                train_tokenizer(self.record.notes["text"], self.preset.pretrain.vocab_size,
+                                save=str(self.out / "tokenizer.json"), max_chars=self.preset.tokenizer_chars)
 
     def pretrain(self) -> None:
-        from .optim import OptimConfig
-        from .train.pretrain import PretrainConfig, pretrain
-        p = self.preset
-        pretrain(PretrainConfig(
-            data=self.state.notes["text"], save=str(self.out / "base"), tokenizer=str(self.out / "tokenizer.json"),
-            vocab_size=p.vocab_size, depth=p.depth, seq_len=p.seq_len, window_pattern=p.window_pattern,
-            batch_size=p.batch_size, total_batch_tokens=p.total_batch_tokens, steps=p.steps,
-            eval_every=p.eval_every, eval_tokens=p.eval_tokens, cache_dir=str(self.out / "token_cache"),
-            optim=OptimConfig(), run=self.controls("pretrain", p.batch_size)))
+        from .train.pretrain import pretrain
+        pretrain(self.config("pretrain"))
 
     def chat_stage(self, stage: str) -> None:
-        from .train.sft import MidtrainConfig, SFTConfig, chat_train
-        p = self.preset
-        config, load = (MidtrainConfig, "base") if stage == "mid" else (SFTConfig, "mid")
-        rows, accum, steps, spec = ((p.mid_rows, p.mid_accum, p.mid_steps, p.mid_data) if stage == "mid" else
-                                    (p.sft_rows, p.sft_accum, p.sft_steps, p.sft_data))
-        extra = {"lr_scale": p.sft_lr_scale} if stage == "sft" and p.sft_lr_scale is not None else {}
-        chat_train(config(load=str(self.out / load), data=spec.format(data=self.root), save=str(self.out / stage),
-                          batch_size=rows, grad_accum=p.chat_accum(accum, distributed.world_size()), steps=steps,
-                          run=self.controls(stage, rows, log_every=10), **extra))
+        from .train.sft import chat_train
+        chat_train(self.config(stage, log_every=10))
 
     def rl(self) -> None:
-        from .train.rl import RLConfig, rl_train
-        p = self.preset
-        rows = p.rl_prompts * p.rl_group
-        rl_train(RLConfig(load=str(self.out / "sft"), task=p.rl_task.format(data=self.root), save=str(self.out / "rl"),
-                          steps=p.rl_steps, prompts_per_step=p.rl_prompts, group_size=p.rl_group,
-                          max_tokens=p.rl_max_tokens, batch_size=p.rl_micro_rows, rollout_rows=rows,
-                          eval_examples=0, run=dataclasses.replace(
-                              self.controls("rl", p.rl_micro_rows, log_every=max(1, p.rl_steps // 10)), compile=False)))
+        from .train.rl import rl_train
+        rl_train(self.config("rl", log_every=max(1, self.preset.rl.steps // 10), compile=False))
 
     def evaluate(self, stage: str) -> None:
         """A stage's evals, saved into its run dir for the report card (rank 0; the others wait):
         CORE and greedy samples for the base model; for the chat stages every chat eval whose data
         is in the data dir (the built-in ones always) and greedy answers to a few prompts."""
         if distributed.is_main():
-            notes = _evaluate(self.out / stage, self.root, self.preset.eval_limits, self.cfg.run.device, self.dtype)
-            self.state.notes.setdefault("answers", {})[stage] = notes
+            notes = _evaluate(self.out / stage, self.root, self.preset.eval_limits, self.cfg.controls.device, self.dtype)
+            self.record.notes.setdefault("answers", {})[stage] = notes
         distributed.barrier()
 
     def report(self) -> Path:
         from .report import report_card, table
         from .tasks.pydocs import sample_questions
         references = dict(sample_questions())
-        notes = self.state.notes
+        notes = self.record.notes
         stages = [s for s in ("base", "mid", "sft", "rl") if (self.out / s / "config.json").is_file()]
         answers = {s: a for s, a in notes.get("answers", {}).items() if s != "base"}
         samples = notes.get("answers", {}).get("base", {})
@@ -289,10 +278,11 @@ class Speedrun:
         }
         title = f"picochat speedrun — preset `{self.preset.name}`"
         return report_card([self.out / s for s in stages], self.out / "report.md", title=title,
-                           usd_per_hour=self.cfg.usd_per_hour, extra=extra, timings=dict(self.state.done))
+                           usd_per_hour=self.cfg.usd_per_hour, extra=extra, timings=dict(self.record.done))
 
 
 def _evaluate(run_dir: Path, root: Path, limits: tuple, device: str, dtype: str) -> dict[str, str]:
+    from .decode_batch import GenRequest
     from .engine import Engine
     from .evals.chat_eval import build_eval_task, evaluate_task
     from .sample import SamplingOptions, continuations
@@ -310,15 +300,14 @@ def _evaluate(run_dir: Path, root: Path, limits: tuple, device: str, dtype: str)
         if spec.dataset and not is_present(spec.dataset, root):
             continue
         # the built-in evals are cheap (short replies) and the ones that always run: take more
-        limit = categorical if spec.eval.kind == "categorical" else \
+        limit = categorical if spec.kind == "categorical" else \
             (max(generative or 0, 100) if generative and not spec.dataset else generative)
         path = dataset_path(spec.dataset, root) if spec.dataset else None
         evaluate_task(run, name, build_eval_task(name, str(path) if path else None), limit=limit)
-    engine = Engine(run.model, run.tokenizer)
-    answers = {}
+    prompts = CHAT_PROMPTS + [q for q, _ in sample_questions()]
+    requests = [GenRequest(render_for_completion(run.tokenizer, {"messages": [{"role": "user", "content": p}]}),
+                           max_tokens=64, temperature=0.0, key=p) for p in prompts]
     with autocast(run.device, run.decode_dtype):
-        for prompt in CHAT_PROMPTS + [q for q, _ in sample_questions()]:
-            ids = render_for_completion(run.tokenizer, {"messages": [{"role": "user", "content": prompt}]})
-            answers[prompt] = engine.generate_batch(ids, max_tokens=64, temperature=0.0)[0].text
-    return answers
+        answers = {p: c[0].text for p, c in Engine(run.model, run.tokenizer).complete(requests)}
+    return {p: answers[p] for p in prompts}
 

@@ -45,9 +45,9 @@ def test_the_cli_and_a_python_caller_get_the_same_defaults(path):
     expected = cls(**by_hand)
     for name, value in COMMANDS[path].fixed.items():
         expected = dataclasses.replace(expected, **{name: value})
-    if hasattr(cfg, "run"):  # the CLI also says which settings were typed
-        assert cfg.run.given == frozenset(given)
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, given=None))
+    if hasattr(cfg, "controls"):  # the CLI also says which settings were typed
+        assert cfg.controls.given == frozenset(given)
+        cfg = dataclasses.replace(cfg, controls=dataclasses.replace(cfg.controls, given=None))
     assert cfg == expected
 
 

@@ -8,24 +8,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from picochat.checkpoint import load_run
 from picochat.common import PicochatError
 from picochat.config import ModelConfig
 from picochat.engine import Completion
 from picochat.model import GPT
+from picochat.run_dir import load_run
 from picochat.tokenizer import Tokenizer
-from picochat.train.rl import (
-    RLConfig,
-    Rollouts,
-    completion_row,
-    grpo_loss,
-    group_advantages,
-    pad_rows,
-    rl_train,
-    well_formed_call,
-)
+from picochat.train.rl import (RLConfig, Rollouts, completion_row, group_advantages, grpo_loss, pad_rows, plan_rl,
+                               rl_train, well_formed_call)
 
-from .conftest import cpu_run, run_cli
+from .conftest import cpu_controls, run_cli
 
 TEXT = "What is 12 + 30? The answer is 42. Compute 7 * 6, then 100 - 58. " * 30
 
@@ -237,7 +229,8 @@ def test_all_equal_groups_add_nothing_and_are_counted(tok, model, monkeypatch):
     prompt, comps = _group(tok)
     task = Mixture([(Arithmetic(size=10, seed=0), 1.0)], seed=0)
     cfg = RLConfig(load="-", task="arithmetic::1", save="-", group_size=4, prompts_per_step=2, batch_size=3)
-    data = Rollouts(model, tok, task, cfg, torch.device("cpu"), torch.float32)
+    data = Rollouts(model, tok, task, cfg, plan_rl(cfg, model.config.sequence_len, 1), torch.device("cpu"),
+                    torch.float32)
     conv_right = {"messages": [], "answer": 42, "task": 0}
     conv_wrong = {"messages": [], "answer": -1, "task": 0}
     texts = ["The answer is 41.", "The answer is 42.", "7 * 6", "= 42"]
@@ -265,7 +258,7 @@ def sft_model(tiny_base, tmp_path_factory):
     from picochat.train.sft import SFTConfig, chat_train
     save = tmp_path_factory.mktemp("rl") / "sft"
     chat_train(SFTConfig(load=str(tiny_base), data="arithmetic::1", save=str(save), lr_scale=1.0,
-                         batch_size=16, steps=SFT_STEPS, run=cpu_run(dtype="fp32", log_every=50)))
+                         batch_size=16, steps=SFT_STEPS, controls=cpu_controls(dtype="fp32", log_every=50)))
     return save
 
 
@@ -273,7 +266,7 @@ def _rl(load, save, **kw):
     controls = {k: kw.pop(k) for k in ("stop_at", "resume") if k in kw}
     args = dict(load=str(load), task="arithmetic::1", save=str(save), group_size=4, prompts_per_step=4, steps=4,
                 max_tokens=40, batch_size=6, rollout_rows=16, eval_examples=0,
-                run=cpu_run(dtype="fp32", seed=3, **controls))
+                controls=cpu_controls(dtype="fp32", seed=3, **controls))
     args.update(kw)
     return rl_train(RLConfig(**args))
 

@@ -1,12 +1,12 @@
 import torch
 from safetensors.torch import load_file
 
-from picochat.checkpoint import load_run
 from picochat.conversation import render_conversation
+from picochat.run_dir import load_run
 from picochat.tasks import build_mixture
 from picochat.train.sft import MidtrainConfig, PaddedConversations, SFTConfig, chat_train
 
-from .conftest import cpu_run
+from .conftest import cpu_controls
 
 
 def test_padding_and_masked_positions_add_nothing_to_the_loss(tiny_base):
@@ -31,7 +31,7 @@ def test_padding_and_masked_positions_add_nothing_to_the_loss(tiny_base):
 
 def test_midtrain_rows_are_packed_with_masked_user_turns(tiny_base, tmp_path):
     result = chat_train(MidtrainConfig(load=str(tiny_base), data="arithmetic::1", save=str(tmp_path / "mid"),
-                                       batch_size=4, steps=3, run=cpu_run(dtype="fp32")))
+                                       batch_size=4, steps=3, controls=cpu_controls(dtype="fp32")))
     assert result["steps"] == 3 and all(m["tokens"] < 4 * 128 for m in result["metrics"])
     assert load_run(tmp_path / "mid").meta["stage"] == "mid"
 
@@ -39,7 +39,7 @@ def test_midtrain_rows_are_packed_with_masked_user_turns(tiny_base, tmp_path):
 def test_sft_resumes_exactly(tiny_base, tmp_path):
     def cfg(save, **kw):
         return SFTConfig(load=str(tiny_base), data="arithmetic::1,identity::2", save=str(save), lr_scale=1.0,
-                         batch_size=4, steps=8, run=cpu_run(dtype="fp32", seed=7, **kw))
+                         batch_size=4, steps=8, controls=cpu_controls(dtype="fp32", seed=7, **kw))
     straight = chat_train(cfg(tmp_path / "a"))
     chat_train(cfg(tmp_path / "b", stop_at=4))
     resumed = chat_train(cfg(tmp_path / "b", resume=True))
@@ -58,7 +58,7 @@ def test_sft_teaches_arithmetic_with_the_calculator(tiny_base, tmp_path):
     kw = dict(max_tokens=40, save=False)
     before = evaluate_task(load_run(tiny_base), "arithmetic", held_out, **kw)["accuracy"]
     chat_train(SFTConfig(load=str(tiny_base), data="arithmetic::1", save=str(tmp_path / "sft"), lr_scale=1.0,
-                         batch_size=16, steps=500, run=cpu_run(dtype="fp32", log_every=50)))
+                         batch_size=16, steps=500, controls=cpu_controls(dtype="fp32", log_every=50)))
     after = evaluate_task(load_run(tmp_path / "sft"), "arithmetic", held_out, **kw)["accuracy"]
     assert before <= 0.1
     assert after >= 0.6, after

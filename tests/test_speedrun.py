@@ -8,8 +8,22 @@ import sys
 
 import pytest
 
+from picochat.common import PicochatError
+
 from .conftest import REPO, run_cli
 from .hub_server import FakeHub, fill, hub_env
+
+
+def assert_the_plan_is_the_run(out) -> None:
+    """What the speedrun's plan said of each stage (speedrun.json) is what the stage derived and did:
+    the same steps, rows, accumulation, sequence length and tokens per step (config.json's plan),
+    and the step it ended at."""
+    planned = json.loads((out / "speedrun.json").read_text())["notes"]["plan"]
+    assert {"pretrain", "mid", "sft"} <= set(planned)
+    for stage, plan in planned.items():
+        meta = json.loads((out / ("base" if stage == "pretrain" else stage) / "config.json").read_text())
+        assert meta["plan"] == plan, stage
+        assert meta["step"] == plan["steps"], stage
 
 
 def test_offline_speedrun_smoke_preset_runs_the_whole_pipeline(tmp_path):
@@ -32,6 +46,7 @@ def test_offline_speedrun_smoke_preset_runs_the_whole_pipeline(tmp_path):
                     "## Chat answers", "## System"):
         assert section in report
     assert (out / "report-loss.png").read_bytes().startswith(b"\x89PNG")
+    assert_the_plan_is_the_run(out)
     assert "![report-loss](report-loss.png)" in report
     # a second run into the same directory refuses, with one error line
     again = run_cli("speedrun", "--preset", "smoke", "--save", str(out), "--device", "cpu", cwd=tmp_path)
@@ -44,20 +59,25 @@ def test_preset_numbers_are_the_recipes():
     """d20 is nanochat's 561M speedrun; picochat-335m the MacBook Air model card's 335M."""
     from picochat.presets import PRESETS
     d20, mac = PRESETS["d20"], PRESETS["picochat-335m"]
-    assert d20.params == 560_988_200 and d20.steps == 21_400 and d20.tokens == 21_400 * 524_288  # 20 per parameter
-    assert abs(d20.tokens / d20.params - 20) < 0.01 and d20.shards == 238
+    plan = d20.pretrain_plan()
+    assert d20.params == 560_988_200 and plan.steps == 21_400 and plan.tokens == 21_400 * 524_288  # 20 per parameter
+    assert abs(plan.tokens / d20.params - 20) < 0.01 and d20.shards == 238
     c = mac.model_config()
     assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.sequence_len, c.vocab_size) == (16, 1024, 8, 8, 1024, 65536)
-    assert mac.params == 335_544_352 and mac.steps == 54_000 and round(mac.tokens / 1e6) == 442
-    assert mac.mid_steps * mac.mid_rows * mac.seq_len == 32_768_000 and mac.sft_steps == 1000 and mac.sft_rows == 8
-    assert mac.mps_dtype == "bf16" and not mac.rl_task
+    plan = mac.pretrain_plan()
+    assert mac.params == 335_544_352 and plan.steps == 54_000 and round(plan.tokens / 1e6) == 442
+    assert mac.mid.steps * mac.mid.batch_size * mac.pretrain.seq_len == 32_768_000
+    assert mac.sft.steps == 1000 and mac.sft.batch_size == 8
+    assert mac.mps_dtype == "bf16" and mac.rl is None
     for name in ("d8", "d12", "d20"):  # nanochat's chat stages, not the offline ones
         p = PRESETS[name]
-        assert "smoltalk" in p.mid_data and "mmlu" in p.mid_data and "gsm8k" in p.rl_task and p.downloads
-    # they differ only in scale, so the d20 miniature below runs d8's and d12's stages and data too
-    mini = [dataclasses.replace(PRESETS[n].miniature(), name="", about="") for n in ("d8", "d12", "d20")]
-    assert mini[0] == mini[1] == mini[2]
-    assert not PRESETS["tiny"].downloads and "pydocs" in PRESETS["tiny"].sft_data
+        assert "smoltalk" in p.mid.data and "mmlu" in p.mid.data and "gsm8k" in p.rl.task and p.downloads
+    # they differ only in scale, so the d20 miniature below runs d8's and d12's stages and data too;
+    # so do the offline presets, whose miniature the tiny one's test runs
+    for names in (("d8", "d12", "d20"), ("smoke", "tiny", "small")):
+        mini = [dataclasses.replace(PRESETS[n].miniature(), name="", about="") for n in names]
+        assert mini[0] == mini[1] == mini[2]
+    assert not PRESETS["tiny"].downloads and "pydocs" in PRESETS["tiny"].sft.data
 
 
 def _dry_run(preset: str, tmp_path, *more: str) -> str:
@@ -97,6 +117,48 @@ def test_dry_run_times_real_steps_here(tmp_path):
     assert re.search(r"pretrain +builtin +150 steps +1\.2M tokens +16 x 256 x 2 = 8,192 +~\d", out)
     assert re.search(r"total about \S+ of compute here", out)
     assert "evals     arithmetic, pydocs" in out
+
+
+def test_the_offline_presets_in_miniature_run_as_planned(tmp_path):
+    """smoke, tiny and small have the same miniature (test_preset_numbers_are_the_recipes): tiny's."""
+    out = tmp_path / "run"
+    r = run_cli("speedrun", "--preset", "tiny", "--miniature", "--save", str(out), "--device", "cpu", cwd=tmp_path,
+                timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_the_plan_is_the_run(out)
+
+
+def test_derived_steps_are_planned_as_they_run(tiny_base, small_corpus, small_tokenizer, tmp_path):
+    """The numbers a stage derives when they are not given: pretraining's steps from the tokens per
+    parameter, and SFT's one pass over its conversations, rounded up: 1,000 conversations at 16 a
+    step are 63 steps (the last one wraps into the next pass), in the plan and in the run."""
+    from picochat.model import num_params
+    from picochat.run_dir import load_run
+    from picochat.tasks import build_mixture
+    from picochat.tokenizer import Tokenizer
+    from picochat.train.pretrain import PretrainConfig, model_config, plan_pretrain, pretrain
+    from picochat.train.sft import SFTConfig, chat_train, plan_chat
+
+    from .conftest import cpu_controls
+    cfg = PretrainConfig(data=[str(small_corpus)], save=str(tmp_path / "base"), tokenizer=str(small_tokenizer),
+                         depth=2, seq_len=64, batch_size=4, total_batch_tokens=512, tokens_params_ratio=0.01,
+                         controls=cpu_controls(dtype="fp32"))
+    config = model_config(cfg, Tokenizer.load(small_tokenizer).vocab_size)
+    plan = plan_pretrain(cfg, num_params(config), world=1)
+    assert plan.steps == round(0.01 * num_params(config) / 512) and plan.grad_accum == 2
+    assert pretrain(cfg)["steps"] == plan.steps
+    assert load_run(tmp_path / "base").meta["plan"] == plan.to_dict()
+
+    sft = SFTConfig(load=str(tiny_base), data="arithmetic::=1000", save=str(tmp_path / "sft"), batch_size=16,
+                    seq_len=32, controls=cpu_controls(dtype="fp32", log_every=100))
+    conversations = len(build_mixture(sft.data, split="train", seed=sft.controls.seed))
+    plan = plan_chat(sft, context=128, world=1, rows_per_pass=conversations)
+    assert (conversations, plan.steps, plan.rows_per_step) == (1000, 63, 16)
+    assert chat_train(sft)["steps"] == 63
+    assert load_run(tmp_path / "sft").meta["plan"] == plan.to_dict()
+    # accumulation is never rounded: a batch that does not divide is refused, by the plan as by the run
+    with pytest.raises(PicochatError, match="--total-batch-tokens 500 is not a multiple of batch size x seq len"):
+        plan_pretrain(dataclasses.replace(cfg, total_batch_tokens=500), 10_000, world=1)
 
 
 def test_memory_fit_switches_grad_checkpoint_on_only_when_it_is_what_fits():
@@ -146,6 +208,7 @@ def test_d20_in_miniature_downloads_what_it_needs_and_runs_every_stage(miniature
     question = sample_questions()[0][0]
     assert f"| `{question}` |" in report  # the held-out Python questions, asked of every chat stage
     assert f"Next: picochat chat --load {out / 'rl'}" in log
+    assert_the_plan_is_the_run(out)
 
 
 def test_the_macbook_recipe_in_miniature_resumes_after_a_kill(miniature_hub, tmp_path):
@@ -174,6 +237,7 @@ def test_the_macbook_recipe_in_miniature_resumes_after_a_kill(miniature_hub, tmp
     assert json.loads((out / "sft" / "config.json").read_text())["step"] == 4
     assert list(json.loads((out / "speedrun.json").read_text())["done"])[-2:] == ["sft", "sft evals"]
     assert not (out / "rl").exists() and "Next: picochat chat --load" in r.stdout and str(out / "sft") in r.stdout
+    assert_the_plan_is_the_run(out)
     # a resume with another preset is refused
     r = _speedrun(miniature_hub, "--preset", "d8", "--miniature", "--data-dir", str(data), "--save", str(out),
                   "--resume")

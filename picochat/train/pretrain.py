@@ -9,31 +9,30 @@ from pathlib import Path
 import torch
 
 from .. import distributed
-from ..checkpoint import check_tokenizer
 from ..common import PicochatError, log, seed_everything
 from ..config import DEPTH_PRESETS, ModelConfig
 from ..data.loader import PackingLoader, TokenDataset
-from ..data.sources import list_files
-from ..engine import generate
+from ..data.sources import TEXT_FILES, list_files
+from ..decode_batch import GenRequest
+from ..engine import Engine
 from ..evals.bpb import evaluate_bpb
 from ..memory import check_training_memory
-from ..model import GPT
+from ..model import GPT, num_params
 from ..optim import OptimConfig
+from ..run_dir import check_tokenizer
 from ..settings import check, setting
 from ..tokenizer import MIN_VOCAB_SIZE, Tokenizer, train_tokenizer
 from .loop import Callbacks
-from .stage import RunControls, Stage
-
-# what --resume takes from the run: these decide the model and the data it sees
-RESUME_KEYS = ("depth", "seq_len", "batch_size", "total_batch_tokens", "steps", "seed", "window", "window_pattern")
+from .stage import Controls, Stage, TrainPlan, exact_accum
 
 
 @dataclass
 class PretrainConfig:
-    data: list[str] = setting(help="text files or directories (.txt, .jsonl, .parquet with a `text` column)")
-    save: str = setting(help="run dir to write")
-    tokenizer: str | None = setting(None, "tokenizer.json (default: train one on --data, of --vocab-size)")
-    vocab_size: int = setting(32768, "vocab of a tokenizer trained here", low=MIN_VOCAB_SIZE)
+    data: list[str] = setting(help=f"the text to train on: {TEXT_FILES}", defines_run=False)
+    save: str = setting(help="run dir to write", defines_run=False)
+    tokenizer: str | None = setting(None, "tokenizer.json (default: train one on --data, of --vocab-size)",
+                                    defines_run=False)
+    vocab_size: int = setting(32768, "vocab of a tokenizer trained here", low=MIN_VOCAB_SIZE, defines_run=False)
     depth: int = setting(4, "model size (width and heads follow; see the README's depth table)",
                          choices=sorted(DEPTH_PRESETS))
     seq_len: int = setting(1024, "context length in tokens", low=1)
@@ -48,22 +47,29 @@ class PretrainConfig:
                                                "(Chinchilla's 20)", low=0)
     optim: OptimConfig = setting(factory=OptimConfig, flags=("matrix_lr", "embedding_lr", "head_lr", "warmup_frac",
                                                              "warmdown_frac"))
-    eval_every: int = setting(0, "validation bpb every N steps (and at the end)", low=0)
-    eval_tokens: int = setting(65536, "validation tokens per bpb evaluation", low=1)
-    sample_every: int = setting(0, "print a greedy sample every N steps (0: never)", low=0)
-    sample_prompt: str = setting("The", cli=False)
-    cache_dir: str | None = setting(None, "where tokenized data is cached (default: <save>.cache)")
-    run: RunControls = setting(factory=RunControls)
+    eval_every: int = setting(0, "validation bpb every N steps (and at the end)", low=0, defines_run=False)
+    eval_tokens: int = setting(65536, "validation tokens per bpb evaluation", low=1, defines_run=False)
+    sample_every: int = setting(0, "print a greedy sample every N steps (0: never)", low=0, defines_run=False)
+    sample_prompt: str = setting("The", cli=False, defines_run=False)
+    cache_dir: str | None = setting(None, "where tokenized data is cached (default: <save>.cache)",
+                                    defines_run=False)
+    controls: Controls = setting(factory=Controls)
 
 
-def _grad_accum(cfg: PretrainConfig, world: int) -> int:
-    rows_tokens = cfg.batch_size * cfg.seq_len * world
-    if not cfg.total_batch_tokens:
-        return 1
-    if cfg.total_batch_tokens % rows_tokens:
-        raise PicochatError(f"--total-batch-tokens {cfg.total_batch_tokens} is not a multiple of "
-                            f"batch size x seq len x processes = {rows_tokens}")
-    return cfg.total_batch_tokens // rows_tokens
+def model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
+    """The model a pretraining config trains, for a tokenizer of `vocab_size`."""
+    return ModelConfig.from_depth(cfg.depth, vocab_size=vocab_size, sequence_len=cfg.seq_len,
+                                  window_pattern=cfg.window_pattern, window=cfg.window)
+
+
+def plan_pretrain(cfg: PretrainConfig, params: int, world: int) -> TrainPlan:
+    """Steps and accumulation: --total-batch-tokens of micro-batches from every process, for
+    --steps, or --tokens-params-ratio tokens per parameter."""
+    micro = cfg.batch_size * cfg.seq_len * world
+    accum = exact_accum(cfg.total_batch_tokens, micro, "--total-batch-tokens",
+                        "batch size x seq len x processes") if cfg.total_batch_tokens else 1
+    steps = cfg.steps or max(1, round(cfg.tokens_params_ratio * params / (micro * accum)))
+    return TrainPlan(steps, cfg.batch_size, cfg.seq_len, accum, world)
 
 
 def _check_inputs(cfg: PretrainConfig) -> None:
@@ -72,8 +78,7 @@ def _check_inputs(cfg: PretrainConfig) -> None:
     list_files(cfg.data)  # every data path exists and has text files
     if cfg.tokenizer and not Path(cfg.tokenizer).is_file():
         raise PicochatError(f"--tokenizer {cfg.tokenizer}: no such file")
-    ModelConfig.from_depth(cfg.depth, sequence_len=cfg.seq_len, window_pattern=cfg.window_pattern,
-                           window=cfg.window)  # the pattern and sizes make a model
+    model_config(cfg, MIN_VOCAB_SIZE)  # the pattern and sizes make a model
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
@@ -91,10 +96,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 def _pretrain(cfg: PretrainConfig, cache: Path) -> dict:
     stage = Stage("base", cfg)
-    cfg = stage.restored(cfg, RESUME_KEYS)
+    cfg = stage.restored(cfg)
     world, device, dtype = stage.world, stage.device, stage.dtype
     if stage.resumed is not None:
         tok, model = stage.resumed.tokenizer, stage.resumed.model
+        config = model.config
     else:
         if cfg.tokenizer:
             tok = Tokenizer.load(cfg.tokenizer)
@@ -104,33 +110,30 @@ def _pretrain(cfg: PretrainConfig, cache: Path) -> dict:
         else:
             log(f"no --tokenizer given: training one (vocab {cfg.vocab_size:,}) on the data")
             tok = train_tokenizer(cfg.data, cfg.vocab_size)
-        config = ModelConfig.from_depth(cfg.depth, vocab_size=tok.vocab_size, sequence_len=cfg.seq_len,
-                                        window_pattern=cfg.window_pattern, window=cfg.window)
+        config = model_config(cfg, tok.vocab_size)
         check_tokenizer(tok, config)
-        est = check_training_memory(config, cfg.batch_size, cfg.seq_len, dtype, cfg.run.grad_checkpoint, device)
+    params = num_params(config)
+    plan = plan_pretrain(cfg, params, world)
+    if stage.resumed is None:
+        est = check_training_memory(config, cfg.batch_size, cfg.seq_len, dtype, cfg.controls.grad_checkpoint, device)
         log(f"memory: about {est.describe()} per process")
-        seed_everything(cfg.run.seed)
+        seed_everything(cfg.controls.seed)
         with torch.device(device):
             model = GPT(config)
-    config = model.config
-    model.grad_checkpoint = cfg.run.grad_checkpoint
+    model.grad_checkpoint = cfg.controls.grad_checkpoint
 
-    grad_accum = _grad_accum(cfg, world)
     with distributed.main_first():  # rank 0 tokenizes into the cache, the others read it
         dataset = TokenDataset.build(cfg.data, tok, cache_dir=cache)
-    train_data = PackingLoader(dataset, "train", cfg.batch_size, cfg.seq_len, seed=cfg.run.seed, rank=stage.rank,
+    train_data = PackingLoader(dataset, "train", cfg.batch_size, cfg.seq_len, seed=cfg.controls.seed, rank=stage.rank,
                                world_size=world)
-    tokens_per_step = cfg.batch_size * cfg.seq_len * grad_accum * world
-    steps = cfg.steps or max(1, round(cfg.tokens_params_ratio * model.num_params() / tokens_per_step))
-    plan = {"steps": steps, "grad_accum": grad_accum, "tokens_per_step": tokens_per_step}  # derived, recorded
     log(f"model: depth {config.n_layer}, dim {config.n_embd}, heads {config.n_head}/{config.n_kv_head} kv, "
-        f"{model.num_params() / 1e6:.1f}M params | {steps} steps x {tokens_per_step:,} tokens "
-        f"({grad_accum} micro-batches{f' x {world} processes' if world > 1 else ''}) | {device.type} "
+        f"{params / 1e6:.1f}M params | {plan.steps} steps x {plan.tokens_per_step:,} tokens "
+        f"({plan.grad_accum} micro-batches{f' x {world} processes' if world > 1 else ''}) | {device.type} "
         f"{str(dtype).removeprefix('torch.')} | "
         f"{dataset.num_tokens:,} tokens in {dataset.num_docs:,} documents")
 
     token_bytes = torch.tensor(tok.token_byte_lengths(), dtype=torch.float32, device=device)
-    val = PackingLoader(dataset, "val", cfg.batch_size, cfg.seq_len, seed=cfg.run.seed, rank=stage.rank,
+    val = PackingLoader(dataset, "val", cfg.batch_size, cfg.seq_len, seed=cfg.controls.seed, rank=stage.rank,
                         world_size=world)
 
     def evaluate() -> dict:
@@ -140,8 +143,8 @@ def _pretrain(cfg: PretrainConfig, cache: Path) -> dict:
 
     def sample() -> str:
         ids = [tok.bos_id] + tok.encode(cfg.sample_prompt)
-        out = generate(model, ids, max_tokens=32, temperature=0.0)
-        return cfg.sample_prompt + tok.decode(out)
+        (_, (completion,)), = Engine(model).complete([GenRequest(ids, max_tokens=32, temperature=0.0)])
+        return cfg.sample_prompt + tok.decode(completion.tokens)
 
     return stage.train(cfg, model, tok, train_data, cfg.optim, plan,
                        Callbacks(evaluate=evaluate, eval_every=cfg.eval_every, sample=sample,

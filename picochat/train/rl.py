@@ -49,7 +49,6 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..checkpoint import load_run
 from ..common import PicochatError, autocast, log, seed_everything
 from ..conversation import render_for_completion
 from ..decode_batch import GenRequest
@@ -57,29 +56,28 @@ from ..engine import Completion, Engine
 from ..evals.chat_eval import held_out_task, pass_at_k
 from ..memory import check_training_memory
 from ..optim import OptimConfig, scale_lrs
+from ..run_dir import load_run
 from ..settings import check, setting
-from ..tasks.base import Task
 from ..tasks.mixture import Mixture, build_mixture
 from ..tasks.registry import graded_names
+from ..tokenizer import ASSISTANT_END, CHAT_TOKENS, OUTPUT_END, OUTPUT_START, PYTHON_END, PYTHON_START
 from . import rows as rows_lib
 from .loop import Callbacks, Objective
 from .rows import EpochOrder
-from .stage import RunControls, Stage
+from .stage import Controls, Stage, TrainPlan
+
 
 def _rl_optim() -> OptimConfig:
     return OptimConfig(warmdown_frac=1.0)
 
 
-CHAT_TOKENS = ("<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-               "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
-
-
 @dataclass
 class RLConfig:
     load: str = setting(help="a chat run dir (midtrain or sft) to start from, and the KL reference")
-    task: str = setting(help='graded task mixture, e.g. "gsm8k:../data/gsm8k:1,arc:../data/arc:0.5,arithmetic::1" '
-                             "(weights are sampling weights)", aliases=("--data",))
-    save: str = setting(help="run dir to write")
+    task: str = setting(help='the graded chat tasks to sample prompts from, a mixture: task[:path][:weight],... '
+                             'e.g. "gsm8k:../data/gsm8k:1,arc:../data/arc:0.5,arithmetic::1" (weights are '
+                             "sampling weights)", aliases=("--data",))
+    save: str = setting(help="run dir to write", defines_run=False)
     group_size: int = setting(16, "completions sampled per prompt (advantages are relative to the group)", low=2)
     prompts_per_step: int = setting(8, "prompts per step (rows = this x group size)", low=1)
     steps: int = setting(100, "optimizer steps", low=1)
@@ -96,25 +94,20 @@ class RLConfig:
     lr_scale: float = setting(0.05, "multiplies the pretraining learning rates", low=0)
     optim: OptimConfig = setting(factory=_rl_optim, flags=())
     eval_task: str = setting("", "held-out mixture (default: the tasks' test split; synthetic tasks: a test seed)")
-    eval_every: int = setting(0, "held-out pass@k every N steps (and at the end)", low=0)
+    eval_every: int = setting(0, "held-out pass@k every N steps (and at the end)", low=0, defines_run=False)
     eval_examples: int = setting(100, "held-out questions per eval (0: none)", low=0)
     eval_k: int = setting(1, "samples per question: pass@k (k=1: greedy)", low=1)
-    run: RunControls = setting(factory=RunControls, flags=tuple(
-        f.name for f in dataclasses.fields(RunControls) if f.name != "compile"))  # rollouts change shape every step
+    controls: Controls = setting(factory=Controls, flags=tuple(
+        f.name for f in dataclasses.fields(Controls) if f.name != "compile"))  # rollouts change shape every step
 
 
 # ----------------------------------------------------------------------------- rewards and advantages
-
-def has_grader(task: Task) -> bool:
-    return type(task).reward is not Task.reward
-
 
 def well_formed_call(tok, completion: Completion) -> bool:
     """Whether the reply calls the calculator properly: a sampled <|python_start|>expr<|python_end|>
     whose forced output (<|output_start|>result<|output_end|>) is not an error."""
     sid = tok.special_id
-    start, end, out_start, out_end = (sid("<|python_start|>"), sid("<|python_end|>"), sid("<|output_start|>"),
-                                      sid("<|output_end|>"))
+    start, end, out_start, out_end = sid(PYTHON_START), sid(PYTHON_END), sid(OUTPUT_START), sid(OUTPUT_END)
     toks, forced = completion.tokens, completion.forced
     i = 0
     while i < len(toks):
@@ -219,19 +212,18 @@ class Rollouts:
     prompt cursor, the rollout counter (which seeds the sampling) and any micro-batches still to
     be reused (epochs > 1), so a resumed run draws exactly what the straight run would."""
 
-    def __init__(self, model, tok, task: Mixture, cfg: RLConfig, device, dtype, ref_model=None):
+    def __init__(self, model, tok, task: Mixture, cfg: RLConfig, plan: TrainPlan, device, dtype, ref_model=None):
         self.model, self.tok, self.task, self.cfg = model, tok, task, cfg
         self.device, self.dtype, self.ref_model = device, dtype, ref_model
-        self.engine = Engine(model, tok)
         # stop at <|assistant_end|> only: the Completion drops its stop token, so it must be known
-        self.end = tok.special_id("<|assistant_end|>")
-        self.engine.default_stops = frozenset({self.end})
+        self.end = tok.special_id(ASSISTANT_END)
+        self.engine = Engine(model, tok, stops=(self.end,))
         # under torchrun each process samples and trains its share of every step's prompts
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.prompts = cfg.prompts_per_step // self.world
         self.rows = self.prompts * cfg.group_size
-        self.micro_batches = math.ceil(self.rows / cfg.batch_size)  # the Trainer's grad_accum
-        self.order = EpochOrder(len(task), cfg.run.seed)
+        self.micro_batches = plan.grad_accum
+        self.order = EpochOrder(len(task), cfg.controls.seed)
         self.draws = 0  # rollout batches sampled so far: part of every sampling seed
         self.pending: list[tuple] = []  # micro-batches still to hand out (epochs x micro_batches)
         self.stats: dict = {}  # the statistics of the rollout batch being trained on
@@ -259,7 +251,7 @@ class Rollouts:
 
     # ------------------------------------------------------------------ sampling
     def _seed(self, j: int) -> int:
-        return int(np.random.SeedSequence([self.cfg.run.seed, self.draws, j]).generate_state(1)[0])
+        return int(np.random.SeedSequence([self.cfg.controls.seed, self.draws, j]).generate_state(1)[0])
 
     def sample_groups(self, indices: list[int], first: int = 0) -> list[tuple[dict, list[int], list[Completion]]]:
         """(conversation, prompt ids, group_size completions) per prompt, in order; `first` is the
@@ -341,7 +333,7 @@ class Rollouts:
 
 def _check_task(task: Mixture, spec: str) -> None:
     for sub in task.tasks:
-        if not has_grader(sub):
+        if not sub.graded():
             raise PicochatError(f"rl: task {sub.name!r} in {spec!r} has no grader (RL needs graded tasks: "
                                 f"{', '.join(graded_names())})")
         try:
@@ -364,9 +356,16 @@ def _check_chat_model(run, where: str) -> None:
         raise PicochatError(f"rl: {where} is INT8-quantized (inference only): load the float run dir")
 
 
-RESUME_KEYS = ("load", "task", "group_size", "prompts_per_step", "steps", "max_tokens", "temperature", "top_k",
-               "epochs", "clip", "kl", "std", "format_reward", "batch_size", "rollout_rows", "lr_scale", "eval_task",
-               "eval_examples", "eval_k", "seed")
+def plan_rl(cfg: RLConfig, context: int, world: int) -> TrainPlan:
+    """--steps steps of --prompts-per-step x --group-size rows, split evenly over the processes and
+    trained --batch-size rows at a time (the last micro-batch may be short, or empty where groups
+    that all scored the same were dropped). Rows are at most the context long."""
+    if cfg.prompts_per_step % world:
+        raise PicochatError(f"rl: --prompts-per-step {cfg.prompts_per_step} does not split evenly over "
+                            f"{world} processes")
+    rows = cfg.prompts_per_step // world * cfg.group_size
+    return TrainPlan(cfg.steps, cfg.batch_size, context, math.ceil(rows / cfg.batch_size), world,
+                     rows_per_step=cfg.prompts_per_step * cfg.group_size)
 
 
 def rl_train(cfg: RLConfig) -> dict:
@@ -377,13 +376,10 @@ def rl_train(cfg: RLConfig) -> dict:
     if not Path(cfg.load).is_dir():
         raise PicochatError(f"--load {cfg.load}: {'a file, not a run dir' if Path(cfg.load).exists() else 'no such run dir'}")
     stage = Stage("rl", cfg)
-    cfg = stage.restored(cfg, RESUME_KEYS)
+    cfg = stage.restored(cfg)
     device, dtype, run = stage.device, stage.dtype, stage.resumed
-    # bad input fails here, before any model is loaded or step taken
-    if cfg.prompts_per_step % stage.world:
-        raise PicochatError(f"rl: --prompts-per-step {cfg.prompts_per_step} does not split evenly over "
-                            f"{stage.world} processes")
-    task = build_mixture(cfg.task, split="train", seed=cfg.run.seed)
+    plan_rl(cfg, 1, stage.world)  # bad input fails here, before any model is loaded or step taken
+    task = build_mixture(cfg.task, split="train", seed=cfg.controls.seed)
     _check_task(task, cfg.task)
     eval_task = None
     if cfg.eval_examples:
@@ -398,17 +394,18 @@ def rl_train(cfg: RLConfig) -> dict:
             raise PicochatError(f"rl: {cfg.save} and its --load {cfg.load} have different tokenizers")
     else:
         model, tok = source.model, source.tokenizer
-        seed_everything(cfg.run.seed)
+        seed_everything(cfg.controls.seed)
     ref_model = None
     if cfg.kl:
         ref_model = source.model if run is not None else load_run(cfg.load, device).model
         ref_model.requires_grad_(False)
     del source
 
-    model.grad_checkpoint = cfg.run.grad_checkpoint
-    check_training_memory(model.config, cfg.batch_size, model.config.sequence_len, dtype, cfg.run.grad_checkpoint,
+    model.grad_checkpoint = cfg.controls.grad_checkpoint
+    check_training_memory(model.config, cfg.batch_size, model.config.sequence_len, dtype, cfg.controls.grad_checkpoint,
                           device)  # rows are at most the context long
-    data = Rollouts(model, tok, task, cfg, device, dtype, ref_model)
+    plan = plan_rl(cfg, model.config.sequence_len, stage.world)
+    data = Rollouts(model, tok, task, cfg, plan, device, dtype, ref_model)
     log(f"rl: {len(task):,} prompts from {cfg.task!r}, {cfg.steps} steps of {cfg.prompts_per_step} prompts x "
         f"{cfg.group_size} samples ({data.rows} rows per process, {data.micro_batches} micro-batches of "
         f"{cfg.batch_size}), epochs {cfg.epochs}, from {cfg.load}")
@@ -418,13 +415,12 @@ def rl_train(cfg: RLConfig) -> dict:
         n = min(cfg.eval_examples, len(eval_task))
         temp = 0.0 if cfg.eval_k == 1 else cfg.temperature
         evaluate = functools.partial(pass_at_k, model, tok, eval_task, list(range(n)), cfg.eval_k, cfg.max_tokens,
-                                     temp, cfg.top_k or None, cfg.run.seed, max(cfg.rollout_rows, cfg.eval_k))
+                                     temp, cfg.top_k or None, cfg.controls.seed, max(cfg.rollout_rows, cfg.eval_k))
         if run is None:
             eval_start = evaluate()
             log("rl: before training, " + ", ".join(f"{k} {v:.4f}" for k, v in eval_start.items()))
 
     objective = Objective(loss=lambda m, batch: grpo_loss(m, batch, cfg.clip, cfg.kl), summarize=summarize_loss)
-    plan = {"steps": cfg.steps, "grad_accum": data.micro_batches}
     result = stage.train(cfg, model, tok, data, scale_lrs(cfg.optim, cfg.lr_scale), plan,
                          Callbacks(evaluate=evaluate, eval_every=cfg.eval_every), objective)
     result["eval_start"] = eval_start

@@ -15,18 +15,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
-from ..checkpoint import load_run
 from ..common import PicochatError, log, seed_everything
 from ..conversation import describe_cuts, render_example
 from ..data.loader import PackingLoader, TokenDataset
 from ..memory import check_training_memory
 from ..optim import OptimConfig, scale_lrs
+from ..run_dir import load_run
 from ..settings import check, setting
 from ..tasks import build_mixture, parse_mixture
 from .rows import EpochOrder, pad_rows
-from .stage import RunControls, Stage
-
-RESUME_KEYS = ("data", "seq_len", "batch_size", "grad_accum", "steps", "seed", "lr_scale")
+from .stage import Controls, Stage, TrainPlan, one_pass
 
 
 def _chat_optim() -> OptimConfig:
@@ -37,16 +35,17 @@ def _chat_optim() -> OptimConfig:
 class ChatTrainConfig:
     """What midtraining and SFT share; MidtrainConfig and SFTConfig give each its defaults."""
     stage: ClassVar[str]
-    load: str = setting(help="run dir to start from")
-    data: str = setting(help='task mixture, e.g. "gsm8k:train.jsonl:1,arithmetic::0.5,chat.jsonl:2"')
-    save: str = setting(help="run dir to write")
+    load: str = setting(help="run dir to start from", defines_run=False)
+    data: str = setting(help='the chat tasks to train on, a mixture: task[:path][:weight],... e.g. '
+                             '"gsm8k:train.jsonl:1,arithmetic::0.5,chat.jsonl:2"')
+    save: str = setting(help="run dir to write", defines_run=False)
     seq_len: int = setting(0, "longest row in tokens (default: the model's context)", low=0)
     batch_size: int = setting(8, "rows per micro-batch", low=1)
     grad_accum: int = setting(1, "micro-batches per optimizer step", low=1)
     steps: int = setting(0, "optimizer steps (default: one pass over the mixture)", low=0)
     lr_scale: float = setting(1.0, "multiplies the pretraining learning rates", low=0)
     optim: OptimConfig = setting(factory=_chat_optim, flags=())
-    run: RunControls = setting(factory=RunControls)
+    controls: Controls = setting(factory=Controls)
 
 
 @dataclass
@@ -71,7 +70,7 @@ class PaddedConversations:
         self.task, self.tok, self.batch_size, self.seq_len = task, tok, batch_size, seq_len
         self.rank, self.world_size = rank, world_size
         self.order = EpochOrder(len(task), seed)
-        self.cuts: Counter = Counter()  # conversations cut to fit, counted as they are rendered
+        self.cuts: Counter = Counter()  # conversations cut to fit, counted as they are rendered (said at the end)
         self.rendered = 0
 
     def state_dict(self) -> dict:
@@ -83,12 +82,9 @@ class PaddedConversations:
     def next_batch(self):
         picks = self.order.take(self.batch_size * self.world_size)
         mine = picks[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        before = sum(self.cuts.values())
         rows = [render_example(self.tok, self.task[i], max_tokens=self.seq_len + 1, cuts=self.cuts)
                 for i in mine]
         self.rendered += len(rows)
-        if before == 0 and self.cuts:
-            log(f"sft: conversations longer than {self.seq_len + 1} tokens are cut to fit (counted at the end)")
         return pad_rows(rows, self.tok.bos_id)
 
 
@@ -100,44 +96,53 @@ def _check_inputs(cfg: ChatTrainConfig) -> None:
     parse_mixture(cfg.data)  # every task known, every path there
 
 
+def plan_chat(cfg: ChatTrainConfig, context: int, world: int, rows_per_pass: float | None) -> TrainPlan:
+    """Steps of --batch-size x --grad-accum rows from every process: --steps, or one pass over
+    `rows_per_pass` rows (SFT: conversations; midtraining: packed rows of its tokens; None while
+    that is not known, in a speedrun's plan)."""
+    seq_len = cfg.seq_len or context
+    if seq_len > context:
+        raise PicochatError(f"--seq-len {seq_len} is longer than the model's context ({context})")
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    steps = cfg.steps or (one_pass(rows_per_pass, per_step) if rows_per_pass is not None else None)
+    return TrainPlan(steps, cfg.batch_size, seq_len, cfg.grad_accum, world)
+
+
 def chat_train(cfg: ChatTrainConfig) -> dict:
     """`picochat midtrain` and `picochat sft`."""
     _check_inputs(cfg)
     stage = Stage(cfg.stage, cfg)
-    cfg = stage.restored(cfg, RESUME_KEYS)
+    cfg = stage.restored(cfg)
     if stage.resumed is not None:
         model, tok = stage.resumed.model, stage.resumed.tokenizer
     else:
         source = load_run(cfg.load, stage.device)
         model, tok = source.model, source.tokenizer
-        seed_everything(cfg.run.seed)
-    seq_len = cfg.seq_len or model.config.sequence_len
-    if seq_len > model.config.sequence_len:
-        raise PicochatError(f"--seq-len {seq_len} is longer than the model's context ({model.config.sequence_len})")
-    model.grad_checkpoint = cfg.run.grad_checkpoint
-    check_training_memory(model.config, cfg.batch_size, seq_len, stage.dtype, cfg.run.grad_checkpoint, stage.device)
-    task = build_mixture(cfg.data, split="train", seed=cfg.run.seed)
-    if cfg.stage == "sft" and cfg.run.compile:  # each batch its own width: every step would recompile
+        seed_everything(cfg.controls.seed)
+    context = model.config.sequence_len
+    seq_len = plan_chat(cfg, context, stage.world, None).seq_len
+    model.grad_checkpoint = cfg.controls.grad_checkpoint
+    check_training_memory(model.config, cfg.batch_size, seq_len, stage.dtype, cfg.controls.grad_checkpoint,
+                          stage.device)
+    task = build_mixture(cfg.data, split="train", seed=cfg.controls.seed)
+    if cfg.stage == "sft" and cfg.controls.compile:  # each batch its own width: every step would recompile
         log("sft: --compile is for midtraining's fixed-width rows; SFT's vary, so it trains without")
-        cfg = replace(cfg, run=replace(cfg.run, compile=False))
+        cfg = replace(cfg, controls=replace(cfg.controls, compile=False))
     if cfg.stage == "mid":
         cuts = Counter()
         rendered = [render_example(tok, task[i], max_tokens=seq_len + 1, cuts=cuts) for i in range(len(task))]
         if cuts:
             log(f"mid: {describe_cuts(cuts, len(task), seq_len + 1)}")
         dataset = TokenDataset.from_sequences(rendered, tok.bos_id)
-        data = PackingLoader(dataset, "all", cfg.batch_size, seq_len, seed=cfg.run.seed, rank=stage.rank,
+        data = PackingLoader(dataset, "all", cfg.batch_size, seq_len, seed=cfg.controls.seed, rank=stage.rank,
                              world_size=stage.world)
-        rows_per_epoch = dataset.num_tokens / (seq_len + 1)
+        rows_per_pass = dataset.num_tokens / (seq_len + 1)
     else:
-        data = PaddedConversations(task, tok, cfg.batch_size, seq_len, cfg.run.seed, stage.rank, stage.world)
-        rows_per_epoch = len(task)
-    rows_per_step = cfg.batch_size * cfg.grad_accum * stage.world
-    steps = cfg.steps or max(1, round(rows_per_epoch / rows_per_step))
-    log(f"{cfg.stage}: {len(task):,} conversations from {cfg.data!r}, {steps} steps of "
-        f"{rows_per_step} rows{f' over {stage.world} processes' if stage.world > 1 else ''}, from {cfg.load}")
-
-    plan = {"steps": steps, "grad_accum": cfg.grad_accum, "seq_len": seq_len, "rows_per_step": rows_per_step}
+        data = PaddedConversations(task, tok, cfg.batch_size, seq_len, cfg.controls.seed, stage.rank, stage.world)
+        rows_per_pass = len(task)
+    plan = plan_chat(cfg, context, stage.world, rows_per_pass)
+    log(f"{cfg.stage}: {len(task):,} conversations from {cfg.data!r}, {plan.steps} steps of "
+        f"{plan.rows_per_step} rows{f' over {stage.world} processes' if stage.world > 1 else ''}, from {cfg.load}")
     result = stage.train(cfg, model, tok, data, scale_lrs(cfg.optim, cfg.lr_scale), plan)
     if cfg.stage == "sft" and data.cuts:
         log(f"sft: {describe_cuts(data.cuts, data.rendered, seq_len + 1)}")
