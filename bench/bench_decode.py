@@ -15,7 +15,7 @@ Few-row products go through linear.Linear's CPU paths (row blocks, oneDNN; see i
 fixed token straight into the model with the same cache, so the difference between the two is the
 engine's own overhead. Random weights: speed does not depend on them.
 
-Each depth runs eagerly (KVCache) and compiled (Engine(compile=True): torch.compile of the step on
+Each depth runs eagerly (DynamicKVCache) and compiled (Engine(compile=True): torch.compile of the step on
 a StaticKVCache of the whole context); "compile s" is the first compiled step's time, which is
 short when inductor's on-disk cache already holds the graph. `--modes eager` skips compiling.
 """
@@ -32,8 +32,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from picochat.common import set_threads
 from picochat.config import ModelConfig
+from picochat.decode_batch import GenRequest
 from picochat.engine import Engine
-from picochat.kv_cache import KVCache, StaticKVCache
+from picochat.kv_cache import DynamicKVCache, StaticKVCache
 from picochat.linear import Linear
 from picochat.model import GPT
 
@@ -59,9 +60,9 @@ def weight_bytes(model: GPT) -> int:
 @torch.inference_mode()
 def forward_only(engine: Engine, prompt: list[int], batch: int, tokens: int) -> float:
     """Seconds for tokens-1 one-token forwards of a batch, after a prefill, the way the engine
-    steps: eagerly on a KVCache just long enough, or compiled on a StaticKVCache of the context."""
+    steps: eagerly on a DynamicKVCache just long enough, or compiled on a StaticKVCache of the context."""
     model, compiled = engine.model, engine.decode_step is not None
-    cache = KVCache(model.config, batch, engine.context if compiled else len(prompt) + tokens)
+    cache = DynamicKVCache(model.config, batch, engine.context if compiled else len(prompt) + tokens)
     model(torch.tensor([prompt] * batch), kv_cache=cache)
     if compiled:
         cache = StaticKVCache(cache)
@@ -75,7 +76,7 @@ def forward_only(engine: Engine, prompt: list[int], batch: int, tokens: int) -> 
 def engine_decode(engine: Engine, prompt: list[int], batch: int, tokens: int, top_k: int | None) -> tuple[float, float]:
     """(prefill seconds incl. the first sample, seconds for the remaining tokens-1 steps)."""
     t0 = time.perf_counter()
-    it = engine.generate(prompt, num_samples=batch, max_tokens=tokens, temperature=1.0, top_k=top_k, seed=0)
+    it = engine.generate([GenRequest(prompt, batch, tokens, temperature=1.0, top_k=top_k, seed=0)])
     next(it)
     t1 = time.perf_counter()
     steps = sum(1 for _ in it)

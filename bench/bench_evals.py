@@ -13,11 +13,11 @@ import argparse
 import time
 from pathlib import Path
 
-from picochat.checkpoint import LoadOptions, open_for_inference
 from picochat.common import format_duration
 from picochat.data.datasets import LOCATIONS
 from picochat.evals.chat_eval import build_eval_task, evaluate_task
 from picochat.evals.core import evaluate_core, load_tasks, resolve_bundle
+from picochat.inference import LoadOptions, open_for_inference
 from picochat.tasks.registry import EVALS
 
 

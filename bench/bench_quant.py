@@ -41,8 +41,8 @@ from safetensors.torch import save_file
 from picochat.common import cpu_has_fast_bf16, set_threads
 from picochat.config import ModelConfig
 from picochat.engine import Engine
-from picochat.model import GPT
 from picochat.int8 import quantize_model
+from picochat.model import GPT
 
 GUTENBERG = Path(__file__).resolve().parents[2] / "shared" / "data" / "pretrain_text" / "gutenberg"
 HELDOUT = ("11-0.txt", "35-0.txt", "36-0.txt")  # Alice, The Time Machine, The War of the Worlds
@@ -133,7 +133,7 @@ def train_small(work: Path, steps: int, depth: int) -> Path:
     """A briefly trained model (cached): tokenizer and pretraining on Gutenberg minus the held-out books."""
     from picochat.tokenizer import train_tokenizer
     from picochat.train.pretrain import PretrainConfig, pretrain
-    from picochat.train.stage import RunControls
+    from picochat.train.stage import Controls
     save = work / f"d{depth}-s{steps}"
     if (save / "model.safetensors").is_file():
         return save
@@ -143,7 +143,7 @@ def train_small(work: Path, steps: int, depth: int) -> Path:
         train_tokenizer(books, 8192, save=str(tok), max_chars=20_000_000)
     pretrain(PretrainConfig(data=books, save=str(save), tokenizer=str(tok), depth=depth, seq_len=256, batch_size=8,
                             steps=steps, cache_dir=str(work / "token-cache"),
-                            run=RunControls(device="cpu", dtype="fp32", seed=0, log_every=max(1, steps // 10),
+                            controls=Controls(device="cpu", dtype="fp32", seed=0, log_every=max(1, steps // 10),
                                             overwrite=True)))
     return save
 
@@ -203,7 +203,7 @@ def main() -> None:
         speed_row(f"depth {depth}, random, vocab 32768", model, args)
         del model
 
-    from picochat.checkpoint import load_run
+    from picochat.run_dir import load_run
     runs = list(args.load)
     if not args.no_train:
         if not GUTENBERG.is_dir():

@@ -20,14 +20,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from picochat.checkpoint import load_run  # noqa: E402
-from picochat.evals.chat_eval import SYNTHETIC_TEST_SEED  # noqa: E402
+from picochat.evals.chat_eval import SYNTHETIC_TEST_SEED, pass_at_k  # noqa: E402
+from picochat.run_dir import load_run  # noqa: E402
 from picochat.tasks.arithmetic import Arithmetic  # noqa: E402
 from picochat.train.pretrain import PretrainConfig, pretrain  # noqa: E402
-from picochat.evals.chat_eval import pass_at_k  # noqa: E402
 from picochat.train.rl import RLConfig, rl_train  # noqa: E402
 from picochat.train.sft import SFTConfig, chat_train  # noqa: E402
-from picochat.train.stage import RunControls  # noqa: E402
+from picochat.train.stage import Controls  # noqa: E402
 
 
 def held_out(run_dir: Path, n: int, k: int, max_tokens: int) -> dict:
@@ -65,12 +64,12 @@ def main() -> None:
         train_tokenizer([str(corpus)], 512, save=str(work / "tokenizer.json"))
         pretrain(PretrainConfig(data=[str(corpus)], save=str(work / "base"), tokenizer=str(work / "tokenizer.json"),
                                 depth=2, seq_len=128, batch_size=4, steps=5,
-                                run=RunControls(device="cpu", dtype="fp32", seed=1)))
+                                controls=Controls(device="cpu", dtype="fp32", seed=1)))
     sft = work / f"sft{a.sft_steps}"
     if not sft.exists():
         t0 = time.perf_counter()
         chat_train(SFTConfig(load=str(work / "base"), data="arithmetic::1", save=str(sft), lr_scale=1.0,
-                             batch_size=16, steps=a.sft_steps, run=RunControls(device="cpu", dtype="fp32", log_every=50)))
+                             batch_size=16, steps=a.sft_steps, controls=Controls(device="cpu", dtype="fp32", log_every=50)))
         print(f"sft: {a.sft_steps} steps in {time.perf_counter() - t0:.0f} s")
     before = held_out(sft, a.eval_examples, a.eval_k, a.max_tokens)
 
@@ -80,7 +79,7 @@ def main() -> None:
                                temperature=a.temperature, epochs=a.epochs, kl=a.kl, std=not a.no_std,
                                batch_size=a.group_size * a.prompts_per_step,
                                rollout_rows=a.group_size * a.prompts_per_step, lr_scale=a.lr_scale,
-                               eval_examples=0, run=RunControls(device="cpu", dtype="fp32", overwrite=True, log_every=5)))
+                               eval_examples=0, controls=Controls(device="cpu", dtype="fp32", overwrite=True, log_every=5)))
     seconds = time.perf_counter() - t0
     after = held_out(work / "rl", a.eval_examples, a.eval_k, a.max_tokens)
 

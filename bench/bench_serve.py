@@ -38,9 +38,9 @@ def random_run(depth: int, vocab: int, seq_len: int, path: Path) -> Path:
     """A run dir with random weights and a tokenizer trained on this repository's own text."""
     import torch
 
-    from picochat.checkpoint import save_run
     from picochat.config import ModelConfig
     from picochat.model import GPT
+    from picochat.run_dir import save_run
     from picochat.tokenizer import Tokenizer
     files = [p for d in ("picochat", "tests", "bench") for p in sorted((REPO / d).glob("**/*.py"))]
     texts = [p.read_text(errors="replace") for p in files + sorted(REPO.glob("*.md"))]

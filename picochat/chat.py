@@ -9,11 +9,14 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from .checkpoint import LoadOptions, open_for_inference
 from .common import autocast
+from .decode_batch import GenRequest
 from .engine import Engine
+from .inference import LoadOptions, open_for_inference
+from .reply_text import stream_text
 from .sample import SamplingOptions
 from .settings import setting
+from .tokenizer import ASSISTANT_END, ASSISTANT_START, USER_END, USER_START
 
 HELP = "commands: /clear starts a new conversation, /quit leaves (or Ctrl-D); Ctrl-C stops an answer"
 STYLE = {"call": "\033[36m", "output": "\033[2m"}  # tool calls cyan, their outputs dim
@@ -35,7 +38,6 @@ class ChatSession:
         self.engine, self.tok = engine, engine.tokenizer
         self.sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed)
         self.color = color
-        self.sid = self.tok.special_id
         self.clear()
 
     def clear(self) -> None:
@@ -44,12 +46,13 @@ class ChatSession:
     def answer(self, text: str, out=sys.stdout) -> str:
         """Stream the assistant's reply to `text` into `out`; return its readable text. Ctrl-C stops
         this answer (what was said so far stays in the history) and not the program."""
-        ids = self.history + [self.sid("<|user_start|>")] + self.tok.encode(text) + \
-            [self.sid("<|user_end|>"), self.sid("<|assistant_start|>")]
+        sid = self.tok.special_id
+        ids = self.history + [sid(USER_START)] + self.tok.encode(text) + [sid(USER_END), sid(ASSISTANT_START)]
         ids = self.engine.fit_prompt(ids, self.sample_kw["max_tokens"])
+        steps = self.engine.generate([GenRequest(ids, **self.sample_kw)])
         tokens, pieces = [], []
         try:
-            for ev in self.engine.stream(ids, **self.sample_kw):
+            for ev in stream_text(self.tok, ((e.token, e.forced) for events in steps for e in events)):
                 tokens.append(ev.token)
                 pieces.append(ev.text)
                 style = STYLE.get(ev.part) if self.color else None
@@ -58,7 +61,7 @@ class ChatSession:
         except KeyboardInterrupt:
             out.write(" [stopped]")
         out.write("\n")
-        end = self.sid("<|assistant_end|>")
+        end = sid(ASSISTANT_END)
         if not tokens or tokens[-1] != end:
             tokens.append(end)  # close the turn whatever ended it
         self.history = ids + tokens

@@ -1,7 +1,8 @@
 """DecodeBatch: rows of different prompts decoding together, joining and leaving between steps.
 
-All of the Engine's generation runs through it (one request of n rows for generate, many for
-generate_many and complete: evals, RL rollouts), and so does the server's continuous batching.
+All of the Engine's eager generation runs through it (every request: chat, evals, RL rollouts),
+and so does the server's continuous batching. GenRequest is what a caller asks for; RowEvent is
+what a step gives back, per row.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from .common import PicochatError, log
-from .kv_cache import KVCache
+from .kv_cache import DynamicKVCache
 from .sampling import sample_next
+from .tokenizer import ASSISTANT_END, BOS
 from .tool_use import RowState, ToolTokens
 
-DEFAULT_STOPS = ("<|assistant_end|>", "<|bos|>")
+DEFAULT_STOPS = (ASSISTANT_END, BOS)
 
 
 def fit_prompt(ids: list[int], max_tokens: int, context: int, bos: int | None) -> list[int]:
@@ -32,6 +34,17 @@ def fit_prompt(ids: list[int], max_tokens: int, context: int, bos: int | None) -
     cut = ids[:len(head)] + ids[len(ids) - (keep - len(head)):]
     log(f"engine: prompt of {len(ids)} tokens reaches the context ({context}); kept its last {len(cut)}")
     return cut
+
+
+def prepare(req: GenRequest, context: int, bos: int | None) -> tuple[list[int], int]:
+    """(the prompt as it will be fed, the steps its rows may take): the one check of a request.
+    Steps <= 0: nothing to generate (max_tokens <= 0, or no room left in the context)."""
+    if not req.ids:
+        raise PicochatError("generate needs a prompt of at least one token (e.g. <|bos|>)")
+    if req.n < 1:
+        raise PicochatError(f"num_samples must be at least 1, not {req.n}")
+    ids = fit_prompt(list(req.ids), req.max_tokens, context, bos)
+    return ids, min(req.max_tokens, context - len(ids))
 
 
 def default_stops(tokenizer) -> frozenset[int]:
@@ -51,8 +64,8 @@ def new_generator(device, seed: int | None) -> torch.Generator:
 
 @dataclass
 class GenRequest:
-    """One prompt for a DecodeBatch: `n` rows that share it (prefilled once) and one generator
-    (so its rows draw exactly what Engine.generate(num_samples=n, seed=...) would)."""
+    """One prompt to generate from: `n` rows that share it (prefilled once) and one seeded
+    generator, so that its rows draw the same tokens whatever else decodes beside them."""
     ids: list[int]
     n: int = 1
     max_tokens: int = 256
@@ -96,23 +109,23 @@ class DecodeBatch:
     join (add) or leave (drop, or finish) between steps: continuous batching.
 
     All rows share one position counter; shorter prompts are left-padded and their pad keys masked
-    (KVCache.start). Newcomers are prefilled together, padded to their longest prompt, so that
+    (DynamicKVCache.start). Newcomers are prefilled together, padded to their longest prompt, so that
     their prompts end exactly where the running rows are; if they are longer than the running
-    rows' position, the running rows are moved right first (KVCache.relabel: RoPE is relative,
+    rows' position, the running rows are moved right first (DynamicKVCache.relabel: RoPE is relative,
     so moving a row's every key and query by the same offset changes nothing). Leading positions
     that no row uses any more are dropped at the same time, so the cache stays as short as the
     live rows need. A step is split in two so that a server can hand tokens out before the next
     forward: sample() -> events, then forward()."""
 
-    def __init__(self, model, tokenizer=None, default_stops_: frozenset | None = None):
+    def __init__(self, model, tokenizer=None, stops: frozenset[int] | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
         self.context = model.config.sequence_len
         self.tools = ToolTokens(tokenizer) if tokenizer is not None else None
         self.bos = tokenizer.bos_id if tokenizer is not None else None
-        self.stops = default_stops(tokenizer) if default_stops_ is None else default_stops_
+        self.stops = default_stops(tokenizer) if stops is None else stops
         self.min_len = max(self.model.config.layer_windows())  # keeps every ring at its window size
-        self.cache: KVCache | None = None
+        self.cache: DynamicKVCache | None = None
         self.rows: list[_Row] = []
         self.logits: torch.Tensor | None = None  # next-token logits of every row, between forward and sample
         self.next: list[int] | None = None  # tokens to feed, between sample and forward
@@ -134,12 +147,7 @@ class DecodeBatch:
             raise RuntimeError("DecodeBatch.add between sample() and forward(): call forward() first")
         new, empty = [], []
         for req in requests:
-            if not req.ids:
-                raise PicochatError("generate needs a prompt of at least one token (e.g. <|bos|>)")
-            if req.n < 1:
-                raise PicochatError(f"num_samples must be at least 1, not {req.n}")
-            ids = fit_prompt(list(req.ids), req.max_tokens, self.context, self.bos)
-            steps = min(req.max_tokens, self.context - len(ids))
+            ids, steps = prepare(req, self.context, self.bos)
             (new if steps > 0 else empty).append((req, ids, steps))
         if not new:
             return [r for r, _, _ in empty]
@@ -156,7 +164,7 @@ class DecodeBatch:
             self.cache.relabel(target - pos, need)
         padded = any(n != longest for n in lens) or target != longest or self.cache is not None
         start = torch.tensor([target - n for n in lens], device=self.device) if padded else None
-        cache = KVCache(self.model.config, len(new), need, start=start)
+        cache = DynamicKVCache(self.model.config, len(new), need, start=start)
         cache.pos = target - longest
         # pad with each row's first token: any id works, pad keys are masked
         idx = torch.tensor([[ids[0]] * (longest - len(ids)) + ids for _, ids, _ in new], device=self.device)

@@ -1,32 +1,56 @@
 """KV caches: what a decoding model keeps of the keys and values it has seen.
 
-KVCache grows with the position (rings of `window` slots for sliding-window layers) and holds
-left-padded batches whose rows join and leave (continuous batching); StaticKVCache is a KVCache's
-buffers at a position held in a tensor, for a compiled one-token decode step.
+The model talks to a cache only through the KVCache protocol. Two caches implement it:
+- DynamicKVCache: its position is a Python int; rings of `window` slots for sliding-window
+  layers; left-padded batches whose rows join, leave and move (continuous batching);
+- StaticKVCache: a DynamicKVCache's buffers at a position held in a tensor, so that a compiled
+  one-token decode step has the same shapes at every position.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
-from .attention import apply_rotary
+from .attention import apply_rotary, rotary_tables
 from .config import ModelConfig
 
 
-class KVCache:
+class KVCache(Protocol):
+    """What the model asks of a KV cache during a forward of T new tokens per row."""
+
+    max_len: int  # positions it holds at most: the model's rotary tables must reach as far
+    pos: int | torch.Tensor  # the position of the first new token (a 1-element tensor in a static cache)
+
+    def positions(self, T: int) -> slice | torch.Tensor:
+        """The new tokens' positions, as an index into the rotary tables."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Store k, v (B, Hkv, T, D); return the keys and values the new queries may attend to and
+        the position of the first of them."""
+
+    def key_valid(self, layer: int, n_keys: int, k_start: int, T: int) -> torch.Tensor | None:
+        """(B, n_keys) bool, False at keys no query may see (left padding, unwritten slots), or None."""
+
+    def advance(self, T: int) -> None:
+        """Move past the T tokens just written (after every layer has stored them)."""
+
+
+class DynamicKVCache:
     """Keys and values of every layer for a batch of sequences, preallocated.
 
     Full-attention layers keep all max_len positions. A sliding-window layer only ever looks at
     its last `window` keys, so it keeps a ring buffer of `window` slots (position p lives in slot
     p % window): at depth 4 with the 1/4-context window that is 44% of the full cache's memory.
-    Both store n_kv_head heads, not n_head (GQA). Allocated on first use with the dtype and device
-    of the keys, so it follows autocast.
+    Both store n_kv_head heads, not n_head (GQA). Allocated (zero-filled) on first use with the
+    dtype and device of the keys, so it follows autocast.
 
     update() returns, per layer, the keys and values the new queries may attend to plus the
     position of the first one (meaningful when they are in order; a one-token decode gets the
     ring in rotated order, which attention over a set of keys does not mind).
 
-    Rows of different lengths (the engine's generate_many and the server's batches) share one
+    Rows of different lengths (a DecodeBatch's: the engine's and the server's) share one
     position counter: shorter rows are LEFT-padded, and `start` (B,) holds each row's first real
     position. RoPE is relative, so a constant offset per row changes nothing between its real
     tokens; only the pad keys must be masked (key_valid). start=None (the default) is the
@@ -103,6 +127,9 @@ class KVCache:
             self._valid[key] = kpos[None, :] >= self.start[:, None]
         return self._valid[key]
 
+    def positions(self, T: int) -> slice:
+        return slice(self.pos, self.pos + T)
+
     def advance(self, n: int) -> None:
         self.pos += n
         self._valid.clear()
@@ -119,7 +146,7 @@ class KVCache:
         self.batch_size = idx.numel()
         self._valid.clear()
 
-    def cat(self, other: KVCache) -> None:
+    def cat(self, other: DynamicKVCache) -> None:
         """Append other's rows. Both must be at the same position with the same max_len."""
         if other.pos != self.pos or other.max_len != self.max_len:
             raise ValueError("cat needs caches at the same position and of the same length")
@@ -148,18 +175,15 @@ class KVCache:
                                              for w, n in zip(self.windows, self.slots)):
             raise ValueError("relabel cannot shrink below the current position or resize a ring")
         if self.k is not None and (delta or max_len != self.max_len):
-            c = self.config
-            d = c.head_dim
-            inv_freq = c.rope_base ** (-torch.arange(0, d, 2, dtype=torch.float32, device=self.k[0].device) / d)
-            angle = delta * inv_freq
-            cos, sin = angle.cos(), angle.sin()
+            cos, sin = rotary_tables(self.config.head_dim, self.config.rope_base,
+                                     torch.tensor(float(delta), device=self.k[0].device))
             lo = max(0, -delta)  # first old position kept
             for layer, (w, n) in enumerate(zip(self.windows, self.slots)):
                 k, v = self.k[layer], self.v[layer]
                 if delta:  # apply_rotary's layout is (..., D) with cos over the last half: any shape fits
                     k = apply_rotary(k, cos, sin)
                 if w:  # position p lives in slot p % n: the ring rolls with the labels
-                    if self.pos < n:  # slots never written (torch.empty) would roll into view
+                    if self.pos < n:  # slots never written would roll into view: keep them zero
                         k[:, :, self.pos:] = 0
                         v[:, :, self.pos:] = 0
                     self.k[layer], self.v[layer] = k.roll(delta, 2), v.roll(delta, 2)
@@ -186,16 +210,16 @@ class KVCache:
 
 
 class StaticKVCache:
-    """A KVCache's buffers, written and read at a position held in a tensor, for one-token decode
-    steps only: no Python int changes from one step to the next, so torch.compile traces the step
-    once for every position (and on CUDA can replay it as a graph).
+    """A DynamicKVCache's buffers, written and read at a position held in a tensor, for one-token
+    decode steps only: no Python int changes from one step to the next, so torch.compile traces
+    the step once for every position (and on CUDA can replay it as a graph).
 
     Every step attends over all the slots of every layer, the unwritten ones (and a padded row's
     pad keys) masked. That reads the whole cache instead of the filled part, which costs little:
     with GQA the cache of a depth-8 model at context 1024 is 1/40 of its weights. (Masked slots
-    must hold finite numbers, see attention: KVCache allocates zeros.)"""
+    must hold finite numbers, see attention: DynamicKVCache allocates zeros.)"""
 
-    def __init__(self, cache: KVCache):
+    def __init__(self, cache: DynamicKVCache):
         if cache.k is None:
             raise ValueError("StaticKVCache wraps a cache that has been prefilled")
         device = cache.k[0].device
@@ -221,6 +245,9 @@ class StaticKVCache:
         if self.start is None:
             return (kpos >= 0)[None, :]
         return kpos[None, :] >= self.start[:, None].clamp(min=0)
+
+    def positions(self, T: int) -> torch.Tensor:
+        return self.pos
 
     def advance(self, n: int) -> None:
         self.pos.add_(n)

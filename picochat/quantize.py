@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import WEIGHTS, load_run, save_run
 from .common import PicochatError
 from .int8 import quantize_model
+from .run_dir import WEIGHTS, load_run, save_run
 from .settings import setting
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .checkpoint import LoadOptions, open_for_inference
 from .common import autocast
-from .engine import generate
+from .decode_batch import GenRequest
+from .engine import Engine
+from .inference import LoadOptions, open_for_inference
 from .settings import setting
 
 
@@ -34,11 +35,12 @@ def sample(cfg: SampleConfig) -> list[str]:
 
 
 def continuations(run, prompt: str, s: SamplingOptions, n: int = 1) -> list[str]:
-    """`n` continuations of `prompt` by an opened run (checkpoint.open_for_inference)."""
+    """`n` continuations of `prompt` by an opened run dir (inference.open_for_inference)."""
     tok = run.tokenizer
     ids = [tok.bos_id] + tok.encode(prompt)
     seed = s.seed if s.seed is not None else 0
+    engine = Engine(run.model, stops=(tok.bos_id,))  # a base model's text: no turns, no calculator
     with autocast(run.device, run.decode_dtype):
-        return [prompt + tok.decode(generate(run.model, ids, s.max_tokens, s.temperature, s.top_k or None,
-                                             seed=seed + i, stop=(tok.bos_id,), top_p=s.top_p))
-                for i in range(n)]
+        return [prompt + tok.decode(completion.tokens) for i in range(n)
+                for _, (completion,) in engine.complete([GenRequest(ids, 1, s.max_tokens, s.temperature, s.top_k or None,
+                                                                    s.top_p, seed + i)])]

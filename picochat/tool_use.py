@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from .tokenizer import OUTPUT_END, OUTPUT_START, PYTHON_END, PYTHON_START
 from .tools import calculate
 
 
@@ -22,8 +23,8 @@ class ToolTokens:
     def __init__(self, tokenizer):
         sid = tokenizer.special_id
         self.tokenizer = tokenizer
-        self.python_start, self.python_end = sid("<|python_start|>"), sid("<|python_end|>")
-        self.output_start, self.output_end = sid("<|output_start|>"), sid("<|output_end|>")
+        self.python_start, self.python_end = sid(PYTHON_START), sid(PYTHON_END)
+        self.output_start, self.output_end = sid(OUTPUT_START), sid(OUTPUT_END)
 
     def answer(self, expr_tokens: list[int]) -> list[int]:
         result = calculate(self.tokenizer.decode(expr_tokens))  # never raises: errors are text
@@ -40,10 +41,6 @@ class RowState:
         self.call: list[int] | None = None
         self.queue: deque = deque()
         self.done = False
-
-    @property
-    def forcing(self) -> bool:
-        return bool(self.queue)
 
     def step(self, sampled: int) -> tuple[int, bool, str | None]:
         """The row's token this step: the next forced one, or `sampled`; whether it was forced; and

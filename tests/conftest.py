@@ -53,10 +53,10 @@ def shared_data(*parts: str) -> Path:
 def _unpacked_excerpts() -> Path:
     """tests/data as a data dir: a copy with its gzipped texts unpacked, made once per session
     (per pytest-xdist worker) in a temporary directory."""
+    import atexit
     import gzip
     import shutil
     import tempfile
-    import atexit
     root = Path(tempfile.mkdtemp(prefix="picochat-test-data-")) / "data"
     atexit.register(shutil.rmtree, root.parent, ignore_errors=True)
     shutil.copytree(REPO / "tests" / "data", root, ignore=shutil.ignore_patterns("*.py", "README.md"))
@@ -109,14 +109,14 @@ def tiny_base(small_corpus, small_tokenizer, tmp_path_factory) -> Path:
     from picochat.train.pretrain import PretrainConfig, pretrain
     save = tmp_path_factory.mktemp("base") / "run"
     pretrain(PretrainConfig(data=[str(small_corpus)], save=str(save), tokenizer=str(small_tokenizer), depth=2,
-                            seq_len=128, batch_size=4, steps=5, run=cpu_run(dtype="fp32", seed=1)))
+                            seq_len=128, batch_size=4, steps=5, controls=cpu_controls(dtype="fp32", seed=1)))
     return save
 
 
-def cpu_run(**kw):
-    """RunControls for a test's training stage: on the CPU, and whatever else is given."""
-    from picochat.train.stage import RunControls
-    return RunControls(**{"device": "cpu", **kw})
+def cpu_controls(**kw):
+    """Controls for a test's training stage: on the CPU, and whatever else is given."""
+    from picochat.train.stage import Controls
+    return Controls(**{"device": "cpu", **kw})
 
 
 def randomized(model, seed: int = 0, scale: float = 0.2):
@@ -128,3 +128,10 @@ def randomized(model, seed: int = 0, scale: float = 0.2):
         for p in model.parameters():
             p.add_(scale * torch.randn_like(p))
     return model
+
+
+def complete(engine, ids, num_samples: int = 1, **kw) -> list:
+    """The completions of one prompt's request (Engine.complete, the engine's way in, for one)."""
+    from picochat.decode_batch import GenRequest
+    (_, rows), = engine.complete([GenRequest(list(ids), num_samples, **kw)])
+    return rows

@@ -51,8 +51,8 @@ def chat_run(tiny_base, tmp_path_factory) -> Path:
     logits of spread ~6 for ordinary tokens, zero rows (logit 0) for the special tokens."""
     import torch
 
-    from picochat.checkpoint import load_run, save_run
     from picochat.model import GPT
+    from picochat.run_dir import load_run, save_run
 
     run = load_run(tiny_base)
     config = dataclasses.replace(run.config, sequence_len=4096,

@@ -7,17 +7,10 @@ import math
 import pytest
 import torch
 
-from picochat.checkpoint import load_run
 from picochat.common import autocast, choose_dtype
 from picochat.conversation import render_for_completion
-from picochat.evals.chat_eval import (
-    build_eval_task,
-    categorical_eval,
-    centered,
-    chatcore,
-    evaluate_task,
-    letter_ids,
-)
+from picochat.evals.chat_eval import build_eval_task, categorical_eval, centered, chatcore, evaluate_task, letter_ids
+from picochat.run_dir import load_run
 from picochat.tasks.registry import CHATCORE as CHATCORE_TASKS
 from tests.conftest import TEST_DATA, run_cli
 
@@ -118,7 +111,7 @@ def test_bpb_matches_a_hand_computation(run, tmp_path):
 def test_a_smaller_eval_does_not_replace_a_bigger_one_and_the_report_shows_n(tiny_base, tmp_path):
     import shutil
 
-    from picochat.checkpoint import load_evals, save_eval
+    from picochat.evals.results import load_evals, save_eval
     from picochat.report import StageRecord, eval_table
     run = tmp_path / "run"
     shutil.copytree(tiny_base, run, ignore=shutil.ignore_patterns("evals"))  # other tests' evals

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from picochat.checkpoint import load_run, save_run
 from picochat.config import ModelConfig
 from picochat.conversation import render_conversation, render_for_completion
 from picochat.engine import Engine
 from picochat.model import GPT
+from picochat.run_dir import load_run, save_run
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
-from .conftest import randomized, run_cli
+from .conftest import complete, randomized, run_cli
 
 transformers = pytest.importorskip("transformers")
 
@@ -95,7 +95,7 @@ def test_exported_model_computes_picochat_s_function(runs, tok, tmp_path, name):
     engine = Engine(ours, tok)
     for prompt in PROMPTS[:1]:
         ids = _ids(tok, prompt)
-        want = engine.generate_batch(ids, max_tokens=32, temperature=0.0, tools=False)[0].tokens
+        want = complete(engine, ids, max_tokens=32, temperature=0.0, tools=False)[0].tokens
         got = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
                              attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
         stops = {tok.special_id("<|assistant_end|>"), tok.bos_id}
@@ -133,8 +133,9 @@ def test_chat_template_gives_conversation_py_s_ids(runs, tok, tmp_path):
 
 
 def test_round_trip_is_bit_identical_and_evals_agree(runs, tok, tmp_path):
-    from picochat.evals.chat_eval import build_eval_task, evaluate_task
     from safetensors.torch import load_file
+
+    from picochat.evals.chat_eval import build_eval_task, evaluate_task
     for name in ("remote", "plain"):
         _export(runs[name], tmp_path / f"{name}-hf")
         r = run_cli("import", "--format", "hf", "--load", str(tmp_path / f"{name}-hf"), "--save", str(tmp_path / name))
@@ -147,7 +148,7 @@ def test_round_trip_is_bit_identical_and_evals_agree(runs, tok, tmp_path):
                   for run in (a, b)]
         assert scores[0]["accuracy"] == scores[1]["accuracy"] and scores[0]["n"] == 6
         ids = _ids(tok, PROMPTS[0])
-        replies = [Engine(run.model.eval(), tok).generate_batch(ids, max_tokens=16, temperature=0.0)[0].tokens
+        replies = [complete(Engine(run.model.eval(), tok), ids, max_tokens=16, temperature=0.0)[0].tokens
                    for run in (a, b)]
         assert replies[0] == replies[1]
     # the folded export is the same function, not the same numbers: its import computes the same logits

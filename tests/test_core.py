@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from picochat.checkpoint import load_run
 from picochat.common import PicochatError
-from picochat.evals.core import (evaluate_core, fewshot_indices, format_core_table, load_tasks, render,
-                                 resolve_bundle)
+from picochat.evals.core import evaluate_core, fewshot_indices, format_core_table, load_tasks, render, resolve_bundle
+from picochat.run_dir import load_run
 
 from .conftest import TEST_DATA
 

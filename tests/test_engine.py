@@ -7,10 +7,15 @@ import torch
 from torch import nn
 
 from picochat.config import ModelConfig
-from picochat.engine import Engine, TextStream, generate, render_text, sample_next
-from picochat.kv_cache import KVCache, StaticKVCache
+from picochat.decode_batch import DecodeBatch, GenRequest
+from picochat.engine import Engine
+from picochat.kv_cache import DynamicKVCache, StaticKVCache
 from picochat.model import GPT
+from picochat.reply_text import TextStream, render_text, stream_text
+from picochat.sampling import sample_next
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+from .conftest import complete
 
 TEXT = ("The quick brown fox jumps over the lazy dog. 1+2 makes 3, and 12*7 makes 84. "
         "Pack my box with five dozen liquor jugs! How vexingly quick daft zebras jump. ") * 40
@@ -61,16 +66,16 @@ def greedy_by_recompute(model, ids, n):
 @pytest.mark.parametrize("n_prompt", [3, 20])  # shorter and longer than the window of 8
 def test_greedy_with_cache_equals_full_recompute(model, tok, n_prompt):
     ids = ([tok.bos_id] + tok.encode(TEXT))[:n_prompt]
-    c = Engine(model, tok).generate_batch(ids, max_tokens=40, temperature=0.0)[0]
+    c = complete(Engine(model, tok), ids, max_tokens=40, temperature=0.0)[0]
     assert len(ids) + 40 <= model.config.sequence_len and len(c.tokens) == 40 and c.finish_reason == "length"
     assert c.tokens == greedy_by_recompute(model, ids, 40)
     assert len(set(c.tokens)) > 5  # non-trivial output
-    # the module-level sampler (pretraining, `picochat sample`) gives the same tokens
-    assert generate(model, ids, 40, temperature=0.0) == c.tokens
+    # an engine with no tokenizer (pretraining's samples: no stops, no calculator) gives the same tokens
+    assert complete(Engine(model), ids, max_tokens=40, temperature=0.0)[0].tokens == c.tokens
 
 
 def test_windowed_layers_keep_only_a_ring_of_the_window(model):
-    cache = KVCache(model.config, batch_size=2, max_len=60)
+    cache = DynamicKVCache(model.config, batch_size=2, max_len=60)
     model(torch.randint(0, 100, (2, 20)), kv_cache=cache)
     assert [k.size(2) for k in cache.k] == [8, 8, 60]
     assert cache.k[0].size(1) == model.config.n_kv_head  # GQA: kv heads only
@@ -86,7 +91,7 @@ def test_static_cache_steps_equal_the_dynamic_cache(model, padded):
     torch.manual_seed(1)
     idx = torch.randint(0, 200, (2, 10))
     start = torch.tensor([0, 4]) if padded else None
-    dyn, full = KVCache(cfg, 2, 50, start=start), KVCache(cfg, 2, cfg.sequence_len, start=start)
+    dyn, full = DynamicKVCache(cfg, 2, 50, start=start), DynamicKVCache(cfg, 2, cfg.sequence_len, start=start)
     model(idx, kv_cache=dyn)
     model(idx, kv_cache=full)
     static = StaticKVCache(full)
@@ -106,8 +111,8 @@ def test_compiled_decode_gives_the_eager_tokens(model, tok):
     ids = prompt(tok)
     eager, compiled = Engine(model, tok), Engine(model, tok, compile=True)
     for n in (1, 1, 3):
-        want = eager.generate_batch(ids, num_samples=n, max_tokens=30, temperature=0.0)
-        got = compiled.generate_batch(ids, num_samples=n, max_tokens=30, temperature=0.0)
+        want = complete(eager, ids, num_samples=n, max_tokens=30, temperature=0.0)
+        got = complete(compiled, ids, num_samples=n, max_tokens=30, temperature=0.0)
         assert [c.tokens for c in got] == [c.tokens for c in want]
     if compiled.decode_step is None:
         pytest.skip("torch.compile is not usable here (the engine fell back to eager; see its log)")
@@ -120,8 +125,8 @@ def test_a_failing_compile_falls_back_to_eager(model, tok, capsys):
     def broken(*args, **kw):
         raise RuntimeError("no C++ compiler found\nmore detail")
     engine.decode_step = broken
-    got = engine.generate_batch(prompt(tok), max_tokens=20, temperature=0.0)[0]
-    assert got.tokens == Engine(model, tok).generate_batch(prompt(tok), max_tokens=20, temperature=0.0)[0].tokens
+    got = complete(engine, prompt(tok), max_tokens=20, temperature=0.0)[0]
+    assert got.tokens == complete(Engine(model, tok), prompt(tok), max_tokens=20, temperature=0.0)[0].tokens
     assert engine.decode_step is None
     assert "torch.compile of the decode step failed (RuntimeError: no C++ compiler found); decoding without it" \
         in capsys.readouterr().out
@@ -144,13 +149,13 @@ def test_batch_rows_are_independent(model, tok):
     ids = prompt(tok)
     engine = Engine(model, tok)
     # greedy: every row equals the batch-1 answer
-    rows = engine.generate_batch(ids, num_samples=4, max_tokens=30, temperature=0.0)
-    single = engine.generate_batch(ids, max_tokens=30, temperature=0.0)[0].tokens
+    rows = complete(engine, ids, num_samples=4, max_tokens=30, temperature=0.0)
+    single = complete(engine, ids, max_tokens=30, temperature=0.0)[0].tokens
     assert all(r.tokens == single for r in rows)
     # sampled: the rows differ, and the cached logits of every row, at every step, equal a full
     # recompute of that row's own sequence (no row leaks into another through the batch)
     rec = Recorder(model)
-    rows = Engine(rec, tok).generate_batch(ids, num_samples=4, max_tokens=24, temperature=1.0, seed=3)
+    rows = complete(Engine(rec, tok), ids, num_samples=4, max_tokens=24, temperature=1.0, seed=3)
     assert len({tuple(r.tokens) for r in rows}) > 1
     assert len(rec.logits) == 24  # prefill + 23 batched decodes
     with torch.no_grad():
@@ -168,7 +173,7 @@ def test_sampling_controls(model, tok):
     engine = Engine(model, tok)
 
     def run(**kw):
-        return [r.tokens for r in engine.generate_batch(ids, num_samples=2, max_tokens=20, **kw)]
+        return [r.tokens for r in complete(engine, ids, num_samples=2, max_tokens=20, **kw)]
 
     greedy = run(temperature=0.0)
     assert run(temperature=1.0, top_k=1, seed=1) == greedy
@@ -237,7 +242,7 @@ def test_a_tool_call_forces_the_calculator_output(tok):
     first = tok.encode("A")
     scripts = [first + call + after + [end], first + tok.encode(" so") + call + after + [end]]
     engine = Engine(Scripted(tok, scripts), tok)
-    rows = engine.generate_batch([tok.bos_id], num_samples=2, temperature=0.0, max_tokens=40)
+    rows = complete(engine, [tok.bos_id], num_samples=2, temperature=0.0, max_tokens=40)
     output = [sid("<|output_start|>"), *tok.encode("3"), sid("<|output_end|>")]
     for row, script in zip(rows, scripts):
         pre = script[:script.index(call[0])]
@@ -246,19 +251,20 @@ def test_a_tool_call_forces_the_calculator_output(tok):
         assert row.finish_reason == "stop"
     assert rows[0].text == "A[calc: 1+2] = 3 ok"
     assert rows[1].text == "A so[calc: 1+2] = 3 ok"
-    # raw events: forced tokens are flagged, a finished row yields None
-    steps = list(engine.generate([tok.bos_id], num_samples=2, temperature=0.0))
-    assert steps[len(first + call)][0] == (output[0], True)
-    assert steps[-1][0] is None and steps[-1][1] == (end, False)
+    # raw events: forced tokens are flagged, a finished row has no more events
+    steps = [{ev.index: ev for ev in events}
+             for events in engine.generate([GenRequest([tok.bos_id], 2, temperature=0.0)])]
+    assert (steps[len(first + call)][0].token, steps[len(first + call)][0].forced) == (output[0], True)
+    assert 0 not in steps[-1] and (steps[-1][1].token, steps[-1][1].forced, steps[-1][1].finish) == (end, False, "stop")
     # with tools off nothing is forced
-    row = engine.generate_batch([tok.bos_id], temperature=0.0, tools=False)[0]
+    row = complete(engine, [tok.bos_id], temperature=0.0, tools=False)[0]
     assert not any(row.forced) and sid("<|output_start|>") not in row.tokens
 
 
 def test_a_bad_expression_gives_an_error_as_output(tok):
     sid = tok.special_id
     script = [sid("<|python_start|>"), *tok.encode("__import__"), sid("<|python_end|>"), sid("<|assistant_end|>")]
-    row = Engine(Scripted(tok, [script]), tok).generate_batch([tok.bos_id], temperature=0.0)[0]
+    row = complete(Engine(Scripted(tok, [script]), tok), [tok.bos_id], temperature=0.0)[0]
     out = row.tokens[row.tokens.index(sid("<|output_start|>")) + 1:-1]
     assert tok.decode(out).startswith("error")
     assert row.finish_reason == "stop"
@@ -270,23 +276,23 @@ def test_stop_tokens_end_a_row(tok):
     sid = tok.special_id
     hi = tok.encode("hi there")
     for stop_name in ("<|assistant_end|>", "<|bos|>"):
-        row = Engine(Scripted(tok, [hi + [sid(stop_name)] + hi]), tok).generate_batch([tok.bos_id], temperature=0.0)[0]
+        row = complete(Engine(Scripted(tok, [hi + [sid(stop_name)] + hi]), tok), [tok.bos_id], temperature=0.0)[0]
         assert (row.tokens, row.finish_reason, row.text) == (hi, "stop", "hi there")
     # a caller's stop id
-    row = Engine(Scripted(tok, [hi + hi]), tok).generate_batch([tok.bos_id], temperature=0.0, stop=(hi[1],))[0]
+    row = complete(Engine(Scripted(tok, [hi + hi]), tok), [tok.bos_id], temperature=0.0, stop=(hi[1],))[0]
     assert (row.tokens, row.finish_reason) == (hi[:1], "stop")
 
 
 def test_max_tokens_and_context_are_respected(model, tok):
     engine = Engine(model, tok)
-    row = engine.generate_batch(prompt(tok), max_tokens=7, temperature=1.0, seed=0)[0]
+    row = complete(engine, prompt(tok), max_tokens=7, temperature=1.0, seed=0)[0]
     assert (len(row.tokens), row.finish_reason) == (7, "length")
     ctx = model.config.sequence_len
     ids = [tok.bos_id] + tok.encode(TEXT)[:ctx - 11]  # room for 10 tokens
-    rows = engine.generate_batch(ids, num_samples=3, max_tokens=100, temperature=1.0, seed=0)
+    rows = complete(engine, ids, num_samples=3, max_tokens=100, temperature=1.0, seed=0)
     assert all((len(r.tokens), r.finish_reason) == (10, "length") for r in rows)
-    assert len(generate(model, ids, 100, temperature=0.0)) == 10
-    assert engine.generate_batch(ids, max_tokens=0)[0].tokens == []
+    assert len(complete(Engine(model), ids, max_tokens=100, temperature=0.0)[0].tokens) == 10
+    assert complete(engine, ids, max_tokens=0)[0].tokens == []
 
 
 @pytest.mark.parametrize("extra", [0, 1, 50])
@@ -297,11 +303,11 @@ def test_a_prompt_at_or_beyond_the_context_does_not_crash(model, tok, extra):
     engine = Engine(model, tok)
     fitted = engine.fit_prompt(ids, max_tokens=5)
     assert fitted[0] == tok.bos_id and fitted[1:] == ids[-(ctx - 6):]  # left-cut, <|bos|> kept
-    row = engine.generate_batch(ids, max_tokens=5, temperature=0.0)[0]
+    row = complete(engine, ids, max_tokens=5, temperature=0.0)[0]
     assert (len(row.tokens), row.finish_reason) == (5, "length")
-    row = engine.generate_batch(ids, max_tokens=1000, temperature=0.0)[0]  # room capped at ctx // 2
+    row = complete(engine, ids, max_tokens=1000, temperature=0.0)[0]  # room capped at ctx // 2
     assert (len(row.tokens), row.finish_reason) == (ctx // 2, "length")
-    assert len(generate(model, ids, 1000, temperature=1.0, seed=0)) == ctx // 2
+    assert len(complete(Engine(model), ids, max_tokens=1000, temperature=1.0, seed=0)[0].tokens) == ctx // 2
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -315,13 +321,17 @@ def test_stream_text_only_yields_whole_characters(tok):
     script = [_byte_id(tok, b) for b in "é漢".encode()] + tok.encode(" ")
     script += [sid("<|python_start|>"), *tok.encode("2*3"), sid("<|python_end|>"), sid("<|assistant_end|>")]
     engine = Engine(Scripted(tok, [script]), tok)
-    pieces = list(engine.stream_text([tok.bos_id], temperature=0.0))
-    full = engine.generate_batch([tok.bos_id], temperature=0.0)[0].text
+
+    def stream():
+        steps = engine.generate([GenRequest([tok.bos_id], temperature=0.0)])
+        return stream_text(tok, ((ev.token, ev.forced) for events in steps for ev in events))
+    pieces = [ev.text for ev in stream() if ev.text]
+    full = complete(engine, [tok.bos_id], temperature=0.0)[0].text
     assert full == "é漢 [calc: 2*3] = 6"
     assert "".join(pieces) == full
     assert "\ufffd" not in full and pieces[:2] == ["é", "漢"]
     # raw events: the UI can tell the call and its output apart from the answer
-    events = list(engine.stream([tok.bos_id], temperature=0.0))
+    events = list(stream())
     by_part = {}
     for ev in events:
         by_part[ev.part] = by_part.get(ev.part, "") + ev.text
@@ -347,7 +357,6 @@ def _prompts(tok):
 def test_complete_streams_requests_through_a_bounded_batch(model, tok):
     """Engine.complete: more requests than rows; each joins as rows free up, and every request's
     completions equal its run alone (greedy, and seeded sampling with n rows)."""
-    from picochat.decode_batch import GenRequest
     engine = Engine(model, tok)
     ids = [tok.bos_id] + tok.encode(TEXT)
     prompts = [ids[k:k + 4 + 3 * k] for k in range(6)]
@@ -357,39 +366,45 @@ def test_complete_streams_requests_through_a_bounded_batch(model, tok):
     done = dict(engine.complete(iter(reqs), max_rows=3))
     assert sorted(map(str, done)) == sorted(map(str, [*range(6), "pair"]))
     for k, (p, m) in enumerate(zip(prompts, budgets)):
-        assert [c.tokens for c in done[k]] == [engine.generate_batch(p, max_tokens=m, temperature=0.0)[0].tokens]
-    alone = engine.generate_batch(prompts[0], num_samples=2, max_tokens=10, temperature=1.0, seed=9)
+        assert [c.tokens for c in done[k]] == [complete(engine, p, max_tokens=m, temperature=0.0)[0].tokens]
+    alone = complete(engine, prompts[0], num_samples=2, max_tokens=10, temperature=1.0, seed=9)
     assert [c.tokens for c in done["pair"]] == [c.tokens for c in alone]
 
 
-def test_generate_many_equals_separate_runs(model, tok):
+def test_different_prompts_in_one_batch_equal_separate_runs(model, tok):
     engine = Engine(model, tok)
     prompts = _prompts(tok) + [[tok.bos_id] + tok.encode(TEXT)[:49]]  # room for only 14 tokens
-    many = engine.generate_many_batch(prompts, max_tokens=30, temperature=0.0)
+
+    def together(temperature=0.0, seeds=(None,) * 4, **kw):
+        reqs = [GenRequest(p, 1, temperature=t, seed=s, key=i, **kw)
+                for i, (p, t, s) in enumerate(zip(prompts, temperature if isinstance(temperature, list) else
+                                                  [temperature] * len(prompts), seeds))]
+        return [c for _, (c,) in sorted(engine.complete(reqs, max_rows=len(reqs)))]
+    many = together(max_tokens=30)
     for p, row in zip(prompts, many):  # greedy, token for token, with GQA and windowed layers
-        alone = engine.generate_batch(p, max_tokens=30, temperature=0.0)[0]
+        alone = complete(engine, p, max_tokens=30, temperature=0.0)[0]
         assert (row.tokens, row.finish_reason, row.text) == (alone.tokens, alone.finish_reason, alone.text)
     assert [len(r.tokens) for r in many] == [30, 30, 30, 14]
     # a row that finishes is reported once with its finish, then no more
-    steps = list(engine.generate_many(prompts, max_tokens=30, temperature=0.0))
+    steps = list(engine.generate([GenRequest(p, max_tokens=30, temperature=0.0, key=i)
+                                  for i, p in enumerate(prompts)]))
     assert [sorted(ev.key for ev in s) for s in steps] == [[0, 1, 2, 3]] * 14 + [[0, 1, 2]] * 16
     assert [ev.finish for ev in steps[13] if ev.key == 3] == ["length"]
-    # seeded sampling: each row draws what generate(seed=...) draws, whatever else is in the batch
-    kw = dict(max_tokens=25, temperature=0.9, top_k=40, top_p=0.95)
-    many = engine.generate_many_batch(prompts[:3], seeds=[5, 6, 7], **kw)
+    # seeded sampling: each row draws what its request draws alone, whatever else is in the batch
+    kw = dict(max_tokens=25, top_k=40, top_p=0.95)
+    prompts = prompts[:3]
+    many = together(0.9, [5, 6, 7], **kw)
     for p, row, seed in zip(prompts, many, [5, 6, 7]):
-        assert row.tokens == engine.generate_batch(p, seed=seed, **kw)[0].tokens
-        assert row.tokens == engine.generate_many_batch([p], seeds=seed, **kw)[0].tokens
+        assert row.tokens == complete(engine, p, seed=seed, temperature=0.9, **kw)[0].tokens
     # per-row settings: a greedy row next to sampled ones is still greedy
-    mixed = engine.generate_many_batch(prompts[:3], max_tokens=20, temperature=[0.0, 1.0, 1.0], seeds=1)
-    assert mixed[0].tokens == engine.generate_batch(prompts[0], max_tokens=20, temperature=0.0)[0].tokens
+    mixed = together([0.0, 1.0, 1.0], [1, 2, 3], max_tokens=20)
+    assert mixed[0].tokens == complete(engine, prompts[0], max_tokens=20, temperature=0.0)[0].tokens
 
 
 def test_decode_batch_rows_join_and_leave_between_steps(model, tok):
     """Continuous batching: requests join a running batch (longer prompts than its position move
     it right; leading positions nobody uses are dropped), n rows share a prefill, a row can be
     dropped; every row still gets exactly the tokens it gets alone."""
-    from picochat.decode_batch import GenRequest
     engine = Engine(model, tok)
     p = _prompts(tok)
     joins = {0: [GenRequest(p[0], max_tokens=12, temperature=0.0, key="a"),
@@ -397,7 +412,7 @@ def test_decode_batch_rows_join_and_leave_between_steps(model, tok):
              3: [GenRequest(p[1], max_tokens=10, temperature=0.0, key="b")],  # 20 tokens > position 11
              14: [GenRequest(p[0], n=2, max_tokens=20, temperature=1.0, seed=3, key="c")],  # "a", "b" left
              20: [GenRequest(p[2], max_tokens=10, temperature=0.0, key="dropped")]}
-    batch, out, step, moves = engine.batch(), {}, 0, []
+    batch, out, step, moves = DecodeBatch(model, tok), {}, 0, []
     while len(batch) or step in joins:
         if step in joins:
             before = batch.pos
@@ -412,8 +427,8 @@ def test_decode_batch_rows_join_and_leave_between_steps(model, tok):
         step += 1
 
     def greedy(ids, n):
-        return engine.generate_batch(ids, max_tokens=n, temperature=0.0)[0].tokens
-    c = engine.generate_batch(p[0], num_samples=2, max_tokens=20, temperature=1.0, seed=3)
+        return complete(engine, ids, max_tokens=n, temperature=0.0)[0].tokens
+    c = complete(engine, p[0], num_samples=2, max_tokens=20, temperature=1.0, seed=3)
     assert out[("a", 0)] == greedy(p[0], 12) and out[("long", 0)] == greedy(p[2], 40)
     assert out[("b", 0)] == greedy(p[1], 10)
     assert moves == [11, 20 - 14, -6, 0]  # prefill; right for "b"; left by 6 once "b" (start 0) left
@@ -425,7 +440,6 @@ def test_decode_batch_rows_join_and_leave_between_steps(model, tok):
 def test_reply_text_around_tool_calls(tok):
     """A tool's output is set off from the words after it; a call that never closes reads as the
     words it was, without the marker; punctuation after the output gets no space."""
-    from picochat.engine import TextStream, render_text
     sid = tok.special_id
     call = [sid("<|python_start|>"), *tok.encode("4821*377"), sid("<|python_end|>")]
     out = [sid("<|output_start|>"), *tok.encode("1817517"), sid("<|output_end|>")]

@@ -9,15 +9,15 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from picochat.checkpoint import WEIGHTS, load_run
 from picochat.cli import main
 from picochat.common import PicochatError
 from picochat.engine import Engine
-from picochat.kv_cache import KVCache
 from picochat.int8 import INT8_MM_MAX_ROWS, Int8Embedding, Int8Linear, quantize_model, quantize_weight
+from picochat.kv_cache import DynamicKVCache
 from picochat.quantize import QuantizeConfig, quantize_run
+from picochat.run_dir import WEIGHTS, load_run
 
-from .conftest import TEST_DATA, cpu_run
+from .conftest import TEST_DATA, complete, cpu_controls
 
 
 def _rel(a, b):
@@ -30,7 +30,7 @@ def trained(small_corpus, small_tokenizer, tmp_path_factory):
     from picochat.train.pretrain import PretrainConfig, pretrain
     save = tmp_path_factory.mktemp("quant") / "base"
     pretrain(PretrainConfig(data=[str(small_corpus)], save=str(save), tokenizer=str(small_tokenizer), depth=2,
-                            seq_len=128, batch_size=8, steps=80, run=cpu_run(dtype="fp32", seed=3)))
+                            seq_len=128, batch_size=8, steps=80, controls=cpu_controls(dtype="fp32", seed=3)))
     return save
 
 
@@ -116,7 +116,7 @@ def test_quantized_model_logits_and_kv_cache(trained):
         full = model(ids)
         assert _rel(full, ref(ids)) < 0.05
         # prefill + one-token decodes (the int8 kernel) agree with one full forward (dequantized)
-        cache = KVCache(model.config, 1, 48)
+        cache = DynamicKVCache(model.config, 1, 48)
         steps = [model(ids[:, :40], kv_cache=cache)] + [model(ids[:, t:t + 1], kv_cache=cache) for t in range(40, 48)]
     assert _rel(torch.cat(steps, 1), full) < 0.01
     with pytest.raises(PicochatError, match="INT8-quantized"):
@@ -128,8 +128,8 @@ def test_greedy_generation_with_the_engine(trained):
     assert isinstance(run.model.lm_head, Int8Linear)
     engine = Engine(run.model, run.tokenizer)
     ids = [run.tokenizer.bos_id] + run.tokenizer.encode("ROMEO:\nWhat say you")
-    a = engine.generate_batch(ids, max_tokens=24, temperature=0.0)[0]
-    b = engine.generate_batch(ids, max_tokens=24, temperature=0.0)[0]
+    a = complete(engine, ids, max_tokens=24, temperature=0.0)[0]
+    b = complete(engine, ids, max_tokens=24, temperature=0.0)[0]
     assert a.tokens == b.tokens and 0 < len(a.tokens) <= 24
     assert all(0 <= t < run.tokenizer.vocab_size for t in a.tokens)
     assert isinstance(a.text, str)
@@ -175,8 +175,8 @@ def test_safetensors_alone_reads_int8_and_files_shrink(trained, quantized, tmp_p
 
 
 def test_bpb_barely_moves(trained, quantized, heldout):
-    from picochat.checkpoint import LoadOptions
     from picochat.evals.bpb import BpbConfig, eval_bpb
+    from picochat.inference import LoadOptions
     out, _ = quantized
 
     def bpb(load, **kw):
@@ -195,7 +195,7 @@ def test_training_a_quantized_run_fails_clearly(quantized, tmp_path):
     out, _ = quantized
     with pytest.raises(PicochatError, match="INT8-quantized"):
         chat_train(SFTConfig(load=str(out), data="arithmetic::1", save=str(tmp_path / "sft"), steps=1,
-                             batch_size=2, run=cpu_run(dtype="fp32")))
+                             batch_size=2, controls=cpu_controls(dtype="fp32")))
     with pytest.raises(PicochatError, match="INT8-quantized.*cannot be resumed"):
         load_run(out, trainer_state=True)
 

@@ -70,8 +70,8 @@ def float_weights(model) -> dict[str, torch.Tensor]:
 
 
 def export(cfg: ExportConfig) -> Path:
-    from ..checkpoint import load_run
     from ..data.hub import check_repo_id
+    from ..run_dir import load_run
     from .hf import write_dir
     from .layout import NATIVE, REMOTE, why_remote
     check(cfg)
@@ -113,8 +113,8 @@ def export(cfg: ExportConfig) -> Path:
 
 
 def import_model(cfg: ImportConfig) -> Path:
-    from ..checkpoint import save_run
     from ..model import GPT
+    from ..run_dir import save_run
     check(cfg)
     src = Path(cfg.load)
     if not src.is_dir():

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 import torch
 
 from .. import distributed
-from ..checkpoint import LoadOptions, eval_name, open_for_inference, save_eval
 from ..common import PicochatError, Progress, autocast, log
 from ..data.loader import TokenDataset
-from ..data.sources import list_files
+from ..data.sources import TEXT_FILES, list_files
+from ..inference import LoadOptions, open_for_inference
 from ..settings import check, setting
+from .results import eval_name, save_eval
 
 
 def rows_desc(x: torch.Tensor) -> str:
@@ -65,7 +66,7 @@ class _Sequential:
 @dataclass
 class BpbConfig:
     model: LoadOptions = setting(help="the model to use")
-    data: list[str] = setting(help="held-out text: files or directories (.txt, .jsonl, .parquet)")
+    data: list[str] = setting(help=f"held-out text: {TEXT_FILES}")
     seq_len: int = setting(0, "tokens per row (default: the model's context)", low=0)
     batch_size: int = setting(8, "rows per forward", low=1)
     max_tokens: int = setting(1_000_000, "evaluate at most this many tokens", low=1)

@@ -35,10 +35,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import LoadOptions, eval_name, open_for_inference, save_eval
-from ..data.datasets import DATASETS, dataset_path
 from ..common import PicochatError, Progress, autocast, fsync, log, set_threads, write_atomic
+from ..data.datasets import DATASETS, dataset_path
+from ..inference import LoadOptions, open_for_inference
 from ..settings import check, setting
+from .results import eval_name, save_eval
 
 FIELDS = {"multiple_choice": ("query", "choices", "gold"),
           "schema": ("context_options", "continuation", "gold"),

@@ -41,10 +41,10 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..checkpoint import LoadOptions, open_for_inference
 from ..common import PicochatError, log
 from ..decode_batch import GenRequest
 from ..engine import Engine
+from ..inference import LoadOptions, open_for_inference
 from ..settings import check, setting
 from .protocol import ApiError, ChoiceText, Params, parse_chat, parse_completion
 from .scheduler import QueueFull, Scheduler

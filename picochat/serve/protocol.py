@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ..common import PicochatError
 from ..conversation import render_for_completion, validate_conversation
-from ..engine import TextStream
+from ..reply_text import TextStream
 
 MAX_STOPS = 4  # as OpenAI
 MAX_STOP_CHARS = 256
@@ -203,7 +203,7 @@ def parse_completion(body: dict, tok, context: int, max_n: int) -> Params:
 
 class ChoiceText:
     """Tokens of one choice in, pieces of text out: (part, text) with part "text", "call" or
-    "output" (engine.TextStream), only whole characters, and cut at the first stop string.
+    "output" (reply_text.TextStream), only whole characters, and cut at the first stop string.
 
     A piece that might be the beginning of a stop string is held back until the next tokens
     settle it, so a streamed stop string never leaks out partly."""

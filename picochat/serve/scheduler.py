@@ -21,7 +21,7 @@ from collections import deque
 import torch
 
 from ..common import autocast, log
-from ..decode_batch import GenRequest, RowEvent
+from ..decode_batch import DecodeBatch, GenRequest, RowEvent
 from ..engine import Engine
 
 
@@ -113,9 +113,12 @@ class Scheduler:
         self.waiting: deque[Job] = deque()  # guarded by cond
         self.drops: list[tuple[Job, int | None]] = []  # guarded by cond
         self.running: set[Job] = set()  # worker thread only
-        self.batch = engine.batch()
+        self.batch = self._new_batch()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="picochat-engine", daemon=True)
+
+    def _new_batch(self) -> DecodeBatch:
+        return DecodeBatch(self.engine.model, self.engine.tokenizer, self.engine.stops)
 
     # ------------------------------------------------------------- event-loop side
 
@@ -243,7 +246,7 @@ class Scheduler:
         for job in list(self.running):
             job._send(error)
             self._finish(job, "failed")
-        self.batch = self.engine.batch()
+        self.batch = self._new_batch()
         if self.stopping:
             with self.cond:
                 waiting, self.waiting = list(self.waiting), deque()

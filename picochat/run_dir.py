@@ -2,20 +2,16 @@
 
     runs/<name>/
       model.safetensors   weights (fp32), readable by the safetensors library alone
-      config.json         model config, stage, picochat version, tokenizer fingerprint, train
-                          settings and the plan derived from them
+      config.json         model config, stage, picochat version, tokenizer fingerprint, the stage's
+                          settings ("train") and the plan derived from them ("plan")
       tokenizer.json      Hugging Face tokenizers format
       trainer_state.pt    optimizer state, step, data position, RNG: what exact resume needs
       metrics.jsonl       one JSON object per logged step
-      evals/<name>.json   an eval's summary (save_eval / load_evals); <name>.jsonl its per-example
-                          rows; the report card reads these
+      evals/<name>.json   an eval's summary, <name>.jsonl its per-example rows (evals/results.py)
 
 A run dir is written whole into `<name>.tmp`, fsynced, then swapped in by rename, so a crash at
 any moment leaves either the old run dir or the new one, never a mix. If the crash falls between
 the two renames, the old one is still at `<name>.old` and load_run puts it back.
-
-open_for_inference(LoadOptions) is what every command that uses a model (sample, chat, serve,
-the evals) does first: take the cores, choose the device and dtype, load the run, quantize it.
 """
 
 from __future__ import annotations
@@ -32,10 +28,9 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from . import int8 as int8lib
-from .common import DEVICES, DTYPES, PicochatError, choose_device, choose_dtype, fsync, log, set_threads, write_atomic
+from .common import PicochatError, fsync, log
 from .config import ModelConfig
 from .model import GPT
-from .settings import setting
 from .tokenizer import Tokenizer
 
 WEIGHTS, CONFIG, TOKENIZER, TRAINER, METRICS = (
@@ -43,15 +38,15 @@ WEIGHTS, CONFIG, TOKENIZER, TRAINER, METRICS = (
 
 
 @dataclass
-class Run:
-    """A loaded run dir."""
+class RunDir:
+    """A run dir, loaded."""
     path: Path
     model: GPT
     tokenizer: Tokenizer
     meta: dict  # the whole config.json
     trainer_state: dict | None = None
     metrics: list[dict] = field(default_factory=list)
-    dtype: torch.dtype = torch.float32  # compute dtype for scoring many tokens (open_for_inference)
+    dtype: torch.dtype = torch.float32  # compute dtype for scoring many tokens (inference.open_for_inference)
     decode_dtype: torch.dtype = torch.float32  # and for generating a few rows at a time
 
     @property
@@ -61,28 +56,6 @@ class Run:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-
-@dataclass
-class LoadOptions:
-    """Which model a command uses, and how: nested in the config of every command that loads one."""
-    load: str = setting(help="run dir")
-    device: str = setting("auto", f"one of {', '.join(DEVICES)} or cuda:N (auto: cuda > mps > cpu)")
-    dtype: str = setting("auto", "compute dtype (auto: bf16 on CUDA and on CPUs with native bf16, else fp32)",
-                         choices=DTYPES)
-    int8: bool = setting(False, "quantize the weights to INT8 at load time (see picochat quantize)")
-
-
-def open_for_inference(opts: LoadOptions) -> Run:
-    """Every core, the device, the run dir loaded onto it (INT8 if asked), in eval mode, and the
-    compute dtype for it."""
-    set_threads()
-    device = choose_device(opts.device)
-    run = load_run(opts.load, device, int8=opts.int8)
-    run.model.eval()
-    run.dtype = choose_dtype(opts.dtype, device)
-    run.decode_dtype = choose_dtype(opts.dtype, device, decode=True)
-    return run
 
 
 def save_run(path: str | Path, model: GPT, tokenizer: Tokenizer, stage: str, extra: dict | None = None,
@@ -168,10 +141,10 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def load_run(path: str | Path, device: torch.device | str = "cpu", trainer_state: bool = False,
-             int8: bool = False) -> Run:
+             int8: bool = False) -> RunDir:
     """Load and validate a run dir. Anything missing, truncated or inconsistent is a PicochatError.
     An INT8 run dir (`picochat quantize`) loads straight into the int8 model; int8=True quantizes a
-    float one after loading (picochat.quant), and is a no-op for one that already is."""
+    float one after loading (int8.quantize_model), and is a no-op for one that already is."""
     path = _recover(Path(path))
     for name in (WEIGHTS, CONFIG, TOKENIZER):
         if not (path / name).is_file():
@@ -208,7 +181,7 @@ def load_run(path: str | Path, device: torch.device | str = "cpu", trainer_state
     elif int8:
         int8lib.quantize_model(model)
         meta["quantized_on_load"] = True  # evals file their results apart from the fp32 model's
-    model._set_rotary(2 * config.sequence_len, device=device)
+    model.set_rotary(2 * config.sequence_len, device=device)
     state = None
     if trainer_state:
         if not (path / TRAINER).is_file():
@@ -217,7 +190,7 @@ def load_run(path: str | Path, device: torch.device | str = "cpu", trainer_state
             state = torch.load(path / TRAINER, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for a truncated pickle
             raise PicochatError(f"corrupt run dir {path}: {TRAINER} cannot be read ({e})") from None
-    return Run(path, model, tokenizer, meta, state, read_metrics(path))
+    return RunDir(path, model, tokenizer, meta, state, read_metrics(path))
 
 
 def check_tokenizer(tokenizer: Tokenizer, config: ModelConfig, meta: dict | None = None, where: str = "") -> None:
@@ -229,50 +202,3 @@ def check_tokenizer(tokenizer: Tokenizer, config: ModelConfig, meta: dict | None
     if fp and fp != tokenizer.fingerprint():
         raise PicochatError(f"tokenizer does not match the checkpoint {where}: different merges "
                             "(fingerprint mismatch)")
-
-
-# ----------------------------------------------------------------------------- eval results
-
-EVALS = "evals"
-
-
-def eval_name(run: Run, name: str) -> str:
-    """The name an eval's results go under: a model quantized at load time (--int8) files them
-    apart, so that they never stand for the float model's."""
-    return f"{name}.int8" if run.meta.get("quantized_on_load") else name
-
-
-def save_eval(run_dir: str | Path, name: str, summary: dict, rows: list[dict] | None = None) -> Path:
-    """Write an eval's summary (and per-example rows) into <run>/evals/, atomically. A result over
-    fewer examples than the one already there does not replace it: it is kept next to it, as
-    <name>.n<examples>.json, and said."""
-    out = Path(run_dir) / EVALS
-    out.mkdir(exist_ok=True)
-    stem = name
-    n = summary.get("n")
-    old = out / f"{name}.json"
-    if n is not None and old.is_file():
-        try:
-            before = json.loads(old.read_text()).get("n")
-        except (OSError, ValueError, AttributeError):
-            before = None
-        if isinstance(before, int) and before > n:
-            stem = f"{name}.n{n}"
-            log(f"{name}: kept the result on {before:,} examples in {old}; this one, on {n:,}, is {out / stem}.json")
-    if rows is not None:
-        write_atomic(out / f"{stem}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    write_atomic(out / f"{stem}.json", json.dumps(summary, indent=1) + "\n")
-    return out / f"{stem}.json"
-
-
-def load_evals(run_dir: str | Path) -> dict[str, dict]:
-    """Every eval summary of a run dir, by name (those kept aside on fewer examples excluded)."""
-    out = {}
-    for f in sorted((Path(run_dir) / EVALS).glob("*.json")):
-        if ".n" in f.stem and f.stem.rsplit(".n", 1)[1].isdigit():
-            continue
-        try:
-            out[f.stem] = json.loads(f.read_text())
-        except (OSError, ValueError) as e:
-            log(f"warning: {f} is unreadable ({e}); left out")
-    return out
