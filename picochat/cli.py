@@ -98,12 +98,9 @@ def _eval_commands() -> None:
     from .tasks.registry import EVAL_GROUPS, EVALS
     show = _table(_EVAL, "format_chat_results")
     for name, spec in EVALS.items():
-        if name == "humaneval":  # it also grades the reference solutions (--canonical)
-            COMMANDS["eval", name] = Command(spec.eval.about, f"{_EVAL}:HumanEvalConfig", f"{_EVAL}:eval_humaneval",
-                                             lambda r: json.dumps(r) if "passed" in r else show(r))
-        else:
-            COMMANDS["eval", name] = Command(spec.eval.about, f"{_EVAL}:ChatEvalConfig", f"{_EVAL}:run_chat_evals",
-                                             show, {"tasks": (name,)})
+        config, run = spec.eval.command.split(":")
+        COMMANDS["eval", name] = Command(spec.eval.about, f"{_EVAL}:{config}", f"{_EVAL}:{run}", show,
+                                         {"tasks": (name,)})
     for name, (tasks, about) in EVAL_GROUPS.items():
         COMMANDS["eval", name] = Command(about, f"{_EVAL}:ChatEvalConfig", f"{_EVAL}:run_chat_evals", show,
                                          {"tasks": tuple(tasks)})
@@ -161,8 +158,8 @@ def parse(argv: list[str]) -> tuple[Command, object]:
     cfg = from_flags(cls, values)
     if cmd.fixed:
         cfg = replace(cfg, **cmd.fixed)
-    if any(f.name == "run" for f in fields(cfg)):  # a training stage: which settings the user chose
-        cfg = replace(cfg, run=replace(cfg.run, given=frozenset(values)))
+    if any(f.name == "controls" for f in fields(cfg)):  # a training stage: which settings the user chose
+        cfg = replace(cfg, controls=replace(cfg.controls, given=frozenset(values)))
     return cmd, cfg
 
 

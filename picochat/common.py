@@ -25,6 +25,8 @@ class PicochatError(Exception):
 
 DEVICES = ("auto", "cpu", "mps", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
+DEVICE_HELP = f"one of {', '.join(DEVICES)} or cuda:N (auto: cuda > mps > cpu)"
+DTYPE_HELP = "compute dtype (auto: bf16 on CUDA and on CPUs with native bf16, else fp32)"
 
 
 def choose_device(name: str = "auto") -> torch.device:

@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections import Counter
 
 from .common import PicochatError, log
-from .tokenizer import Tokenizer
+from .tokenizer import (ASSISTANT_END, ASSISTANT_START, OUTPUT_END, OUTPUT_START, PYTHON_END, PYTHON_START, USER_END,
+                        USER_START, Tokenizer)
 
 ROLES = ("system", "user", "assistant")
 PART_TYPES = ("text", "python", "python_output")
@@ -77,9 +78,9 @@ def _render_message(tok: Tokenizer, msg: dict) -> tuple[list[int], list[int]]:
     """One message's ids and mask (1 = the model is trained to predict this token)."""
     sid = tok.special_id
     if msg["role"] == "user":
-        ids = [sid("<|user_start|>"), *tok.encode(msg["content"]), sid("<|user_end|>")]
+        ids = [sid(USER_START), *tok.encode(msg["content"]), sid(USER_END)]
         return ids, [0] * len(ids)
-    ids, mask = [sid("<|assistant_start|>")], [0]  # the start is forced by the engine, not predicted
+    ids, mask = [sid(ASSISTANT_START)], [0]  # the start is forced by the engine, not predicted
 
     def add(new: list[int], m: int) -> None:
         ids.extend(new)
@@ -91,10 +92,10 @@ def _render_message(tok: Tokenizer, msg: dict) -> tuple[list[int], list[int]]:
         if part["type"] == "text":
             add(tok.encode(part["text"]), 1)
         elif part["type"] == "python":  # the model decides to call the tool: trained on
-            add([sid("<|python_start|>"), *tok.encode(part["text"]), sid("<|python_end|>")], 1)
+            add([sid(PYTHON_START), *tok.encode(part["text"]), sid(PYTHON_END)], 1)
         else:  # the engine forces the tool's output at inference: never a target
-            add([sid("<|output_start|>"), *tok.encode(part["text"]), sid("<|output_end|>")], 0)
-    add([sid("<|assistant_end|>")], 1)  # the model must learn when to stop
+            add([sid(OUTPUT_START), *tok.encode(part["text"]), sid(OUTPUT_END)], 0)
+    add([sid(ASSISTANT_END)], 1)  # the model must learn when to stop
     return ids, mask
 
 
@@ -170,4 +171,4 @@ def render_for_completion(tok: Tokenizer, conversation: dict) -> list[int]:
         messages = messages[:-1]
     # Roles alternate from a user message, so what remains ends with a user message (validated).
     ids, _ = render_conversation(tok, {"messages": messages})
-    return ids + [tok.special_id("<|assistant_start|>")]
+    return ids + [tok.special_id(ASSISTANT_START)]

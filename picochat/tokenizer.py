@@ -23,18 +23,21 @@ from functools import lru_cache
 import tiktoken
 
 from picochat.common import PicochatError, log, write_atomic
+from picochat.data.sources import TEXT_FILES, iter_documents
 from picochat.settings import check, setting
 
-# The one place special tokens are defined. nanochat's nine, plus a pair for reasoning traces
-# (as the Rust picochat has), reserved from the first tokenizer on.
-SPECIAL_TOKENS = [
-    "<|bos|>",  # every document starts with this
-    "<|user_start|>", "<|user_end|>",
-    "<|assistant_start|>", "<|assistant_end|>",
-    "<|python_start|>", "<|python_end|>",  # the assistant calls the calculator tool
-    "<|output_start|>", "<|output_end|>",  # the tool's output, fed back in
-    "<|think_start|>", "<|think_end|>",  # reasoning traces
-]
+# The one place special tokens are defined: their names, and their order at the end of every
+# vocabulary. nanochat's nine, plus a pair for reasoning traces (as the Rust picochat has),
+# reserved from the first tokenizer on. Other modules name them by these constants.
+BOS = "<|bos|>"  # every document starts with this
+USER_START, USER_END = "<|user_start|>", "<|user_end|>"
+ASSISTANT_START, ASSISTANT_END = "<|assistant_start|>", "<|assistant_end|>"
+PYTHON_START, PYTHON_END = "<|python_start|>", "<|python_end|>"  # the assistant calls the calculator tool
+OUTPUT_START, OUTPUT_END = "<|output_start|>", "<|output_end|>"  # the tool's output, fed back in
+THINK_START, THINK_END = "<|think_start|>", "<|think_end|>"  # reasoning traces
+SPECIAL_TOKENS = [BOS, USER_START, USER_END, ASSISTANT_START, ASSISTANT_END, PYTHON_START, PYTHON_END,
+                  OUTPUT_START, OUTPUT_END, THINK_START, THINK_END]
+CHAT_TOKENS = SPECIAL_TOKENS[1:9]  # what a chat model's tokenizer must have (all but the reasoning pair)
 
 # GPT-4 (cl100k) split pattern with numbers split into runs of at most 2 digits instead of 3.
 # Why {1,2}: our vocabularies are small (8k-65k) and 1-2 digit chunks cost only 110 tokens, while
@@ -172,7 +175,7 @@ class Tokenizer:
 
     @property
     def bos_id(self) -> int:
-        return self.special_tokens["<|bos|>"]
+        return self.special_tokens[BOS]
 
     @property
     def vocab_size(self) -> int:
@@ -332,8 +335,6 @@ def train_tokenizer(data: list[str], vocab_size: int, save: str | None = None,
 
     max_chars caps the training text (nanochat's default of 2B chars; BPE merges stop changing
     long before that, and the cap bounds the time on a big corpus)."""
-    from picochat.data.sources import iter_documents  # the data package owns formats and errors
-
     counter = {"chars": 0, "docs": 0}
 
     def counted() -> Iterator[str]:
@@ -434,7 +435,7 @@ def format_eval_table(rows: list[dict]) -> str:
 
 @dataclass
 class TokenizerTrainConfig:
-    data: list[str] = setting(help="text files or directories (.txt, .jsonl, .parquet with a `text` column)")
+    data: list[str] = setting(help=f"the text to train on: {TEXT_FILES}")
     save: str = setting(help="tokenizer.json to write")
     vocab_size: int = setting(32768, "tokens in the vocabulary, the special tokens included", low=MIN_VOCAB_SIZE)
     max_chars: int = setting(2_000_000_000, "stop reading text after this many characters", low=1)

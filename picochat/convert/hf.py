@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from ..common import PicochatError
 from ..config import ModelConfig
-from ..tokenizer import SPECIAL_TOKENS, Tokenizer
+from ..tokenizer import (ASSISTANT_END, ASSISTANT_START, BOS, OUTPUT_END, OUTPUT_START, PYTHON_END, PYTHON_START,
+                         SPECIAL_TOKENS, USER_END, USER_START, Tokenizer)
 from .layout import REMOTE, from_hf, to_hf
 
 REMOTE_FILES = ("configuration_picochat.py", "modeling_picochat.py")
@@ -40,22 +41,22 @@ CHAT_TEMPLATE = (
     "{%- if message['role'] == 'system' -%}"
     "{%- set ns.system = message['content'] + '\\n\\n' -%}"
     "{%- elif message['role'] == 'user' -%}"
-    "{{- '<|user_start|>' + ns.system + message['content'] + '<|user_end|>' -}}"
+    f"{{{{- '{USER_START}' + ns.system + message['content'] + '{USER_END}' -}}}}"
     "{%- set ns.system = '' -%}"
     "{%- else -%}"
-    "{{- '<|assistant_start|>' -}}"
+    f"{{{{- '{ASSISTANT_START}' -}}}}"
     "{%- if message['content'] is string -%}{{- message['content'] -}}"
     "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'python' -%}{{- '<|python_start|>' + part['text'] + '<|python_end|>' -}}"
-    "{%- elif part['type'] == 'python_output' -%}{{- '<|output_start|>' + part['text'] + '<|output_end|>' -}}"
+    f"{{%- if part['type'] == 'python' -%}}{{{{- '{PYTHON_START}' + part['text'] + '{PYTHON_END}' -}}}}"
+    f"{{%- elif part['type'] == 'python_output' -%}}{{{{- '{OUTPUT_START}' + part['text'] + '{OUTPUT_END}' -}}}}"
     "{%- else -%}{{- part['text'] -}}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
-    "{{- '<|assistant_end|>' -}}"
+    f"{{{{- '{ASSISTANT_END}' -}}}}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}"
+    f"{{%- if add_generation_prompt -%}}{{{{- '{ASSISTANT_START}' -}}}}{{%- endif -%}}"
 )
-BOS, EOS, PAD = "<|bos|>", "<|assistant_end|>", "<|bos|>"
+EOS, PAD = ASSISTANT_END, BOS
 
 
 def write_dir(tmp: Path, config: ModelConfig, weights: dict[str, torch.Tensor], tok: Tokenizer, architecture: str,

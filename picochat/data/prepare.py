@@ -11,7 +11,7 @@ from pathlib import Path
 
 from picochat.common import PicochatError, atomic_path, log
 from picochat.settings import check, setting
-from picochat.data.sources import iter_documents
+from picochat.data.sources import TEXT_FILES, iter_documents
 
 SHARD_PATTERN = "shard_{index:05d}.parquet"
 
@@ -72,7 +72,7 @@ def prepare_shards(paths: list[str | Path], out_dir: str | Path, shard_chars: in
 
 @dataclass
 class PrepareConfig:
-    data: list[str] = setting(help="text files or directories (.txt, .jsonl, .parquet)")
+    data: list[str] = setting(help=f"the text to shard: {TEXT_FILES}")
     save: str = setting(help="output directory")
     shard_chars: int = setting(50_000_000, "characters per shard", low=1)
 

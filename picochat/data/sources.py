@@ -22,6 +22,8 @@ from pathlib import Path
 from picochat.common import PicochatError, log
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
+# what --data is for every command that reads text (pretrain, tokenizer train, data prepare, eval bpb, speedrun)
+TEXT_FILES = "files or directories (.txt, .jsonl, .parquet with a `text` column)"
 TXT_SPLITS = ("paragraphs", "file")
 PARAGRAPH_CHARS = 2000  # merge paragraphs until a document reaches about this many characters
 

@@ -1,6 +1,6 @@
 """What every task shares: the Task interface, record reading, and lettered multiple choice.
 
-A task is a sequence of conversations (dicts with "messages", see tokenizer.render_conversation)
+A task is a sequence of conversations (dicts with "messages", see conversation.render_conversation)
 that knows how to grade a model's answer. Tasks are "generative" (sample a completion, grade it
 with reward()) or "categorical" (the answer is one letter from example["letters"], so an eval can
 restrict the logits to those letters' tokens).
@@ -42,6 +42,11 @@ class Task:
     def reward(self, conversation: dict, completion: str) -> float:
         """1.0 if `completion` (the assistant's reply as text) answers `conversation` correctly."""
         raise NotImplementedError(f"the {self.name} task has no grader (it is for training only)")
+
+    @classmethod
+    def graded(cls) -> bool:
+        """Whether it has a grader (reward): what RL and generative evals need."""
+        return cls.reward is not Task.reward
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}: {len(self)} examples>"

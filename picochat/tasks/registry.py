@@ -14,12 +14,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class EvalSpec:
-    kind: str  # "categorical" (a letter from the logits) or "generative" (sampled and graded)
+    """How `picochat eval <name>` treats a task. Whether it is categorical (a letter from the
+    logits) or generative (sampled and graded) is the task class's own `kind`."""
     baseline: float  # accuracy by chance
     split: str = "test"
     max_tokens: int = 256  # generative: reply length cap
     chatcore: bool = False  # one of the tasks ChatCORE averages
     about: str = ""  # what `picochat eval <name>` does, for --help
+    command: str = "ChatEvalConfig:run_chat_evals"  # its config and function in evals/chat_eval.py
 
 
 @dataclass(frozen=True)
@@ -27,45 +29,57 @@ class TaskSpec:
     name: str
     cls: str  # "module:Class" under picochat.tasks
     takes: tuple[str, ...]  # which of path, split and seed its constructor takes
-    dataset: str | None  # its files in the data dir (data.datasets.LOCATIONS); None: built in
+    dataset: str | None  # its files in the data dir (data.datasets.LOCATIONS); None: built in, no path
     label: str  # how the report names it
     options: tuple[tuple[str, object], ...] = ()  # fixed constructor arguments
-    needs_path: bool = True  # a mixture item must name its files (or find them in the data dir)
-    graded: bool = True  # has a grader: usable in RL and in generative evals
     eval: EvalSpec | None = None
 
+    def task_class(self) -> type:
+        module, cls = self.cls.split(":")
+        return getattr(importlib.import_module(f"picochat.tasks.{module}"), cls)
+
+    @property
+    def needs_path(self) -> bool:
+        """A mixture item must name its files (or find them in the data dir)."""
+        return self.dataset is not None
+
+    @property
+    def graded(self) -> bool:
+        """It has a grader: usable in RL and in generative evals."""
+        return self.task_class().graded()
+
+    @property
+    def kind(self) -> str:
+        return self.task_class().kind
 
 
 SPECS = [
-    TaskSpec("chat", "chat:Chat", ("path", "split"), "smoltalk", "Chat", graded=False),
-    TaskSpec("smoltalk", "chat:Chat", ("path", "split"), "smoltalk", "SmolTalk", (("name", "smoltalk"),), graded=False),
+    TaskSpec("chat", "chat:Chat", ("path", "split"), "smoltalk", "Chat"),
+    TaskSpec("smoltalk", "chat:Chat", ("path", "split"), "smoltalk", "SmolTalk", (("name", "smoltalk"),)),
     TaskSpec("arc", "arc:ARC", ("path", "split"), "arc", "ARC"),
     TaskSpec("arc-easy", "arc:ARC", ("path", "split"), "arc", "ARC-Easy", (("subset", "Easy"),),
-             eval=EvalSpec("categorical", 0.25, chatcore=True, about="ARC-Easy (categorical)")),
+             eval=EvalSpec(0.25, chatcore=True, about="ARC-Easy (categorical)")),
     TaskSpec("arc-challenge", "arc:ARC", ("path", "split"), "arc", "ARC-Challenge", (("subset", "Challenge"),),
-             eval=EvalSpec("categorical", 0.25, chatcore=True, about="ARC-Challenge (categorical)")),
+             eval=EvalSpec(0.25, chatcore=True, about="ARC-Challenge (categorical)")),
     TaskSpec("mmlu", "mmlu:MMLU", ("path", "split"), "mmlu", "MMLU",
-             eval=EvalSpec("categorical", 0.25, chatcore=True, about="MMLU, 57 subjects (categorical)")),
+             eval=EvalSpec(0.25, chatcore=True, about="MMLU, 57 subjects (categorical)")),
     TaskSpec("gsm8k", "gsm8k:GSM8K", ("path", "split"), "gsm8k", "GSM8K",
-             eval=EvalSpec("generative", 0.0, max_tokens=384, chatcore=True,
-                           about="GSM8K with the calculator (generative)")),
+             eval=EvalSpec(0.0, max_tokens=384, chatcore=True, about="GSM8K with the calculator (generative)")),
     TaskSpec("humaneval", "humaneval:HumanEval", ("path",), "humaneval", "HumanEval",
-             eval=EvalSpec("generative", 0.0, max_tokens=384, chatcore=True,
-                           about="HumanEval, run in a sandbox (generative)")),
-    TaskSpec("identity", "identity:Identity", ("path",), None, "Identity", needs_path=False, graded=False),
+             eval=EvalSpec(0.0, max_tokens=384, chatcore=True, about="HumanEval, run in a sandbox (generative)",
+                           command="HumanEvalConfig:eval_humaneval")),  # it also grades the reference solutions
+    TaskSpec("identity", "identity:Identity", ("path",), None, "Identity"),
     # spelling is in picochat's ChatCORE, not in nanochat's (which dropped it): the small models
     # here are trained on it, and it tests letter-level skill and the calculator together
     TaskSpec("spelling", "spelling:Spelling", ("path", "seed"), "words", "Spelling",
-             eval=EvalSpec("generative", 0.0, max_tokens=96, chatcore=True,
-                           about="spelling and letter counting (generative)")),
-    TaskSpec("arithmetic", "arithmetic:Arithmetic", ("seed",), None, "Arithmetic (tools)", needs_path=False,
-             eval=EvalSpec("generative", 0.0, max_tokens=48,
-                           about="synthetic arithmetic with the calculator (generative, built in)")),
-    TaskSpec("pydocs", "pydocs:PyDocs", ("split",), None, "Python docs Q&A", needs_path=False,
-             eval=EvalSpec("generative", 0.0, max_tokens=64,
+             eval=EvalSpec(0.0, max_tokens=96, chatcore=True, about="spelling and letter counting (generative)")),
+    TaskSpec("arithmetic", "arithmetic:Arithmetic", ("seed",), None, "Arithmetic (tools)",
+             eval=EvalSpec(0.0, max_tokens=48, about="synthetic arithmetic with the calculator (generative, built in)")),
+    TaskSpec("pydocs", "pydocs:PyDocs", ("split",), None, "Python docs Q&A",
+             eval=EvalSpec(0.0, max_tokens=64,
                            about="questions on the installed Python's standard library, answered from its "
                                  "docstrings (held-out questions; built in)")),
-    TaskSpec("text", "text:Text", ("path",), "fineweb-edu", "Pretraining text", graded=False),
+    TaskSpec("text", "text:Text", ("path",), "fineweb-edu", "Pretraining text"),
 ]
 TASKS = {spec.name: spec for spec in SPECS}
 EVALS = {name: spec for name, spec in TASKS.items() if spec.eval is not None}
@@ -83,7 +97,6 @@ def graded_names() -> list[str]:
 def make_task(name: str, path=None, split: str = "train", seed: int = 0, **kwargs):
     """Build task `name` (a known one) from its constructor's arguments."""
     spec = TASKS[name]
-    module, cls = spec.cls.split(":")
     given = {"path": path, "split": split, "seed": seed}
     args = {k: given[k] for k in spec.takes}
-    return getattr(importlib.import_module(f"picochat.tasks.{module}"), cls)(**args, **dict(spec.options), **kwargs)
+    return spec.task_class()(**args, **dict(spec.options), **kwargs)
