@@ -48,7 +48,8 @@ class FakeHub:
         self.plain: dict[str, bytes] = {}  # /files/<name>
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
         self.cut_first: set[str] = set()  # paths whose first GET sends part of the body and hangs up
-        self.stall_first: dict[str, float] = {}  # paths whose first GET sends part, then waits this long
+        # paths whose first GET sends part, then goes quiet for this many seconds, or until this event is set
+        self.stall_first: dict[str, float | threading.Event] = {}
         self.part = 1 / 3  # how much of the body those get
         self.corrupt: set[str] = set()  # paths served with one byte changed (the sha256 no longer matches)
         self.models: dict[str, dict[str, bytes]] = {}  # model repos written through the Hub's commit API
@@ -139,7 +140,10 @@ class FakeHub:
         if cut or stall:  # promise the whole body, send part of it, then hang up (or go quiet)
             h.wfile.write(body[: int(len(body) * self.part)])
             h.wfile.flush()
-            time.sleep(stall)
+            if isinstance(stall, threading.Event):
+                stall.wait(600)  # (a safety net: the test sets it)
+            else:
+                time.sleep(stall)
             h.close_connection = True
             return
         h.wfile.write(body)

@@ -261,17 +261,22 @@ def test_missing_and_unreachable(fake_hub, tmp_path):
 def test_an_interrupted_download_continues_where_it_stopped(fake_hub, tmp_path):
     _big_shards(fake_hub, 1)
     path = "/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_00000.parquet"
-    fake_hub.stall_first[path] = 30.0  # half arrives, then nothing: Ctrl-C meanwhile
+    release = threading.Event()
+    fake_hub.stall_first[path] = release  # half arrives, then nothing until the test lets it go
     proc = subprocess.Popen([sys.executable, "-m", "picochat", "data", "download", "fineweb-edu", "--num-shards", "1",
                              "--data-dir", str(tmp_path)], env=hub_env(fake_hub), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     part = tmp_path / "fineweb-edu" / "shard_00000.parquet.part"
-    deadline = time.monotonic() + 60
-    while not (part.exists() and part.stat().st_size >= 3_000_000):  # half the shard is on disk
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=10)  # at once, not after the stalled file
+    try:
+        deadline = time.monotonic() + 600  # a safety net; the half arrives in well under a second
+        while not (part.exists() and part.stat().st_size >= 3_000_000):  # half the shard is on disk
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=600)  # (a safety net) the stalled response never ends by itself: only Ctrl-C can
+    finally:
+        release.set()
     assert proc.returncode == 130 and not (tmp_path / "fineweb-edu" / "shard_00000.parquet").exists()
     r = _download(fake_hub, tmp_path, "fineweb-edu", "--num-shards", "1")
     assert r.returncode == 0, r.stderr[-2000:]
