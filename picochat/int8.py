@@ -1,10 +1,11 @@
 """INT8 weight-only quantization: 1 byte per weight instead of 4, for inference.
 
-Every linear layer (attention q/k/v/o, the MLP, the lm_head) becomes an Int8Linear: an int8 weight
-(out, in) and one fp32 scale per output channel, symmetric, scale = absmax(row) / 127, so
-w ~= weight_int8 * scale[:, None]. Optionally (embeddings=True) the token embedding becomes an
-Int8Embedding with one scale per row (per token). Activations stay in floating point; nothing is
-calibrated. The norms, the per-layer scalars and the rotary tables stay fp32.
+Every linear layer (attention q/k/v/o and its value-embedding gate, the MLP, the lm_head) becomes
+an Int8Linear: an int8 weight (out, in) and one fp32 scale per output channel, symmetric, scale =
+absmax(row) / 127, so w ~= weight_int8 * scale[:, None]. Optionally (embeddings=True) the token
+embedding and the value embeddings become Int8Embeddings with one scale per row (per token).
+Activations stay in floating point; nothing is calibrated. The norms, the per-layer scalars, the
+smear gate and the rotary tables stay fp32.
 
 The kernel, measured on the reference CPU (AVX2, torch 2.13, 1 thread, a shared and busy machine;
 `python bench/bench_quant.py` prints the table), microseconds per call at one row:
@@ -157,6 +158,8 @@ def _swap(model: nn.Module, embeddings: bool, make_linear, make_embedding) -> nn
             setattr(parent, name, make_linear(child))
     if embeddings and isinstance(model.wte, nn.Embedding):
         model.wte = make_embedding(model.wte)
+        for name, ve in model.value_embeds.items():  # value embeddings are token embeddings too
+            model.value_embeds[name] = make_embedding(ve)
     embeddings = embeddings or isinstance(model.wte, Int8Embedding)
     model.quantization = quant_meta(embeddings)
     model.param_groups = _not_trainable  # instance attribute: every trainer asks for these first

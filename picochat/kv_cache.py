@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from .attention import apply_rotary, rotary_tables
 from .config import ModelConfig
@@ -35,6 +36,10 @@ class KVCache(Protocol):
 
     def advance(self, T: int) -> None:
         """Move past the T tokens just written (after every layer has stored them)."""
+
+    def previous(self, x: torch.Tensor) -> torch.Tensor:
+        """For smear: each new token's predecessor's embedding (B, T, D), zeros where a row has none
+        (its first token, or left padding); the last of x is kept for the next call."""
 
 
 class DynamicKVCache:
@@ -66,6 +71,7 @@ class DynamicKVCache:
         self.v: list[torch.Tensor] | None = None
         self.pos = 0
         self.start = start
+        self.last: torch.Tensor | None = None  # (B, 1, D): each row's last embedding (smear)
         self._valid: dict = {}  # key_valid per (layer kind, keys) for the current step
 
     def _allocate(self, like: torch.Tensor) -> None:
@@ -130,6 +136,16 @@ class DynamicKVCache:
     def positions(self, T: int) -> slice:
         return slice(self.pos, self.pos + T)
 
+    def previous(self, x: torch.Tensor) -> torch.Tensor:
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        if self.last is not None:
+            prev[:, :1] = self.last
+        if self.start is not None:  # a left-padded row's first real token follows a pad: none
+            before = self.pos - 1 + torch.arange(x.size(1), device=x.device)
+            prev = prev * (before[None, :] >= self.start[:, None].to(x.device)).unsqueeze(-1).to(prev.dtype)
+        self.last = x[:, -1:]
+        return prev
+
     def advance(self, n: int) -> None:
         self.pos += n
         self._valid.clear()
@@ -141,6 +157,8 @@ class DynamicKVCache:
         if self.k is not None:
             self.k = [t.index_select(0, idx) for t in self.k]
             self.v = [t.index_select(0, idx) for t in self.v]
+        if self.last is not None:
+            self.last = self.last.index_select(0, idx.to(self.last.device))
         if self.start is not None:
             self.start = self.start.index_select(0, idx.to(self.start.device))
         self.batch_size = idx.numel()
@@ -154,6 +172,8 @@ class DynamicKVCache:
         if other.k is not None:
             self.k = [torch.cat([a, b]) for a, b in zip(self.k, other.k)]
             self.v = [torch.cat([a, b]) for a, b in zip(self.v, other.v)]
+        if self.last is not None or other.last is not None:  # both prefilled: both have it
+            self.last = torch.cat([self.last, other.last])
         device = self.k[0].device if self.k is not None else "cpu"
         starts = [s if s is not None else torch.zeros(m, dtype=torch.long, device=device)
                   for s, m in ((self.start, n), (other.start, other.batch_size))]
@@ -206,6 +226,8 @@ class DynamicKVCache:
         if self.k is not None:
             self.k = [t.expand(n, -1, -1, -1).contiguous() for t in self.k]
             self.v = [t.expand(n, -1, -1, -1).contiguous() for t in self.v]
+        if self.last is not None:
+            self.last = self.last.expand(n, -1, -1).contiguous()
         self.batch_size = n
 
 
@@ -227,8 +249,9 @@ class StaticKVCache:
         self.max_len, self.start = cache.max_len, cache.start
         self.pos = torch.tensor([cache.pos], device=device)
         self.slot_index = [torch.arange(n, device=device) for n in self.slots]
+        self.last = cache.last.clone() if cache.last is not None else None
         if device.type == "cuda":  # a CUDA graph replays fixed addresses: say that these stay put
-            for t in (*self.k, *self.v, self.pos, *self.slot_index):
+            for t in (*self.k, *self.v, self.pos, *self.slot_index, *([self.last] if self.last is not None else [])):
                 torch._dynamo.mark_static_address(t)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -248,6 +271,11 @@ class StaticKVCache:
 
     def positions(self, T: int) -> torch.Tensor:
         return self.pos
+
+    def previous(self, x: torch.Tensor) -> torch.Tensor:
+        prev = self.last.clone()  # one token per row, after a prefill: always a real predecessor
+        self.last.copy_(x)
+        return prev
 
     def advance(self, n: int) -> None:
         self.pos.add_(n)

@@ -13,10 +13,11 @@ plus a fixed allowance for the runtime (the CUDA context, PyTorch's own librarie
 The activation counts per token were measured with autograd's saved-tensor hooks on this model
 (tests/test_memory.py checks them against the same measurement): a full-attention layer keeps
 about 4 d + 3 h + 3 kv values per token (d = model width, h = the MLP's inner width, 4 d; kv =
-key/value width; SDPA keeps no T x T matrix), a sliding-window layer about 3 d more, the embedding about 3 d, and the soft-capped fp32
-logits 2 x vocab. With --grad-checkpoint a layer keeps only its input (d), one layer's
-activations are rebuilt at a time during the backward pass, and the logits exist for one chunk of
-rows at a time (model.loss_chunk_rows).
+key/value width; SDPA keeps no T x T matrix), a sliding-window layer about 3 d more, a layer with
+value embeddings kv + 2 per kv head more, the embedding about 3 d (smear: 2 d more; backout: d),
+and the soft-capped fp32 logits 2 x vocab. With --grad-checkpoint a layer keeps only its input
+(d), one layer's activations are rebuilt at a time during the backward pass, and the logits exist
+for one chunk of rows at a time (model.loss_chunk_rows).
 """
 
 from __future__ import annotations
@@ -63,11 +64,14 @@ class MemoryEstimate:
 def activation_values_per_token(config: ModelConfig, grad_checkpoint: bool) -> tuple[float, float]:
     """(values kept per token through the backward pass, fp32 logit values per token)."""
     d, kv = config.n_embd, config.n_kv_head * config.head_dim
-    layers = [4 * d + 3 * config.mlp_hidden + 3 * kv + (3 * d if w else 0) for w in config.layer_windows()]
+    layers = [4 * d + 3 * config.mlp_hidden + 3 * kv + (3 * d if w else 0)
+              + (kv + 2 * config.n_kv_head if config.has_value_embed(i) else 0)
+              for i, w in enumerate(config.layer_windows())]
+    embedding = 3 * d + (2 * d + 2 if config.smear else 0) + (d if config.backout else 0)
     if grad_checkpoint:  # every layer's input, plus one layer rebuilt at a time
-        hidden = 3 * d + config.n_layer * d + max(layers)
+        hidden = embedding + config.n_layer * d + max(layers)
     else:
-        hidden = 3 * d + sum(layers)
+        hidden = embedding + sum(layers)
     # the logits (softcap input and output) are kept; their gradient (and tanh's) pass through
     return hidden, 4 * config.vocab_size
 

@@ -8,6 +8,15 @@ A decoder-only transformer in the nanochat family:
 - two learnable scalars per layer: one scales the residual stream, one mixes back the first
   embedding x0 (a cheap skip connection that helps small models);
 - logits soft-capped with tanh, in fp32.
+And, each switched on by a ModelFeatures setting (config.py; all on in nanochat at HEAD):
+- value embeddings (ResFormer): on alternating layers, the last included, a per-token embedding
+  is added to the values, through a gate per kv head, 3 sigmoid(W x[:12]) of the block's input;
+- smear: each token's embedding gets the previous token's, through a gate, lambda sigmoid(W x[:24])
+  (a cheap bigram; the KV cache remembers the last embedding of each row for the next step);
+- backout: a learned multiple of the residual stream after the middle layer is subtracted before
+  the final norm, taking low-level features out of what the head sees;
+- queries and keys scaled after QK-norm, a rotary base, init scales, and the vocabulary padded to
+  a multiple (the logits are cut back to the vocabulary).
 
 Attention kernels live in attention.py, the KV caches in kv_cache.py, the Linear layer's CPU
 inference paths in linear.py: this file is the network itself.
@@ -31,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .attention import apply_rotary, attention, rotary_tables
-from .config import ModelConfig
+from .config import SMEAR_CHANNELS, VE_GATE_CHANNELS, ModelConfig
 from .kv_cache import KVCache
 from .linear import Linear
 
@@ -50,20 +59,27 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.qk_scale = config.qk_scale
         d, kv = config.n_embd, config.n_kv_head * config.head_dim
         self.c_q = Linear(d, d)
         self.c_k = Linear(d, kv)
         self.c_v = Linear(d, kv)
         self.c_proj = Linear(d, d)
+        self.ve_gate = Linear(VE_GATE_CHANNELS, config.n_kv_head) if config.has_value_embed(layer) else None
 
-    def forward(self, x, cos, sin, window: int, kv_cache: KVCache | None):
+    def forward(self, x, ve, cos, sin, window: int, kv_cache: KVCache | None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # the token's value embedding, gated per kv head in (0, 3)
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         # QK-norm keeps attention logits bounded whatever the weights do; RMSNorm commutes with the
         # rotation (it preserves the norm), so the order of the two does not matter
         q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)
+        if self.qk_scale != 1.0:  # sharper attention, the scale split between queries and keys
+            q, k = q * self.qk_scale, k * self.qk_scale
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q_start = k_start = 0
         valid = None
@@ -91,8 +107,8 @@ class Block(nn.Module):
         self.attn = Attention(config, layer)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, window, kv_cache):
-        x = x + self.attn(norm(x), cos, sin, window, kv_cache)
+    def forward(self, x, ve, cos, sin, window, kv_cache):
+        x = x + self.attn(norm(x), ve, cos, sin, window, kv_cache)
         return x + self.mlp(norm(x))
 
 
@@ -101,11 +117,19 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.windows = config.layer_windows()
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        rows, kv = config.padded_vocab, config.n_kv_head * config.head_dim
+        self.wte = nn.Embedding(rows, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.lm_head = Linear(config.n_embd, config.vocab_size)
+        self.lm_head = Linear(config.n_embd, rows)
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(rows, kv) for i in range(config.n_layer)
+                                           if config.has_value_embed(i)})
+        if config.smear:
+            self.smear_gate = Linear(SMEAR_CHANNELS, 1)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout:
+            self.backout_lambda = nn.Parameter(torch.zeros(1))
         # recompute each block's activations in the backward pass instead of keeping them: a
         # training setting (--grad-checkpoint), not part of the saved config
         self.grad_checkpoint = False
@@ -123,29 +147,52 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Input projections ~ U(-a, a) with std 1/sqrt(d); output projections zero, so every block
-        starts as the identity and depth cannot blow the residual stream up; a near-zero head so
-        the first loss is log(vocab)."""
-        d = self.config.n_embd
-        bound = math.sqrt(3.0 / d)
-        nn.init.normal_(self.wte.weight, std=1.0)
+        """Input projections ~ U(-a, a) with std 1/sqrt(d) (the MLP's times fc_init); output
+        projections zero, so every block starts as the identity and depth cannot blow the residual
+        stream up; a near-zero head so the first loss is log(vocab); value embeddings like the
+        values; gates small and positive, so they start a little above neutral."""
+        c = self.config
+        bound = math.sqrt(3.0 / c.n_embd)
+        nn.init.normal_(self.wte.weight, std=c.embed_std)
         nn.init.normal_(self.lm_head.weight, std=0.001)
         for block in self.blocks:
-            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(lin.weight, -bound, bound)
+            nn.init.uniform_(block.mlp.c_fc.weight, -bound * c.fc_init, bound * c.fc_init)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
-        self.resid_lambdas.fill_(1.0)
-        self.x0_lambdas.fill_(0.0)
+            if block.attn.ve_gate is not None:
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+        for ve in self.value_embeds.values():
+            nn.init.uniform_(ve.weight, -bound, bound)
+        if c.scalar_init == "ramp":  # stronger residual and more x0 early, less deep down
+            depth = torch.arange(c.n_layer, dtype=torch.float32) / max(c.n_layer - 1, 1)
+            self.resid_lambdas.copy_(1.15 - 0.10 * depth)
+            self.x0_lambdas.copy_(0.20 - 0.15 * depth)
+        else:
+            self.resid_lambdas.fill_(1.0)
+            self.x0_lambdas.fill_(0.0)
+        if c.smear:
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+            self.smear_lambda.zero_()
+        if c.backout:
+            self.backout_lambda.fill_(0.2)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Which optimizer each parameter belongs to: Muon for hidden matrices, AdamW for the rest."""
-        return {
+        groups = {
             "matrix": [p for p in self.blocks.parameters()],
             "embedding": [self.wte.weight],
             "head": [self.lm_head.weight],
             "scalar": [self.resid_lambdas, self.x0_lambdas],
         }
+        if self.value_embeds:
+            groups["value_embed"] = [ve.weight for ve in self.value_embeds.values()]
+        gates = [self.smear_gate.weight, self.smear_lambda] if self.config.smear else []
+        gates += [self.backout_lambda] if self.config.backout else []
+        if gates:
+            groups["gate"] = gates
+        return groups
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -163,16 +210,24 @@ class GPT(nn.Module):
         cos, sin = self.rope_cos[at], self.rope_sin[at]
 
         x = norm(self.wte(idx))
+        if self.config.smear:
+            x = self._smear(x, kv_cache)
         x0 = x
         recompute = self.grad_checkpoint and kv_cache is None and torch.is_grad_enabled()
+        mid = None
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if block.attn.ve_gate is not None else None
             if recompute:  # only the block's input is kept; its insides are rebuilt for backward
-                x = checkpoint(block, x, cos, sin, self.windows[i], None, use_reentrant=False)
+                x = checkpoint(block, x, ve, cos, sin, self.windows[i], None, use_reentrant=False)
             else:
-                x = block(x, cos, sin, self.windows[i], kv_cache)
+                x = block(x, ve, cos, sin, self.windows[i], kv_cache)
+            if i == self.config.backout_layer:
+                mid = x
         if kv_cache is not None:
             kv_cache.advance(T)
+        if mid is not None:  # backout: take the middle layer's low-level features out again
+            x = x - self.backout_lambda * mid
         x = norm(x)
         if where is not None:
             if targets is not None:
@@ -188,10 +243,19 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)
 
+    def _smear(self, x: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+        """Each token's embedding plus its predecessor's, through a gate. A row's first token has
+        none; with a KV cache the first new token's is the cache's (KVCache.previous)."""
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+        prev = kv_cache.previous(x) if kv_cache is not None else F.pad(x[:, :-1], (0, 0, 1, 0))
+        return x + gate * prev
+
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(x).float()
+        logits = self.lm_head(x)
+        if self.config.padded_vocab != self.config.vocab_size:  # the padding rows are never tokens
+            logits = logits[..., :self.config.vocab_size]
         cap = self.config.softcap
-        return cap * torch.tanh(logits / cap)
+        return cap * torch.tanh(logits.float() / cap)
 
     def _chunked_loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
         """The loss a few rows of logits at a time, each chunk recomputed in the backward pass: with
@@ -212,12 +276,20 @@ class GPT(nn.Module):
 
 # ----------------------------------------------------------------------------- the model's own description
 
+def vocab_rows(name: str) -> bool:
+    """Whether the weight `name` has one row per token (the embeddings and the head)."""
+    return name in ("wte.weight", "lm_head.weight") or name.startswith("value_embeds.")
+
+
+def _meta(config: ModelConfig) -> GPT:
+    with torch.device("meta"):
+        return GPT(config)
+
+
 def param_counts(config: ModelConfig) -> dict[str, int]:
     """Parameters per optimizer group (GPT.param_groups) of a model of `config`, counted on one
     built on the meta device: the only parameter count there is."""
-    with torch.device("meta"):
-        model = GPT(config)
-    return {group: sum(p.numel() for p in params) for group, params in model.param_groups().items()}
+    return {group: sum(p.numel() for p in params) for group, params in _meta(config).param_groups().items()}
 
 
 def num_params(config: ModelConfig) -> int:
@@ -225,10 +297,10 @@ def num_params(config: ModelConfig) -> int:
 
 
 def flops_per_token(config: ModelConfig) -> float:
-    """Training FLOPs per token (forward + backward): 6 per weight of every matmul (the hidden
-    matrices and the head; the embedding is a lookup), plus attention's score and value products,
-    PaLM's convention (no discount for the causal mask)."""
-    counts = param_counts(config)
+    """Training FLOPs per token (forward + backward): 6 per weight of every matmul (every Linear:
+    the blocks, the gates, the head; embeddings are lookups), plus attention's score and value
+    products, PaLM's convention (no discount for the causal mask)."""
+    matmul = sum(m.weight.numel() for m in _meta(config).modules() if isinstance(m, Linear))
     attn = sum(12 * config.n_head * config.head_dim * (min(w, config.sequence_len) or config.sequence_len)
                for w in config.layer_windows())
-    return 6 * (counts["matrix"] + counts["head"]) + attn
+    return 6 * matmul + attn

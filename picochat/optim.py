@@ -43,6 +43,7 @@ class OptimConfig:
     # step: at 8K-token batches that gave one-step loss spikes past log(vocab) (measured: depth 4,
     # Gutenberg, step 20). 0.005 trains smoothly and reached a lower loss by step 24.
     scalar_lr: float = setting(0.005, "AdamW learning rate of the per-layer scalars")
+    gate_lr: float = setting(0.2, "AdamW learning rate of the smear and backout gates (when the model has them)")
     # AdamW. beta1 = 0.8 keeps the short-memory momentum nanochat found best for embeddings; the
     # tiny eps matters because embedding rows of rare tokens get tiny second moments.
     adam_betas: tuple[float, float] = setting((0.8, 0.95), "AdamW betas")
@@ -71,7 +72,7 @@ def scale_lrs(cfg: OptimConfig, scale: float) -> OptimConfig:
     """cfg with every base learning rate times `scale` (fine-tuning and RL train gentler than
     pretraining: their --lr-scale)."""
     return replace(cfg, matrix_lr=cfg.matrix_lr * scale, embedding_lr=cfg.embedding_lr * scale,
-                   head_lr=cfg.head_lr * scale, scalar_lr=cfg.scalar_lr * scale)
+                   head_lr=cfg.head_lr * scale, scalar_lr=cfg.scalar_lr * scale, gate_lr=cfg.gate_lr * scale)
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -340,9 +341,9 @@ class Optimizer:
         self.momentum = d["momentum"]
 
 
-GROUP_NAMES = ("matrix", "embedding", "head", "scalar")
+GROUP_NAMES = ("matrix", "embedding", "head", "scalar", "value_embed", "gate")
 # what each group's optimizer keeps per parameter between steps: Muon one momentum, AdamW two moments
-STATE_VALUES = {"matrix": 1, "embedding": 2, "head": 2, "scalar": 2}
+STATE_VALUES = {"matrix": 1, "embedding": 2, "head": 2, "scalar": 2, "value_embed": 2, "gate": 2}
 
 
 def state_values(counts: dict[str, int]) -> int:
@@ -391,6 +392,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, group_by_shape: bool = T
         dict(params=groups["embedding"], lr=cfg.embedding_lr * width_scale),
         dict(params=groups["head"], lr=cfg.head_lr * width_scale),
         dict(params=groups["scalar"], lr=cfg.scalar_lr),
+        # value embeddings are token embeddings at half their rate; the smear and backout gates a
+        # rate of their own (nanochat's)
+        dict(params=groups["value_embed"], lr=cfg.embedding_lr * width_scale * 0.5),
+        dict(params=groups["gate"], lr=cfg.gate_lr),
     ]
     adam_groups = [g for g in adam_groups if g["params"]]
     for g in adam_groups:

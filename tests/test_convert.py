@@ -2,6 +2,7 @@
 function; import brings transformers and nanochat checkpoints back, reading nanochat's pickles
 without running them."""
 
+import dataclasses
 import json
 import pickle
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from picochat.config import ModelConfig
+from picochat.config import NANOCHAT_FEATURES, ModelConfig
 from picochat.conversation import render_conversation, render_for_completion
 from picochat.engine import Engine
 from picochat.model import GPT
@@ -24,10 +25,10 @@ PROMPTS = ["To be, or not to be", "ROMEO: What light through yonder window break
            " sun."]  # 9 and 47 tokens: below and above the windows, within the context of 64
 
 
-def _model(tok: Tokenizer, pattern: str, x0: bool, resid: bool, seed: int) -> GPT:
+def _model(tok: Tokenizer, pattern: str, x0: bool, resid: bool, seed: int, features: dict | None = None) -> GPT:
     """A depth-2 GQA model with noise on every weight; its scalars as asked."""
     config = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, sequence_len=64,
-                         window_pattern=pattern, window=12)
+                         **{**(features or {}), "window_pattern": pattern, "window": 12})
     model = randomized(GPT(config), seed=seed)
     with torch.no_grad():
         model.resid_lambdas.copy_(torch.tensor([1.3, 0.7]) if resid else torch.ones(2))
@@ -43,12 +44,15 @@ def tok(small_tokenizer) -> Tokenizer:
 @pytest.fixture(scope="module")
 def runs(tok, tmp_path_factory) -> dict[str, Path]:
     """remote: sliding windows inside the context, trained x0 mixing and residual scales;
-    native: full attention, residual scales only (they fold); plain: scalars at their start."""
+    native: full attention, residual scales only (they fold); plain: scalars at their start;
+    nanochat: remote, with every feature of nanochat's network (and its vocabulary padding)."""
     root = tmp_path_factory.mktemp("runs")
     out = {}
     for name, pattern, x0, resid, seed in (("remote", "SL", True, True, 1), ("native", "L", False, True, 2),
                                            ("plain", "L", False, False, 3)):
         out[name] = save_run(root / name, _model(tok, pattern, x0, resid, seed), tok, stage="sft")
+    nanochat = _model(tok, "SL", True, True, 4, dataclasses.asdict(NANOCHAT_FEATURES))
+    out["nanochat"] = save_run(root / "nanochat", nanochat, tok, stage="sft")
     return out
 
 
@@ -68,19 +72,22 @@ def _ids(tok: Tokenizer, text: str) -> list[int]:
     return [tok.bos_id, *tok.encode(text)]
 
 
-@pytest.mark.parametrize("name", ["remote", "native"])
+@pytest.mark.parametrize("name", ["remote", "native", "nanochat"])
 def test_exported_model_computes_picochat_s_function(runs, tok, tmp_path, name):
     log = _export(runs[name], tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    if name == "nanochat":
+        assert config["model_type"] == "picochat" and config["vocab_size"] == tok.vocab_size  # the padding cut
+        assert "value embeddings; smear; backout; queries and keys scaled by 1.2" in log
     if name == "remote":
         assert config["model_type"] == "picochat" and (tmp_path / "hf" / "modeling_picochat.py").is_file()
         assert "sliding windows of 12 tokens within its context of 64; trained x0 mixing" in log
         assert "trust_remote_code=True" in log
-    else:
+    if name == "native":
         assert config["model_type"] == "nanochat" and not (tmp_path / "hf" / "modeling_picochat.py").exists()
         assert "NanoChat (model_type nanochat, no remote code), residual scales folded" in log
     model, hf_tok = _hf(tmp_path / "hf")
-    assert type(model).__name__ == ("PicochatForCausalLM" if name == "remote" else "NanoChatForCausalLM")
+    assert type(model).__name__ == ("NanoChatForCausalLM" if name == "native" else "PicochatForCausalLM")
     ours = load_run(runs[name]).model.eval()
     worst = 0.0
     for prompt in PROMPTS:
@@ -151,6 +158,18 @@ def test_round_trip_is_bit_identical_and_evals_agree(runs, tok, tmp_path):
         replies = [complete(Engine(run.model.eval(), tok), ids, max_tokens=16, temperature=0.0)[0].tokens
                    for run in (a, b)]
         assert replies[0] == replies[1]
+    # nanochat's network: every feature back, and the vocabulary's padding rows (cut on export) back as zeros
+    from picochat.model import vocab_rows
+    _export(runs["nanochat"], tmp_path / "nanochat-hf")
+    assert run_cli("import", "--format", "hf", "--load", str(tmp_path / "nanochat-hf"), "--save",
+                   str(tmp_path / "nanochat")).returncode == 0
+    a, b = load_run(runs["nanochat"]), load_run(tmp_path / "nanochat")
+    assert a.config == b.config and b.config.vocab_multiple == 64
+    n = tok.vocab_size
+    for k, w in a.model.state_dict().items():
+        got = b.model.state_dict()[k]
+        assert torch.equal(w[:n], got[:n]) if vocab_rows(k) else torch.equal(w, got), k
+        assert not vocab_rows(k) or not got[n:].any()
     # the folded export is the same function, not the same numbers: its import computes the same logits
     _export(runs["native"], tmp_path / "native-hf")
     assert run_cli("import", "--format", "hf", "--load", str(tmp_path / "native-hf"), "--save",
@@ -180,11 +199,13 @@ def test_int8_and_bf16_exports(runs, tok, tmp_path):
 
 # ----------------------------------------------------------------------------- nanochat checkpoints
 
-def _nanochat_dir(root: Path, tok: Tokenizer, pattern: str | None, seed: int = 0, extra: dict | None = None) -> Path:
+def _nanochat_dir(root: Path, tok: Tokenizer, pattern: str | None, seed: int = 0, extra: dict | None = None,
+                  head: bool = False) -> Path:
     """A nanochat checkpoint in its documented layout: <base>/tokenizer/tokenizer.pkl (a pickled
     tiktoken Encoding with nanochat's nine special tokens) and <base>/base_checkpoints/d2/
     model_000005.pt (the state dict, as saved from a torch.compile'd model, the vocab padded to a
-    multiple of 64, embeddings in bf16) with meta_000005.json."""
+    multiple of 64, embeddings in bf16) with meta_000005.json. head: HEAD's weights besides (value
+    embeddings and their gates on the last layer, smear, backout)."""
     import tiktoken
     n = tok.vocab_size - len(SPECIAL_TOKENS)
     ranks = {tok.token_bytes(i): i for i in range(n)}
@@ -206,6 +227,10 @@ def _nanochat_dir(root: Path, tok: Tokenizer, pattern: str | None, seed: int = 0
                       f"transformer.h.{i}.mlp.c_fc.weight": w(4 * d, d),
                       f"transformer.h.{i}.mlp.c_proj.weight": w(d, 4 * d)})
     state["resid_lambdas"], state["x0_lambdas"] = torch.tensor([1.2, 0.8]), torch.tensor([0.3, -0.2])
+    if head:
+        state.update({"value_embeds.1.weight": w(padded, 32).bfloat16(),
+                      "transformer.h.1.attn.ve_gate.weight": w(2, 12), "smear_gate.weight": w(1, 24),
+                      "smear_lambda": torch.tensor([0.4]), "backout_lambda": torch.tensor([0.25])})
     state.update(extra or {})
     ckpt = root / "base_checkpoints" / "d2"
     ckpt.mkdir(parents=True)
@@ -281,12 +306,43 @@ def test_nanochat_checkpoint_imports_and_matches_its_reference_forward(tok, tmp_
     assert "picochat's other 2 (reserved, never trained) get zero rows" in r.stdout
 
 
+def test_a_head_nanochat_checkpoint_imports_with_every_feature(tok, tmp_path):
+    """HEAD's layout: value embeddings (cut to the vocab, grown by picochat's reserved tokens like
+    the embeddings), their gates, smear and backout come in; the CLI gives the model that
+    from_nanochat gives (which tests/test_nanochat_golden.py holds to nanochat's own forward)."""
+    from picochat.convert.nanochat import from_nanochat
+    ckpt = _nanochat_dir(tmp_path / "nanochat", tok, "SL", head=True)
+    r = run_cli("import", "--format", "nanochat", "--load", str(ckpt), "--save", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = load_run(tmp_path / "run")
+    c = run.config
+    assert (c.value_embeds, c.smear, c.backout, c.qk_scale, c.rope_base, c.vocab_size) == \
+        (True, True, True, 1.2, 100_000.0, tok.vocab_size)
+    meta = json.loads((ckpt / "meta_000005.json").read_text())
+    state = {k.removeprefix("_orig_mod."): v for k, v in torch.load(ckpt / "model_000005.pt").items()}
+    config, weights = from_nanochat(state, meta["model_config"], "here")
+    ref = GPT(config)
+    ref.load_state_dict(weights)
+    vocab = meta["model_config"]["vocab_size"]
+    assert torch.equal(run.model.value_embeds["1"].weight[:vocab], weights["value_embeds.1.weight"])
+    assert not run.model.value_embeds["1"].weight[vocab:].any()  # picochat's reserved tokens: zero rows
+    for prompt in PROMPTS:
+        ids = torch.tensor([_ids(tok, prompt)])
+        with torch.no_grad():
+            assert (run.model.eval()(ids)[..., :vocab] - ref.eval()(ids)).abs().max().item() <= 1e-5
+
+
 def test_nanochat_features_picochat_lacks_are_refused(tok, tmp_path):
-    ckpt = _nanochat_dir(tmp_path / "nc", tok, "SSSL", extra={"value_embeds.0.weight": torch.zeros(4, 2),
-                                                              "smear_gate.weight": torch.zeros(2)})
+    """engram (January 2026), and the 32-channel value-embedding gates before March 9, 2026."""
+    ckpt = _nanochat_dir(tmp_path / "nc", tok, "SSSL", extra={"engram.0.weight": torch.zeros(4, 2)})
     r = run_cli("import", "--format", "nanochat", "--load", str(ckpt), "--save", str(tmp_path / "run"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1
-    assert "has smear and value embeddings" in r.stderr and not (tmp_path / "run").exists()
+    assert "has engram" in r.stderr and not (tmp_path / "run").exists()
+    ckpt = _nanochat_dir(tmp_path / "nc2", tok, "SSSL", extra={
+        "value_embeds.1.weight": torch.zeros(64, 32), "transformer.h.1.attn.ve_gate.weight": torch.zeros(2, 32)})
+    r = run_cli("import", "--format", "nanochat", "--load", str(ckpt), "--save", str(tmp_path / "run"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "value-embedding gates over 32 channels (nanochat before March 9, 2026)" in r.stderr
 
 
 class _Exploit:

@@ -1,11 +1,12 @@
 """Activation checkpointing and the peak-memory estimate that refuses configs which cannot fit."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from picochat.config import ModelConfig
+from picochat.config import NANOCHAT_FEATURES, ModelConfig
 from picochat.memory import activation_values_per_token, estimate_training_memory
 from picochat.model import GPT, num_params
 from tests.conftest import run_cli
@@ -29,8 +30,10 @@ def saved_for_backward(model: GPT, x: torch.Tensor) -> int:
 
 @pytest.mark.parametrize("depth,seq_len,pattern,vocab", [(2, 128, "L", 512), (4, 64, "SSSL", 4096),
                                                           (4, 256, "L", 512), (6, 128, "SSL", 2048)])
-def test_the_activation_estimate_matches_what_autograd_keeps(depth, seq_len, pattern, vocab):
-    config = ModelConfig.from_depth(depth, vocab_size=vocab, sequence_len=seq_len, window_pattern=pattern)
+@pytest.mark.parametrize("features", [{}, dataclasses.asdict(NANOCHAT_FEATURES)], ids=["picochat", "nanochat"])
+def test_the_activation_estimate_matches_what_autograd_keeps(depth, seq_len, pattern, vocab, features):
+    config = ModelConfig.from_depth(depth, vocab_size=vocab, sequence_len=seq_len,
+                                    **{**features, "window_pattern": pattern})
     torch.manual_seed(0)
     model = GPT(config)
     x = torch.randint(0, vocab, (2, seq_len))

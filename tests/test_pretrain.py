@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from picochat.config import NANOCHAT_FEATURES, ModelFeatures
 from picochat.optim import OptimConfig
 from picochat.run_dir import load_run
 from picochat.train.pretrain import PretrainConfig, pretrain
@@ -29,11 +30,13 @@ def _cfg(corpus, tok, save, **kw) -> PretrainConfig:
     return PretrainConfig(**base)
 
 
-def test_resume_is_exact(small_corpus, small_tokenizer, tmp_path, cpu_path):
-    """Down both CPU paths (auto = fp32, then bf16 autocast and bf16 Newton-Schulz): 12 steps
+@pytest.mark.parametrize("features", [ModelFeatures(), NANOCHAT_FEATURES], ids=["picochat", "nanochat"])
+def test_resume_is_exact(small_corpus, small_tokenizer, tmp_path, cpu_path, features):
+    """Down both CPU paths (auto = fp32, then bf16 autocast and bf16 Newton-Schulz), with picochat's
+    network and nanochat's (value embeddings, smear, backout and their optimizer state): 12 steps
     straight, or 6 + resume + 6, give the same weights bit for bit, and the loss falls. Small
     (256 tokens a step): bf16 crawls on a CPU without bf16 hardware."""
-    kw = dict(dtype="auto", total_batch_tokens=256, steps=12, eval_every=6, eval_tokens=512)
+    kw = dict(dtype="auto", total_batch_tokens=256, steps=12, eval_every=6, eval_tokens=512, features=features)
     straight = pretrain(_cfg(small_corpus, small_tokenizer, tmp_path / "straight", **kw))
     first = pretrain(_cfg(small_corpus, small_tokenizer, tmp_path / "split", stop_at=6, **kw))
     assert first["steps"] == 6

@@ -23,11 +23,13 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..common import PicochatError
 from ..config import ModelConfig
+from ..model import vocab_rows
 from ..tokenizer import (ASSISTANT_END, ASSISTANT_START, BOS, OUTPUT_END, OUTPUT_START, PYTHON_END, PYTHON_START,
                          SPECIAL_TOKENS, USER_END, USER_START, Tokenizer)
 from .layout import REMOTE, from_hf, to_hf
@@ -125,13 +127,19 @@ def read_dir(src: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer
     said = hf.get("picochat") or {}
     if said.get("model"):  # picochat wrote it: its own config, where it is the same network, comes back as it was
         ours = ModelConfig.from_dict(said["model"])
-        if ours.layer_windows() == config.layer_windows() and _without_windows(ours) == _without_windows(config):
+        if ours.layer_windows() == config.layer_windows() and _function(ours) == _function(config):
             config = ours
+            state = {k: F.pad(w, (0, 0, 0, config.padded_vocab - w.size(0))) if vocab_rows(k) else w
+                     for k, w in state.items()}  # its vocabulary's padding rows back (zeros: never a token)
     return config, state, tok, said
 
 
-def _without_windows(config: ModelConfig) -> dict:
-    return {k: v for k, v in config.to_dict().items() if k not in ("window_pattern", "window")}
+def _function(config: ModelConfig) -> dict:
+    """The settings that decide what the network computes (not its init, rows' padding or how its
+    windows were chosen: the windows themselves are compared apart)."""
+    return {k: v for k, v in config.to_dict().items()
+            if k not in ("window_pattern", "window", "window_rule", "scalar_init", "embed_std", "fc_init",
+                         "vocab_multiple")}
 
 
 def tokenizer_from_hf(data: dict, where) -> tuple[Tokenizer, int]:
@@ -155,15 +163,15 @@ def tokenizer_from_hf(data: dict, where) -> tuple[Tokenizer, int]:
 
 
 def fit_vocab(state: dict, rows: int, tok: Tokenizer, specials: int, where: str) -> dict:
-    """The embedding and head cut or grown to the tokenizer's vocab: a checkpoint's padding rows
-    (nanochat rounds the vocab up to 64 and never uses them) go; the special tokens picochat
-    reserves beyond the source's get zero rows (their logit is 0)."""
+    """The per-token weights (model.vocab_rows: embeddings and head) cut or grown to the tokenizer's
+    vocab: a checkpoint's padding rows (nanochat rounds the vocab up to 64 and never uses them) go;
+    the special tokens picochat reserves beyond the source's get zero rows (their logit is 0)."""
     n = tok.vocab_size - len(SPECIAL_TOKENS) + specials  # the ids the source knows
     if rows not in (n, -(-n // 64) * 64):
         raise PicochatError(f"{where}: the tokenizer has {n:,} tokens but the weights {rows:,} rows: the tokenizer "
                             "does not match the weights")
     out = dict(state)
-    for key in ("wte.weight", "lm_head.weight"):
+    for key in filter(vocab_rows, state):
         w = state[key][:n]
         if tok.vocab_size > n:
             w = torch.cat([w, w.new_zeros(tok.vocab_size - n, w.size(1))])

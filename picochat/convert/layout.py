@@ -16,43 +16,55 @@ import torch
 
 from ..common import PicochatError, log
 from ..config import ModelConfig
+from ..model import vocab_rows
 
 # RMSNorm's epsilon in picochat: F.rms_norm's default, the dtype's machine epsilon (fp32)
 RMS_EPS = torch.finfo(torch.float32).eps
 NATIVE, REMOTE = "nanochat", "picochat"
 
-# picochat name -> transformers name, per layer ({i}) and outside the layers
-_LAYER = {"attn.c_q": "self_attn.q_proj", "attn.c_k": "self_attn.k_proj", "attn.c_v": "self_attn.v_proj",
-          "attn.c_proj": "self_attn.o_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-_TOP = {"wte.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight",
-        "resid_lambdas": "model.resid_lambdas", "x0_lambdas": "model.x0_lambdas"}
+# picochat name -> transformers name. Inside a layer the attention is self_attn and the known
+# projections take transformers' names; a module or parameter of the model's that is not named here
+# (a feature's gate, its scalars, its embeddings) keeps its own name, under model. (or the layer's
+# self_attn / mlp), so a new feature exports and imports with no change here.
+_TOP = {"wte.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}
+_PART = {"attn": "self_attn", "mlp": "mlp"}
+_CHILD = {"c_q": "q_proj", "c_k": "k_proj", "c_v": "v_proj", "c_proj": "o_proj"}  # attention's
+_MLP = {"c_fc": "fc1", "c_proj": "fc2"}
 
 
 def hf_name(name: str) -> str:
     if name in _TOP:
         return _TOP[name]
-    _, i, rest = name.split(".", 2)  # blocks.{i}.attn.c_q.weight
-    module, param = rest.rsplit(".", 1)
-    return f"model.layers.{i}.{_LAYER[module]}.{param}"
+    if not name.startswith("blocks."):
+        return f"model.{name}"
+    _, i, part, rest = name.split(".", 3)  # blocks.{i}.attn.c_q.weight
+    child, param = rest.split(".", 1)
+    child = (_MLP if part == "mlp" else _CHILD).get(child, child)
+    return f"model.layers.{i}.{_PART[part]}.{child}.{param}"
 
 
 def picochat_name(name: str) -> str:
     for ours, theirs in _TOP.items():
         if name == theirs:
             return ours
+    if not name.startswith("model."):
+        raise PicochatError(f"unexpected weight {name!r}")
     if not name.startswith("model.layers."):
+        return name.removeprefix("model.")
+    _, _, i, part, rest = name.split(".", 4)
+    back = {v: k for k, v in _PART.items()}
+    if part not in back or "." not in rest:
         raise PicochatError(f"unexpected weight {name!r}")
-    _, _, i, rest = name.split(".", 3)
-    module, param = rest.rsplit(".", 1)
-    back = {v: k for k, v in _LAYER.items()}
-    if module not in back:
-        raise PicochatError(f"unexpected weight {name!r}")
-    return f"blocks.{i}.{back[module]}.{param}"
+    child, param = rest.split(".", 1)
+    child = {v: k for k, v in (_MLP if part == "mlp" else _CHILD).items()}.get(child, child)
+    return f"blocks.{i}.{back[part]}.{child}.{param}"
 
 
 def why_remote(config: ModelConfig, weights: dict[str, torch.Tensor]) -> list[str]:
     """What of this model transformers' NanoChat cannot compute (nothing: it can)."""
-    reasons = []
+    features = {"value embeddings": config.value_embeds, "smear": config.smear, "backout": config.backout,
+                f"queries and keys scaled by {config.qk_scale:g}": config.qk_scale != 1.0}
+    reasons = [name for name, on in features.items() if on]
     active = sorted({w for w in config.layer_windows() if w and w < config.sequence_len})
     if active:
         reasons.append(f"sliding windows of {', '.join(map(str, active))} tokens within its context of "
@@ -66,7 +78,9 @@ def why_remote(config: ModelConfig, weights: dict[str, torch.Tensor]) -> list[st
 
 def to_hf(config: ModelConfig, weights: dict[str, torch.Tensor], architecture: str) -> tuple[dict, dict]:
     """(config.json's model fields, weights) under transformers' names, for `architecture`
-    (NATIVE: residual scales folded, the scalars gone; REMOTE: as they are)."""
+    (NATIVE: residual scales folded, the scalars gone; REMOTE: as they are), the vocabulary's
+    padding rows cut."""
+    weights = {k: w[:config.vocab_size] if vocab_rows(k) else w for k, w in weights.items()}
     common = {"vocab_size": config.vocab_size, "hidden_size": config.n_embd,
               "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
               "num_key_value_heads": config.n_kv_head, "max_position_embeddings": config.sequence_len,
@@ -87,7 +101,9 @@ def to_hf(config: ModelConfig, weights: dict[str, torch.Tensor], architecture: s
         return hf, out
     out = {hf_name(name): w for name, w in weights.items()}
     hf = {"model_type": REMOTE, "architectures": ["PicochatForCausalLM"], **common,
-          "windows": config.layer_windows(), "rope_theta": config.rope_base,
+          "windows": config.layer_windows(), "rope_theta": config.rope_base, "qk_scale": config.qk_scale,
+          "value_embed_layers": [i for i in range(config.n_layer) if config.has_value_embed(i)],
+          "smear": config.smear, "backout_layer": config.backout_layer,
           "auto_map": {"AutoConfig": "configuration_picochat.PicochatConfig",
                        "AutoModelForCausalLM": "modeling_picochat.PicochatForCausalLM"}}
     return hf, out
@@ -125,7 +141,14 @@ def from_hf(hf: dict, weights: dict[str, torch.Tensor]) -> tuple[ModelConfig, di
                          n_kv_head=hf.get("num_key_value_heads") or heads, sequence_len=hf["max_position_embeddings"],
                          window_pattern=pattern, window=window,
                          softcap=float(hf.get("final_logit_softcapping") or 0.0),
-                         rope_base=float(rope.get("rope_theta", 10000.0)))
+                         rope_base=float(rope.get("rope_theta", 10000.0)), qk_scale=float(hf.get("qk_scale", 1.0)),
+                         value_embeds=bool(hf.get("value_embed_layers")), smear=bool(hf.get("smear")),
+                         backout=hf.get("backout_layer") is not None)
+    if (hf.get("value_embed_layers") or []) != [i for i in range(n_layer) if config.has_value_embed(i)] or \
+            hf.get("backout_layer", config.backout_layer) != config.backout_layer:
+        raise PicochatError(f"value embeddings on layers {hf.get('value_embed_layers')} or backout at layer "
+                            f"{hf.get('backout_layer')}: picochat's are on alternating layers (the last included) "
+                            f"and at layer {n_layer // 2}")
     if hf.get("intermediate_size", config.mlp_hidden) != config.mlp_hidden:
         raise PicochatError(f"intermediate_size {hf['intermediate_size']}: picochat's MLP is 4 x hidden_size "
                             f"({config.mlp_hidden})")

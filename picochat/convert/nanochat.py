@@ -6,16 +6,24 @@ The weights load with torch.load(weights_only=True); the tokenizer through an un
 knows one class, tiktoken's Encoding, and rebuilds only its state (name, split pattern, ranks,
 special tokens) without importing tiktoken's code: anything else in the pickle is refused.
 
-nanochat's network is picochat's until January 16, 2026: the same norms, rotary embeddings
-(base 10,000), QK-norm, ReLU^2 MLP, soft cap, and (from January 11) the residual and x0 scalars
-and the window pattern, whose short window, sequence_len // 2 keys before the query, is
-picochat's window of sequence_len // 2 + 1 keys counting the query's own. Checkpoints after that
-add value embeddings, and later smear, backout, a rotary base of 100,000 and scaled queries:
-they are refused, naming what they have.
+A checkpoint does not say which nanochat wrote it, and nanochat's constants (rotary base,
+query/key scale, short window) changed in its code, not its files. The weights tell the eras
+apart, and each era's network is one picochat computes (ModelFeatures), found by name:
+- October 2025 - January 10, 2026: no scalars, full context; rotary base 10,000.
+- January 11 - 15: the residual and x0 scalars and the window pattern, whose short window,
+  sequence_len // 2 keys before the query, is picochat's window of sequence_len // 2 + 1 keys
+  counting the query's own.
+- March 9 - 13: value embeddings on alternating layers with 12-channel gates, rotary base 100,000,
+  queries and keys x 1.15, a short window of sequence_len / 3 rounded up to 128.
+- March 14 on (HEAD 92d63d4): smear and backout besides, queries and keys x 1.2, a short window of
+  sequence_len / 4 rounded up to 128: NANOCHAT_FEATURES.
+Between January 16 and March 8 the value embeddings' gates read 32 channels and scaled by 2, and
+engram came and went: those checkpoints are refused, naming what they have.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import re
@@ -24,14 +32,13 @@ from pathlib import Path
 import torch
 
 from ..common import PicochatError, first_line, log
-from ..config import ModelConfig
+from ..config import NANOCHAT_FEATURES, VE_GATE_CHANNELS, ModelConfig, ModelFeatures
+from ..model import GPT, vocab_rows
 from ..tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 from .hf import fit_vocab
 
-_LAYER = re.compile(r"transformer\.h\.(\d+)\.(attn\.c_q|attn\.c_k|attn\.c_v|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
-# what later nanochat models have and picochat's network does not
-FEATURES = {"value_embed": "value embeddings", "ve_gate": "value-embedding gates", "v0_lambdas": "value embeddings",
-            "smear": "smear", "backout": "backout", "engram": "engram"}
+# what some nanochat models between January 16 and March 8, 2026 have, and picochat's network not
+REFUSED = {"engram": "engram", "v0_lambdas": "value-embedding mixing scalars (v0_lambdas)"}
 
 
 class _EncodingState:
@@ -112,31 +119,62 @@ def read_checkpoint(src: Path, step: int | None = None, tokenizer: str | None = 
     except Exception as e:  # weights_only refuses anything but tensors and containers
         raise PicochatError(f"{src / f'model_{step:06d}.pt'}: cannot be read as weights ({first_line(e)})") from None
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
-    have = sorted({label for key in state for part, label in FEATURES.items() if part in key})
-    if have:
-        raise PicochatError(f"{src}: this nanochat model has {' and '.join(have)}, which picochat's network does not "
-                            "(nanochat after January 16, 2026): it cannot be imported exactly")
+    config, weights = from_nanochat(state, mc, str(src))
     tok, specials = read_tokenizer(find_tokenizer(src, tokenizer))
-    n_layer, seq = mc["n_layer"], mc["sequence_len"]
-    pattern = mc.get("window_pattern", "L").upper()
-    config = ModelConfig(vocab_size=tok.vocab_size, n_layer=n_layer, n_embd=mc["n_embd"], n_head=mc["n_head"],
-                         n_kv_head=mc.get("n_kv_head", mc["n_head"]), sequence_len=seq, window_pattern=pattern,
-                         window=seq // 2 + 1)
-    weights = {}
-    for key, w in state.items():
-        if m := _LAYER.fullmatch(key):
-            weights[f"blocks.{m.group(1)}.{m.group(2)}.weight"] = w.float()
-        elif key in ("transformer.wte.weight", "lm_head.weight"):
-            weights["wte.weight" if key.startswith("transformer") else key] = w.float()
-        elif key in ("resid_lambdas", "x0_lambdas"):
-            weights[key] = w.float()
-        else:
-            raise PicochatError(f"{src}: weight {key!r} is not one picochat's network has: it cannot be imported exactly")
-    weights.setdefault("resid_lambdas", torch.ones(n_layer))
-    weights.setdefault("x0_lambdas", torch.zeros(n_layer))
     weights = fit_vocab(weights, weights["wte.weight"].size(0), tok, specials, str(src))
+    config = dataclasses.replace(config, vocab_size=tok.vocab_size)
     if specials < len(SPECIAL_TOKENS):
         log(f"import: nanochat has {specials} special tokens; picochat's other {len(SPECIAL_TOKENS) - specials} "
             "(reserved, never trained) get zero rows")
     return config, weights, tok, {"step": step, "nanochat_meta": {k: v for k, v in meta.items() if k != "model_config"}}
 
+
+def from_nanochat(state: dict[str, torch.Tensor], mc: dict, where: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """picochat's config and weights (fp32, the vocab's padding rows cut) for a nanochat state dict
+    and its model_config, the network's era read off its weights (the module's docstring)."""
+    have = sorted({label for key in state for part, label in REFUSED.items() if part in key})
+    gates = [w for key, w in state.items() if key.endswith("attn.ve_gate.weight")]
+    if gates and gates[0].size(1) != VE_GATE_CHANNELS:
+        have.append(f"value-embedding gates over {gates[0].size(1)} channels (nanochat before March 9, 2026)")
+    if have:
+        raise PicochatError(f"{where}: this nanochat model has {' and '.join(have)}, which picochat's network does not "
+                            "compute: it cannot be imported exactly")
+    n_layer, seq, vocab = mc["n_layer"], mc["sequence_len"], mc["vocab_size"]
+    smear, backout = "smear_gate.weight" in state, "backout_lambda" in state
+    ve = sorted(int(k.split(".")[1]) for k in state if k.startswith("value_embeds."))
+    if smear or backout:  # HEAD's network
+        era = dataclasses.replace(NANOCHAT_FEATURES, smear=smear, backout=backout, value_embeds=bool(ve),
+                                  vocab_multiple=1)
+        window = 0
+    elif ve:  # March 9 - 13
+        era = dataclasses.replace(NANOCHAT_FEATURES, smear=False, backout=False, qk_scale=1.15, vocab_multiple=1)
+        window = -(-seq // 3 // 128) * 128 + 1
+    else:  # before January 16
+        era, window = ModelFeatures(), seq // 2 + 1
+    config = ModelConfig(vocab_size=vocab, n_layer=n_layer, n_embd=mc["n_embd"], n_head=mc["n_head"],
+                         n_kv_head=mc.get("n_kv_head", mc["n_head"]), sequence_len=seq,
+                         window_pattern=mc.get("window_pattern", "L").upper(), window=window, **dataclasses.asdict(era))
+    if ve and ve != [i for i in range(n_layer) if config.has_value_embed(i)]:
+        raise PicochatError(f"{where}: value embeddings on layers {ve}: picochat's are on alternating layers, the last "
+                            "included")
+    weights = {}
+    for key, w in state.items():  # nanochat's names are picochat's, the blocks under transformer.h
+        name = key.removeprefix("transformer.")
+        weights["blocks." + name[2:] if name.startswith("h.") else name] = w.float()
+    weights.setdefault("resid_lambdas", torch.ones(n_layer))
+    weights.setdefault("x0_lambdas", torch.zeros(n_layer))
+    expected = {k: tuple(v.shape) for k, v in _meta_state(config).items()}
+    weights = {k: w[:vocab] if vocab_rows(k) else w for k, w in weights.items()}
+    unknown = sorted(set(weights) - set(expected))
+    if unknown:
+        raise PicochatError(f"{where}: weight {unknown[0]!r} is not one picochat's network has: it cannot be imported "
+                            "exactly")
+    wrong = [k for k in expected if k not in weights or tuple(weights[k].shape) != expected[k]]
+    if wrong:
+        raise PicochatError(f"{where}: weight {wrong[0]!r} is missing or of another shape than its model_config says")
+    return config, weights
+
+
+def _meta_state(config: ModelConfig) -> dict:
+    with torch.device("meta"):
+        return GPT(config).state_dict()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 
 from .. import distributed
 from ..common import PicochatError, log, seed_everything
-from ..config import DEPTH_PRESETS, ModelConfig
+from ..config import DEPTH_PRESETS, ModelConfig, ModelFeatures
 from ..data.loader import PackingLoader, TokenDataset
 from ..data.sources import TEXT_FILES, list_files
 from ..decode_batch import GenRequest
@@ -38,7 +39,9 @@ class PretrainConfig:
     seq_len: int = setting(1024, "context length in tokens", low=1)
     window_pattern: str = setting("SSSL", "per-layer attention, repeated: S(liding window) or L(ong, the whole "
                                           "context); the last layer is always L")
-    window: int = setting(0, "sliding window in tokens (default: seq-len / 4)", low=0)
+    window: int = setting(0, "sliding window in tokens, the query's own included (default: by --window-rule)",
+                          low=0)
+    features: ModelFeatures = setting(factory=ModelFeatures)
     batch_size: int = setting(8, "rows per micro-batch", low=1)
     total_batch_tokens: int = setting(0, "tokens per optimizer step, by gradient accumulation (default: one "
                                          "micro-batch)", low=0)
@@ -59,7 +62,8 @@ class PretrainConfig:
 def model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
     """The model a pretraining config trains, for a tokenizer of `vocab_size`."""
     return ModelConfig.from_depth(cfg.depth, vocab_size=vocab_size, sequence_len=cfg.seq_len,
-                                  window_pattern=cfg.window_pattern, window=cfg.window)
+                                  window_pattern=cfg.window_pattern, window=cfg.window,
+                                  **dataclasses.asdict(cfg.features))
 
 
 def plan_pretrain(cfg: PretrainConfig, params: int, world: int) -> TrainPlan:

@@ -1,15 +1,21 @@
 """A picochat model in transformers, for what its NanoChat architecture cannot hold: sliding-window
-layers and trained residual/x0 scalars. `picochat export --format hf` ships this file with the
-weights when the model needs it; AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)
-loads it. It computes picochat's function (picochat/model.py), under transformers' weight names:
+layers, trained residual/x0 scalars, value embeddings, smear, backout, scaled queries and keys.
+`picochat export --format hf` ships this file with the weights when the model needs it;
+AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) loads it. It computes picochat's
+function (picochat/model.py), under transformers' weight names:
 
-    x = norm(embed(ids)); x0 = x
+    x = norm(embed(ids)); x += smear_lambda * sigmoid(smear_gate(x[:24])) * x[previous token]
+    x0 = x
     per layer i: x = resid_lambdas[i] * x + x0_lambdas[i] * x0
-                 x = x + o_proj(attention(norm(x)))      # QK-norm, rotary, window windows[i]
+                 x = x + o_proj(attention(norm(x)))      # QK-norm, rotary, x qk_scale, window windows[i],
+                                                         # values + 3 sigmoid(ve_gate(norm(x)[:12])) * value_embeds[i]
                  x = x + fc2(relu(fc1(norm(x)))^2)
-    logits = softcap * tanh(lm_head(norm(x)) / softcap)
+                 (at backout_layer: mid = x)
+    logits = softcap * tanh(lm_head(norm(x - backout_lambda * mid)) / softcap)
 
-norm is RMSNorm without weights. Keys and values go through transformers' own cache objects.
+norm is RMSNorm without weights. Keys and values go through transformers' own cache objects; smear's
+previous embedding of each row rides on the cache object between steps (beam search, which
+reorders rows, does not carry it).
 """
 
 import torch
@@ -42,14 +48,21 @@ class PicochatAttention(nn.Module):
         self.k_proj = nn.Linear(d, kv, bias=False)
         self.v_proj = nn.Linear(d, kv, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
+        self.qk_scale = config.qk_scale
+        self.ve_gate = nn.Linear(12, self.n_kv_head, bias=False) if layer_idx in config.value_embed_layers else None
 
-    def forward(self, x, cos, sin, mask, cache):
+    def forward(self, x, ve, cos, sin, mask, cache):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
-        q = rotate(F.rms_norm(q, (self.head_dim,), eps=self.eps), cos, sin).transpose(1, 2)
-        k = rotate(F.rms_norm(k, (self.head_dim,), eps=self.eps), cos, sin).transpose(1, 2)
+        if ve is not None:
+            v = v + 3 * torch.sigmoid(self.ve_gate(x[..., :12])).unsqueeze(-1) * ve.view(B, T, self.n_kv_head, -1)
+        q = rotate(F.rms_norm(q, (self.head_dim,), eps=self.eps), cos, sin)
+        k = rotate(F.rms_norm(k, (self.head_dim,), eps=self.eps), cos, sin)
+        if self.qk_scale != 1.0:
+            q, k = q * self.qk_scale, k * self.qk_scale
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
@@ -82,6 +95,14 @@ class PicochatModel(nn.Module):
         self.layers = nn.ModuleList(PicochatLayer(config, i) for i in range(config.num_hidden_layers))
         self.resid_lambdas = nn.Parameter(torch.ones(config.num_hidden_layers))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.num_hidden_layers))
+        kv = config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv)
+                                           for i in config.value_embed_layers})
+        if config.smear:
+            self.smear_gate = nn.Linear(24, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout_layer is not None:
+            self.backout_lambda = nn.Parameter(torch.zeros(1))
 
     def norm(self, x):
         return F.rms_norm(x, (x.size(-1),), eps=self.config.rms_norm_eps)
@@ -109,12 +130,35 @@ class PicochatModel(nn.Module):
             m = m[None, None] if pad is None else (m[None, None] & pad) | (kpos[None, :] == qpos[:, None])[None, None]
             masks[w] = m
         x = self.norm(self.embed_tokens(input_ids))
-        x0 = x
+        if self.config.smear:
+            x = x + self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :24])) * self.previous(x, attention_mask,
+                                                                                                   past, cache)
+        x0, mid = x, None
         for i, layer in enumerate(self.layers):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            x = x + layer.self_attn(self.norm(x), cos, sin, masks[self.config.windows[i]], cache)
+            ve = self.value_embeds[str(i)](input_ids) if str(i) in self.value_embeds else None
+            x = x + layer.self_attn(self.norm(x), ve, cos, sin, masks[self.config.windows[i]], cache)
             x = x + layer.mlp(self.norm(x))
+            if i == self.config.backout_layer:
+                mid = x
+        if mid is not None:
+            x = x - self.backout_lambda * mid
         return self.norm(x)
+
+    def previous(self, x, attention_mask, past, cache):
+        """Each token's predecessor's embedding: zeros for a row's first token and after padding;
+        the first new token's comes from the cache, which keeps each row's last for the next step."""
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        last = getattr(cache, "picochat_last", None) if past else None
+        if last is not None:
+            prev[:, :1] = last
+        if attention_mask is not None:  # a predecessor that is padding is none
+            real = attention_mask[:, -x.size(1) - 1:].bool()
+            real = real[:, :-1] if real.size(1) > x.size(1) else F.pad(real[:, :-1], (1, 0))
+            prev = prev * real.unsqueeze(-1).to(prev.dtype)
+        if cache is not None:
+            cache.picochat_last = x[:, -1:]
+        return prev
 
 
 class PicochatPreTrainedModel(PreTrainedModel):
