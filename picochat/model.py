@@ -184,7 +184,8 @@ class GPT(nn.Module):
             "matrix": [p for p in self.blocks.parameters()],
             "embedding": [self.wte.weight],
             "head": [self.lm_head.weight],
-            "scalar": [self.resid_lambdas, self.x0_lambdas],
+            "resid": [self.resid_lambdas],
+            "x0": [self.x0_lambdas],
         }
         if self.value_embeds:
             groups["value_embed"] = [ve.weight for ve in self.value_embeds.values()]

@@ -1,4 +1,5 @@
-"""The optimizer: Muon for the transformer's hidden matrices, AdamW for everything else.
+"""The optimizer: Muon (muon.py) for the transformer's hidden matrices, AdamW for everything else,
+their learning-rate, momentum and weight-decay schedules, and the settings of all of it.
 
 Why two optimizers. Muon (Keller Jordan et al., 2024) takes the momentum of a weight matrix's
 gradient and replaces it by the nearest semi-orthogonal matrix (all singular values ~1) before
@@ -7,34 +8,31 @@ directions taking all the step; for the 2-D hidden weights of a transformer this
 faster than AdamW. It is not meant for embeddings (a lookup, not a linear map on a dense input), the
 output head, or 1-D scalars, so those keep AdamW — the same split nanochat and modded-nanogpt use.
 
-Speed. On CPU the optimizer step is a large share of a small model's training step, and much of it
-is Python and dispatch overhead. So Muon groups the matrices by shape (a tall matrix counts as its
-transpose: Newton–Schulz works on the wide orientation anyway) and runs each group as ONE stacked
-3-D tensor: one momentum update, batched matmuls for the orthogonalization, one foreach add back
-into the parameters. A depth-8 model has 3 such groups, whatever its depth.
-
-Distributed (torchrun): the training loop sums the gradients over ranks first; then each rank runs
-Newton–Schulz on its slice (along dim 0) of every stacked group and the slices are all-gathered, so
-N ranks share the orthogonalization work. The momentum is replicated: it is element-wise and cheap,
-and it keeps every rank's optimizer state identical, so rank 0's checkpoint resumes any rank.
+OptimConfig's defaults are picochat's recipe; NANOCHAT_OPTIM is nanochat's at HEAD 92d63d4 (its
+base_train.py and gpt.py's setup_optimizer): Polar Express, NorMuon, MuonEq, Muon+, cautious
+weight decay on a cosine schedule, AdamW betas and weight decay per group, 40 warmup steps, a 65%
+warmdown to 5%, Muon momentum 0.85 -> 0.97 over 400 steps and -> 0.90 through the warmdown.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from . import distributed
+from .muon import ORTHOGONALIZERS, Muon
 from .settings import setting
+
+WD_SCHEDULES = ("constant", "cosine")
 
 # ----------------------------------------------------------------------------- configuration
 
 
 @dataclass
 class OptimConfig:
-    # Learning rates, before the schedule multiplier. Defaults are nanochat's.
+    # Learning rates, before the schedule multiplier.
     matrix_lr: float = setting(0.02, "Muon learning rate of the hidden matrices")  # x sqrt(max(1, rows/cols))
     embedding_lr: float = setting(0.2, "AdamW learning rate of the token embedding")  # x (n_embd/768)^-0.5
     head_lr: float = setting(0.004, "AdamW learning rate of the output head")  # x (n_embd/768)^-0.5
@@ -42,30 +40,67 @@ class OptimConfig:
     # lr per step whatever its gradient, so 0.5 rescales the residual stream by up to 50% in one
     # step: at 8K-token batches that gave one-step loss spikes past log(vocab) (measured: depth 4,
     # Gutenberg, step 20). 0.005 trains smoothly and reached a lower loss by step 24.
-    scalar_lr: float = setting(0.005, "AdamW learning rate of the per-layer scalars")
+    scalar_lr: float = setting(0.005, "AdamW learning rate of the per-layer scalars (x0's; the residual's is "
+                                      "--resid-lr times it)")
+    resid_lr: float = setting(1.0, "the residual scalars' learning rate as a multiple of --scalar-lr (nanochat: "
+                                   "0.01)", low=0)
+    value_embed_lr: float = setting(0.5, "the value embeddings' learning rate as a multiple of --embedding-lr", low=0)
     gate_lr: float = setting(0.2, "AdamW learning rate of the smear and backout gates (when the model has them)")
     # AdamW. beta1 = 0.8 keeps the short-memory momentum nanochat found best for embeddings; the
     # tiny eps matters because embedding rows of rare tokens get tiny second moments.
-    adam_betas: tuple[float, float] = setting((0.8, 0.95), "AdamW betas")
+    adam_betas: tuple[float, float] = setting((0.8, 0.95), "AdamW betas of every group not given its own")
     adam_eps: float = setting(1e-10, "AdamW epsilon")
-    # Decoupled weight decay, applied to the Muon matrices only (p *= 1 - lr * wd, lr scheduled);
-    # embeddings, head and scalars are never decayed.
-    weight_decay: float = setting(0.0, "decoupled weight decay of the hidden matrices")
+    # AdamW per group: (beta1, beta2, weight decay), or the shared betas and no decay
+    head_adam: tuple[float, float, float] | None = setting(None, "AdamW beta1 beta2 weight-decay of the head "
+                                                                 "(nanochat: 0.8 0.96 0.01)")
+    embedding_adam: tuple[float, float, float] | None = setting(None, "... of the token embedding (nanochat: 0.8 "
+                                                                      "0.995 0.001)")
+    value_embed_adam: tuple[float, float, float] | None = setting(None, "... of the value embeddings (nanochat: "
+                                                                        "0.8 0.995 0.01)")
+    resid_adam: tuple[float, float, float] | None = setting(None, "... of the residual scalars (nanochat: 0.8 0.95 "
+                                                                  "0.05)")
+    x0_adam: tuple[float, float, float] | None = setting(None, "... of the x0 scalars (nanochat: 0.96 0.95 0)")
+    # Decoupled weight decay of the Muon matrices (p *= 1 - lr * wd, lr scheduled); AdamW's groups
+    # have their own above.
+    weight_decay: float = setting(0.0, "decoupled weight decay of the hidden matrices", low=0)
+    cautious_wd: bool = setting(False, "decay a matrix entry only where its update agrees with it in sign (nanochat)")
+    wd_schedule: str = setting("constant", "the hidden matrices' weight decay over the run: constant, or cosine "
+                                           "down to 0 (nanochat)", choices=WD_SCHEDULES)
     # Muon momentum warms up linearly from muon_momentum_start to muon_momentum over the first
     # muon_momentum_warmup_steps steps: low momentum early, when the gradients change fast.
     muon_momentum: float = setting(0.95, "Muon momentum after its warmup")
     muon_momentum_start: float = setting(0.85, "Muon momentum at step 0")
     muon_momentum_warmup_steps: int = setting(300, "steps of Muon momentum warmup")
-    ns_steps: int = setting(5, "Newton-Schulz iterations")  # 5 is enough with the quintic coefficients below
-    # Precision of the Newton–Schulz matmuls: "auto" = bf16 on CUDA and on CPUs with fast bf16
+    muon_momentum_final: float | None = setting(None, "Muon momentum at the end of the LR warmdown, linearly from "
+                                                      "--muon-momentum (default: unchanged)")
+    ns_steps: int = setting(5, "orthogonalization iterations")  # 5 is enough with either's coefficients
+    orthogonalizer: str = setting("newton-schulz", "how Muon orthogonalizes: newton-schulz (a fixed quintic) or "
+                                                   "polar-express (per-iteration coefficients; nanochat)",
+                                  choices=ORTHOGONALIZERS)
+    muon_beta2: float = setting(0.0, "NorMuon: a second moment per neuron with this beta scales the update "
+                                     "(0: off; nanochat: 0.9)", low=0, high=1)
+    muon_eq: bool = setting(False, "MuonEq: equilibrate each matrix's rows before orthogonalizing (nanochat)")
+    muon_plus: bool = setting(False, "Muon+: set the update's Frobenius norm to sqrt(min(rows, cols)) (nanochat)")
+    # Precision of the orthogonalization's matmuls: "auto" = bf16 on CUDA and on CPUs with fast bf16
     # (AVX512-BF16 / AMX), fp32 elsewhere (bf16 without hardware support is ~100x slower on CPU).
-    ns_dtype: str = setting("auto", "precision of Newton-Schulz (auto: bf16 on CUDA and on CPUs with native "
-                                    "bf16, else fp32)", choices=("auto", "fp32", "bf16"))
-    # LR schedule, as fractions of the total steps: linear warmup, constant, linear warmdown to
-    # final_lr_frac * lr. nanochat uses no warmup and a 20% warmdown to zero.
-    warmup_frac: float = setting(0.0, "fraction of the steps spent warming the learning rate up")
-    warmdown_frac: float = setting(0.2, "fraction of the steps spent decaying the learning rate")
-    final_lr_frac: float = setting(0.0, "learning rate at the end, as a fraction of the peak")
+    ns_dtype: str = setting("auto", "precision of the orthogonalization (auto: bf16 on CUDA and on CPUs with "
+                                    "native bf16, else fp32)", choices=("auto", "fp32", "bf16"))
+    # LR schedule: linear warmup, constant, linear warmdown to final_lr_frac * lr.
+    warmup_frac: float = setting(0.0, "fraction of the steps spent warming the learning rate up", low=0, high=1)
+    warmup_steps: int = setting(0, "steps spent warming the learning rate up, if given (nanochat: 40)", low=0)
+    warmdown_frac: float = setting(0.2, "fraction of the steps spent decaying the learning rate", low=0, high=1)
+    final_lr_frac: float = setting(0.0, "learning rate at the end, as a fraction of the peak", low=0)
+
+
+# nanochat at HEAD 92d63d4: scripts/base_train.py's defaults and gpt.py's setup_optimizer. Its
+# learning rates are before nanochat's batch-size scaling (the pretraining budget applies it).
+NANOCHAT_OPTIM = OptimConfig(
+    matrix_lr=0.02, embedding_lr=0.3, head_lr=0.008, scalar_lr=0.5, resid_lr=0.01, value_embed_lr=0.5, gate_lr=0.2,
+    head_adam=(0.8, 0.96, 0.01), embedding_adam=(0.8, 0.995, 0.001), value_embed_adam=(0.8, 0.995, 0.01),
+    resid_adam=(0.8, 0.95, 0.05), x0_adam=(0.96, 0.95, 0.0), weight_decay=0.28, cautious_wd=True,
+    wd_schedule="cosine", muon_momentum=0.97, muon_momentum_start=0.85, muon_momentum_warmup_steps=400,
+    muon_momentum_final=0.90, orthogonalizer="polar-express", muon_beta2=0.9, muon_eq=True, muon_plus=True,
+    warmup_steps=40, warmdown_frac=0.65, final_lr_frac=0.05)
 
 
 def scale_lrs(cfg: OptimConfig, scale: float) -> OptimConfig:
@@ -78,15 +113,14 @@ def scale_lrs(cfg: OptimConfig, scale: float) -> OptimConfig:
 # ----------------------------------------------------------------------------- schedules
 
 
-def lr_multiplier(
-    step: int, total_steps: int, warmup_frac: float, warmdown_frac: float, final_lr_frac: float
-) -> float:
+def lr_multiplier(step: int, total_steps: int, warmup_frac: float, warmdown_frac: float, final_lr_frac: float,
+                  warmup_steps: int = 0) -> float:
     """Multiplier on every base LR at `step` (0-based) of `total_steps`.
 
-    Warmup: (step+1)/warmup_steps, so the very first step already moves. Constant 1.0 until
-    total - warmdown_steps, then linear down to final_lr_frac, reached at step == total_steps
-    (the last step actually taken, total-1, is one notch above it)."""
-    warmup = round(warmup_frac * total_steps)
+    Warmup (warmup_steps, else warmup_frac of the run): (step+1)/warmup, so the very first step
+    already moves. Constant 1.0 until total - warmdown_steps, then linear down to final_lr_frac,
+    reached at step == total_steps (the last step actually taken, total-1, is one notch above)."""
+    warmup = warmup_steps or round(warmup_frac * total_steps)
     warmdown = round(warmdown_frac * total_steps)
     if step < warmup:
         return (step + 1) / warmup
@@ -96,196 +130,36 @@ def lr_multiplier(
     return final_lr_frac + (1.0 - final_lr_frac) * left
 
 
-def muon_momentum(step: int, cfg: OptimConfig) -> float:
-    """Muon momentum at `step`: linear from cfg.muon_momentum_start to cfg.muon_momentum."""
-    if cfg.muon_momentum_warmup_steps <= 0:
-        return cfg.muon_momentum
-    frac = min(step / cfg.muon_momentum_warmup_steps, 1.0)
-    return (1.0 - frac) * cfg.muon_momentum_start + frac * cfg.muon_momentum
+def muon_momentum(step: int, cfg: OptimConfig, total_steps: int = 0) -> float:
+    """Muon momentum at `step`: linear from cfg.muon_momentum_start to cfg.muon_momentum over its
+    warmup steps; then, with muon_momentum_final, linear to that through the LR's warmdown."""
+    warmup = cfg.muon_momentum_warmup_steps
+    if warmup > 0 and step < warmup:
+        frac = step / warmup
+        return (1.0 - frac) * cfg.muon_momentum_start + frac * cfg.muon_momentum
+    warmdown = round(cfg.warmdown_frac * total_steps)
+    if cfg.muon_momentum_final is not None and warmdown and step >= total_steps - warmdown:
+        progress = (step - (total_steps - warmdown)) / warmdown
+        return cfg.muon_momentum * (1 - progress) + cfg.muon_momentum_final * progress
+    return cfg.muon_momentum
 
 
-# ----------------------------------------------------------------------------- Muon
-
-# Quintic Newton–Schulz coefficients from Keller Jordan's Muon: chosen to push every singular
-# value in (0, 1] up towards 1 as fast as possible, at the price of not converging exactly — after
-# 5 steps the singular values land roughly in [0.7, 1.2], which works as well as exact
-# orthogonalization for training and costs 5 iterations instead of dozens.
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
-
-
-def ns_dtype_for(device: torch.device, name: str = "auto") -> torch.dtype:
-    """The dtype Newton–Schulz runs in (see OptimConfig.ns_dtype)."""
-    if name == "fp32":
-        return torch.float32
-    if name == "bf16":
-        return torch.bfloat16
-    if name != "auto":
-        raise ValueError(f"ns_dtype must be auto, fp32 or bf16, not {name!r}")
-    if device.type == "cuda":
-        return torch.bfloat16
-    if device.type == "cpu":
-        from picochat.common import cpu_has_fast_bf16
-
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    return torch.float32
-
-
-def orthogonalize(stacked: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Approximately replace each matrix of a (n, rows, cols) stack by U V^T of its SVD U S V^T.
-
-    A 2-D input is treated as a stack of one. Returned in the input's dtype and shape.
-    The quintic iteration X <- aX + (bA + cA^2)X with A = XX^T maps each singular value s to
-    p(s) = as + bs^3 + cs^5 while keeping the singular vectors; it needs all s <= 1 to start, which
-    dividing by the Frobenius norm guarantees (||X||_F >= the largest singular value)."""
-    squeeze = stacked.ndim == 2
-    X = stacked.unsqueeze(0) if squeeze else stacked
-    assert X.ndim == 3, f"orthogonalize wants a 2-D or 3-D tensor, got shape {tuple(stacked.shape)}"
-    dtype = dtype or X.dtype
-    # Work on the wide orientation: XX^T is then (rows x rows), the smaller Gram matrix.
-    transposed = X.size(-2) > X.size(-1)
-    if transposed:
-        X = X.mT
-    # Normalize in the input precision (fp32), then drop to the working dtype.
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    X = X.to(dtype)
-    a, b, c = NS_COEFFS
-    for _ in range(steps):
-        A = X @ X.mT
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A, one kernel
-        X = torch.baddbmm(X, B, X, beta=a)  # a*X + B@X
-    if transposed:
-        X = X.mT
-    X = X.to(stacked.dtype)
-    return X.squeeze(0) if squeeze else X
-
-
-class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton–Schulz, for 2-D weights only.
-
-    Per step, for each matrix W with gradient G:
-        buf <- m * buf + (1 - m) * G              (momentum, EMA form)
-        U   <- (1 - m) * G + m * buf              (Nesterov look-ahead)
-        W   <- W * (1 - lr * wd) - lr * sqrt(max(1, rows/cols)) * orthogonalize(U)
-    The shape factor keeps the update's per-element RMS comparable between square and tall
-    (e.g. MLP up-projection, rows = 4 * cols) matrices: an orthogonalized tall matrix has
-    smaller entries, and sqrt(rows/cols) gives it back the RMS a square one would have.
-
-    Parameters are grouped by shape (tall ones transposed, see the module docstring): each
-    torch param group is one shape group, and its momentum is ONE stacked tensor, kept in the
-    wide orientation and stored in the state of the group's first parameter (so the standard
-    torch state_dict / load_state_dict round-trip it). `group_by_shape=False` puts every matrix
-    in its own group (same maths; for benchmarks and tests).
-    """
-
-    def __init__(
-        self,
-        params,
-        lr: float = 0.02,
-        momentum: float = 0.95,
-        weight_decay: float = 0.0,
-        ns_steps: int = 5,
-        ns_dtype: str = "auto",
-        group_by_shape: bool = True,
-    ):
-        params = [p for p in params]
-        for p in params:
-            if p.ndim != 2:
-                raise ValueError(f"Muon only takes 2-D parameters, got shape {tuple(p.shape)}")
-        # Group key: the matrix in its wide orientation. dict keeps first-seen order, so the
-        # grouping (hence the state_dict layout) is deterministic for a given model.
-        buckets: dict[object, list[nn.Parameter]] = {}
-        for i, p in enumerate(params):
-            key = (min(p.shape), max(p.shape)) if group_by_shape else i
-            buckets.setdefault(key, []).append(p)
-        groups = []
-        for members in buckets.values():
-            groups.append(
-                dict(
-                    params=members,
-                    # Plain Python lists so they survive state_dict(): static per-member facts.
-                    transposed=[p.size(0) > p.size(1) for p in members],
-                    lr_scale=[max(1.0, p.size(0) / p.size(1)) ** 0.5 for p in members],
-                )
-            )
-        defaults = dict(lr=lr, initial_lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps)
-        super().__init__(groups, defaults)
-        self.ns_dtype = ns_dtype
-
-    def _stacked_grads(self, group) -> torch.Tensor:
-        # One copy of all gradients into a (n, small, large) stack. A missing gradient counts as
-        # zero (the momentum still decays and is applied), matching a frozen-input step.
-        grads = []
-        for p, t in zip(group["params"], group["transposed"]):
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            grads.append(g.mT if t else g)
-        return torch.stack(grads)
-
-    def _nesterov_momentum(self, group) -> torch.Tensor:
-        """Update the group's momentum; returns the (n, small, large) Nesterov look-ahead."""
-        g = self._stacked_grads(group)
-        state = self.state[group["params"][0]]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(g)
-        buf = state["momentum_buffer"]
-        m = group["momentum"]
-        buf.lerp_(g, 1 - m)
-        return g.lerp_(buf, m)  # Nesterov: g <- (1 - m) g + m buf
-
-    def _orthogonal_update(self, group, g: torch.Tensor, lo: int = 0) -> torch.Tensor:
-        """Rows [lo, lo + len(g)) of the group's update: orthogonalized, times the shape factor,
-        before the learning rate."""
-        u = orthogonalize(g, group["ns_steps"], ns_dtype_for(g.device, self.ns_dtype))
-        scales = group["lr_scale"][lo:lo + len(g)]
-        if any(s != scales[0] for s in scales):
-            u.mul_(torch.tensor(scales, dtype=u.dtype, device=u.device).view(-1, 1, 1))
-        elif scales and scales[0] != 1.0:
-            u.mul_(scales[0])
-        return u
-
-    def _apply_update(self, group, u: torch.Tensor) -> None:
-        params = group["params"]
-        lr, wd = group["lr"], group["weight_decay"]
-        if wd:
-            torch._foreach_mul_(params, 1 - lr * wd)
-        updates = [x.mT if t else x for x, t in zip(u.unbind(0), group["transposed"])]
-        torch._foreach_add_(params, updates, alpha=-lr)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        groups = [g for g in self.param_groups if any(p.grad is not None for p in g["params"])]
-        if distributed.world_size() == 1:
-            for group in groups:
-                self._apply_update(group, self._orthogonal_update(group, self._nesterov_momentum(group)))
-            return loss
-        # Data-parallel: the gradients are already summed over ranks, so every rank keeps the same
-        # momentum (cheap, element-wise), but each orthogonalizes only its share of every stack —
-        # Newton-Schulz is the expensive part — and the shares are all-gathered, each while the next
-        # group is orthogonalized.
-        updates = []
-        for group in groups:
-            g = self._nesterov_momentum(group)
-            lo, hi, k = distributed.shard_bounds(len(g))
-            mine = g.new_zeros((k, *g.shape[1:]))
-            if hi > lo:
-                mine[:hi - lo] = self._orthogonal_update(group, g[lo:hi], lo)
-            updates.append(distributed.all_gather_rows(mine, len(g)))
-        for group, gathered in zip(groups, updates):
-            self._apply_update(group, gathered())
-        return loss
+def wd_multiplier(step: int, total_steps: int, schedule: str) -> float:
+    """Multiplier on the hidden matrices' weight decay at `step`: 1, or cosine from 1 to 0."""
+    if schedule == "cosine" and total_steps:
+        return 0.5 * (1 + math.cos(math.pi * step / total_steps))
+    return 1.0
 
 
 # ----------------------------------------------------------------------------- the combined optimizer
 
 
 class Optimizer:
-    """Muon for "matrix" parameters plus AdamW for "embedding", "head" and "scalar", as one object.
+    """Muon for "matrix" parameters plus AdamW for the other groups, as one object.
 
-    The training loop calls `set_schedule(lr_multiplier(...), muon_momentum(...))` before each
-    `step()`; every group's LR is its base LR (`initial_lr`) times the multiplier.
+    The training loop calls `set_schedule(lr_multiplier(...), muon_momentum(...), wd_multiplier(...))`
+    before each `step()`; every group's LR is its base LR (`initial_lr`) times the multiplier, and
+    Muon's weight decay its base (`initial_weight_decay`) times the last.
     `state_dict()` holds everything exact resume needs (momentum buffers, Adam moments and step
     counts, current LRs and momentum). Like torch's, it references live tensors: serialize it
     (torch.save) before taking more steps."""
@@ -304,10 +178,13 @@ class Optimizer:
     def param_groups(self) -> list[dict]:
         return [g for o in self.optimizers for g in o.param_groups]
 
-    def set_schedule(self, lr_mult: float, muon_momentum: float | None = None) -> None:
+    def set_schedule(self, lr_mult: float, muon_momentum: float | None = None, wd_mult: float = 1.0) -> None:
         self.lr_mult = lr_mult
         for g in self.param_groups:
             g["lr"] = g["initial_lr"] * lr_mult
+        if self.muon is not None:
+            for g in self.muon.param_groups:
+                g["weight_decay"] = g.get("initial_weight_decay", g["weight_decay"]) * wd_mult
         if muon_momentum is not None and self.muon is not None:
             self.momentum = muon_momentum
             for g in self.muon.param_groups:
@@ -341,9 +218,9 @@ class Optimizer:
         self.momentum = d["momentum"]
 
 
-GROUP_NAMES = ("matrix", "embedding", "head", "scalar", "value_embed", "gate")
+GROUP_NAMES = ("matrix", "embedding", "head", "resid", "x0", "value_embed", "gate")
 # what each group's optimizer keeps per parameter between steps: Muon one momentum, AdamW two moments
-STATE_VALUES = {"matrix": 1, "embedding": 2, "head": 2, "scalar": 2, "value_embed": 2, "gate": 2}
+STATE_VALUES = {"matrix": 1, "embedding": 2, "head": 2, "resid": 2, "x0": 2, "value_embed": 2, "gate": 2}
 
 
 def state_values(counts: dict[str, int]) -> int:
@@ -353,7 +230,7 @@ def state_values(counts: dict[str, int]) -> int:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, group_by_shape: bool = True) -> Optimizer:
-    """Muon + AdamW over `model.param_groups()` (keys: matrix, embedding, head, scalar).
+    """Muon + AdamW over `model.param_groups()` (keys: GROUP_NAMES).
 
     Checks that every trainable parameter of the model is in exactly one group, so that a newly
     added weight cannot silently go untrained."""
@@ -383,26 +260,37 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, group_by_shape: bool = T
             ns_steps=cfg.ns_steps,
             ns_dtype=cfg.ns_dtype,
             group_by_shape=group_by_shape,
+            orthogonalizer=cfg.orthogonalizer,
+            beta2=cfg.muon_beta2,
+            equilibrate=cfg.muon_eq,
+            renormalize=cfg.muon_plus,
+            cautious=cfg.cautious_wd,
         )
+        for g in muon.param_groups:
+            g["initial_weight_decay"] = cfg.weight_decay
     # Embedding and head LRs were tuned at width 768; wider models want smaller Adam steps
     # (muP-style 1/sqrt(width) scaling, as nanochat does). Muon needs no such factor: its update
     # is orthogonal, so its size does not grow with width.
     width_scale = (model.config.n_embd / 768) ** -0.5
+
+    def adam(params: list, lr: float, hyper: tuple | None) -> dict:
+        beta1, beta2, wd = hyper if hyper is not None else (*cfg.adam_betas, 0.0)
+        return dict(params=params, lr=lr, betas=(beta1, beta2), weight_decay=wd)
+    resid = adam(groups["resid"], cfg.scalar_lr * cfg.resid_lr, cfg.resid_adam)
+    x0 = adam(groups["x0"], cfg.scalar_lr, cfg.x0_adam)
+    same = {k: v for k, v in resid.items() if k != "params"} == {k: v for k, v in x0.items() if k != "params"}
+    scalars = [dict(x0, params=resid["params"] + x0["params"])] if same else [resid, x0]  # one group where they agree
     adam_groups = [
-        dict(params=groups["embedding"], lr=cfg.embedding_lr * width_scale),
-        dict(params=groups["head"], lr=cfg.head_lr * width_scale),
-        dict(params=groups["scalar"], lr=cfg.scalar_lr),
-        # value embeddings are token embeddings at half their rate; the smear and backout gates a
-        # rate of their own (nanochat's)
-        dict(params=groups["value_embed"], lr=cfg.embedding_lr * width_scale * 0.5),
-        dict(params=groups["gate"], lr=cfg.gate_lr),
+        adam(groups["embedding"], cfg.embedding_lr * width_scale, cfg.embedding_adam),
+        adam(groups["head"], cfg.head_lr * width_scale, cfg.head_adam),
+        *scalars,
+        adam(groups["value_embed"], cfg.embedding_lr * width_scale * cfg.value_embed_lr, cfg.value_embed_adam),
+        adam(groups["gate"], cfg.gate_lr, None),
     ]
     adam_groups = [g for g in adam_groups if g["params"]]
     for g in adam_groups:
         g["initial_lr"] = g["lr"]
     adamw = None
     if adam_groups:
-        adamw = torch.optim.AdamW(
-            adam_groups, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=0.0, foreach=True, fused=False
-        )
+        adamw = torch.optim.AdamW(adam_groups, eps=cfg.adam_eps, foreach=True, fused=False)
     return Optimizer(muon, adamw)

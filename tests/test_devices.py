@@ -12,7 +12,8 @@ from picochat.common import CPU_BF16_ENV, PicochatError, choose_dtype
 from picochat.config import ModelConfig
 from picochat.engine import Engine
 from picochat.model import GPT, flops_per_token
-from picochat.optim import OptimConfig, build_optimizer, ns_dtype_for
+from picochat.muon import ns_dtype_for
+from picochat.optim import OptimConfig, build_optimizer
 from picochat.train.loop import LoopConfig, Trainer
 
 from .conftest import complete, randomized

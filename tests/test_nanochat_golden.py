@@ -96,3 +96,39 @@ def test_int8_quantizes_the_features_too(model):
     with torch.no_grad():
         want, got = model(ids), quantized(ids)
     assert ((got - want).norm() / want.norm()).item() < 0.05
+
+
+# ----------------------------------------------------------------------------- the optimizer
+
+@pytest.mark.parametrize("step", [0, 39, 500, 900])
+def test_one_optimizer_step_equals_nanochat_s(golden, step):
+    """NANOCHAT_OPTIM, set up as nanochat's base_train sets its MuonAdamW up, one step from fixed
+    weights and gradients at `step` of a 1,000-step run: the learning-rate warmup and warmdown, Muon
+    momentum's warmup and warmdown, the cosine weight decay, Polar Express, MuonEq, Muon+, NorMuon,
+    cautious weight decay, and AdamW's per-group rates, betas and decay all come out as nanochat's."""
+    import dataclasses
+
+    from picochat.optim import NANOCHAT_OPTIM, build_optimizer, lr_multiplier, muon_momentum, wd_multiplier
+    meta, tensors = golden
+    config, weights = from_nanochat(_part(tensors, "optim.weight."), meta["optim_model"], "golden")
+    _, grads = from_nanochat(_part(tensors, "optim.grad."), meta["optim_model"], "golden")
+    _, want = from_nanochat(_part(tensors, f"optim.step{step}."), meta["optim_model"], "golden")
+    model = GPT(config)
+    model.load_state_dict(weights)
+    for name, p in model.named_parameters():
+        p.grad = grads[name].clone()
+    cfg = dataclasses.replace(NANOCHAT_OPTIM, ns_dtype="fp32")
+    optimizer = build_optimizer(model, cfg)
+    total = meta["run_steps"]
+    lr = lr_multiplier(step, total, cfg.warmup_frac, cfg.warmdown_frac, cfg.final_lr_frac, cfg.warmup_steps)
+    momentum, wd = muon_momentum(step, cfg, total), wd_multiplier(step, total, cfg.wd_schedule)
+    assert (lr, momentum, cfg.weight_decay * wd) == pytest.approx(meta["schedules"][str(step)], rel=1e-12)
+    optimizer.set_schedule(lr, momentum, wd)
+    optimizer.step()
+    got = model.state_dict()
+    worst = 0.0
+    for name, w in want.items():  # the update, relative to its size; and the weights to their fp32 rounding
+        update, theirs = got[name] - weights[name], w - weights[name]
+        worst = max(worst, ((update - theirs).norm() / theirs.norm().clamp_min(1e-12)).item())
+        assert (got[name] - w).abs().max().item() <= 1e-5 * theirs.abs().max().item() + 4e-7 * w.abs().max().item()
+    assert worst <= 1e-4

@@ -10,15 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from picochat.optim import (
-    Muon,
-    OptimConfig,
-    build_optimizer,
-    lr_multiplier,
-    muon_momentum,
-    ns_dtype_for,
-    orthogonalize,
-)
+from picochat.muon import Muon, ns_dtype_for, orthogonalize
+from picochat.optim import OptimConfig, build_optimizer, lr_multiplier, muon_momentum
 
 from .conftest import newton_schulz_tolerance, relative_error
 
@@ -173,7 +166,7 @@ class Tiny(nn.Module):
             "matrix": [self.fc.weight, self.proj.weight, self.fc2.weight, self.proj2.weight],
             "embedding": [self.wte.weight],
             "head": [self.lm_head.weight],
-            "scalar": [self.lam],
+            "x0": [self.lam],
         }
 
     def forward(self, x):

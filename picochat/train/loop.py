@@ -21,7 +21,7 @@ import torch
 from .. import distributed
 from ..common import PicochatError, Progress, autocast, first_line, log, peak_flops
 from ..linear import free_inference_copies
-from ..optim import OptimConfig, lr_multiplier, muon_momentum
+from ..optim import OptimConfig, lr_multiplier, muon_momentum, wd_multiplier
 
 
 class DataSource(Protocol):
@@ -158,10 +158,10 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches. Returns (mean loss per token, tokens,
         the objective's statistics summed over the step), the loss still on the device so that
         reading it is the caller's choice of sync."""
-        cfg = self.optim_cfg
+        cfg, total = self.optim_cfg, self.loop.steps
         self.optimizer.set_schedule(
-            lr_multiplier(self.step, self.loop.steps, cfg.warmup_frac, cfg.warmdown_frac, cfg.final_lr_frac),
-            muon_momentum(self.step, cfg))
+            lr_multiplier(self.step, total, cfg.warmup_frac, cfg.warmdown_frac, cfg.final_lr_frac, cfg.warmup_steps),
+            muon_momentum(self.step, cfg, total), wd_multiplier(self.step, total, cfg.wd_schedule))
         batches = [data.next_batch() for _ in range(self.loop.grad_accum)]
         free_inference_copies()  # those of evals, samples and rollouts go stale at this step
         # counted on the host (no device sync), over the whole global batch: every rank divides by
