@@ -36,6 +36,7 @@ DEPTH_PRESETS: dict[int, tuple[int, int, int]] = {
 
 
 WINDOW_RULES = ("quarter", "nanochat")
+SIZINGS = ("table", "nanochat")
 SCALAR_INITS = ("flat", "ramp")
 VE_GATE_CHANNELS = 12  # a value embedding's gate reads this many channels of the block's input
 SMEAR_CHANNELS = 24  # and smear's gate this many of the token's embedding
@@ -60,6 +61,10 @@ class ModelFeatures:
                                           "128 keys before the query's own)", choices=WINDOW_RULES)
 
 
+# The pretraining command's network: the changes of nanochat's that won at depth 4 on CPU beyond the
+# seed spread (bench/bench_recipe.py; the table is in DESIGN.md). ModelFeatures() stays the network
+# as it was before each field existed, which is how a run dir without the field loads.
+PICOCHAT_FEATURES = ModelFeatures(value_embeds=True, smear=True, embed_std=0.8, fc_init=0.4)
 # nanochat's network at HEAD 92d63d4 (nanochat/gpt.py)
 NANOCHAT_FEATURES = ModelFeatures(rope_base=100_000.0, qk_scale=1.2, value_embeds=True, smear=True, backout=True,
                                   scalar_init="ramp", embed_std=0.8, fc_init=0.4, vocab_multiple=64,
@@ -84,9 +89,16 @@ class ModelConfig(ModelFeatures):
         self.validate()
 
     @classmethod
-    def from_depth(cls, depth: int, **overrides) -> "ModelConfig":
+    def from_depth(cls, depth: int, sizing: str = "table", **overrides) -> "ModelConfig":
+        """The model of `depth` layers, sized by picochat's table (DEPTH_PRESETS) or by nanochat's
+        rule: width 64 x depth rounded up to 128-wide heads, as many kv heads as heads (the two
+        agree from depth 12 on)."""
+        if sizing == "nanochat":
+            dim = -(-64 * depth // 128) * 128
+            return cls(n_layer=depth, n_embd=dim, n_head=dim // 128, n_kv_head=dim // 128, **overrides)
         if depth not in DEPTH_PRESETS:
-            raise PicochatError(f"no preset for depth {depth} (choose from {sorted(DEPTH_PRESETS)})")
+            raise PicochatError(f"no preset for depth {depth} (choose from {sorted(DEPTH_PRESETS)}, or size it by "
+                               "nanochat's rule: --sizing nanochat)")
         dim, heads, kv = DEPTH_PRESETS[depth]
         return cls(n_layer=depth, n_embd=dim, n_head=heads, n_kv_head=kv, **overrides)
 

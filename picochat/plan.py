@@ -201,9 +201,10 @@ def make_plan(preset: Preset, data_root: Path, device: torch.device, dtype: torc
     here = all(d.present for d in data)
     configs = preset.configs(Path("."), data_root, world)
     context = preset.pretrain.seq_len
-    pre = plan_pretrain(configs["pretrain"], preset.params, world)
+    pre = plan_pretrain(configs["pretrain"], preset.model_config(), world)
     trains = {"pretrain": pre}
-    for name in ("mid", "sft"):
+    chats = [name for name in ("mid", "sft") if name in configs]
+    for name in chats:
         trains[name] = plan_chat(configs[name], context, world, None)
     if "rl" in configs:
         trains["rl"] = plan_rl(configs["rl"], context, world)
@@ -226,10 +227,14 @@ def make_plan(preset: Preset, data_root: Path, device: torch.device, dtype: torc
                             f"vocab {preset.pretrain.vocab_size:,}", tok_chars / TOKENIZER_TRAIN_BYTES_PER_S,
                             note="then pretraining tokenizes its text first: "
                                  f"~{format_duration(chars / (ENCODE_BYTES_PER_S_PER_CORE * (os.cpu_count() or 1)))}"))
+    budget = configs["pretrain"]
     stages.append(StagePlan("pretrain", text, pre, pre.tokens, f"{pre.rows} x {pre.seq_len:,} x {pre.grad_accum}"
                             f"{f' x {world}' if world > 1 else ''} = {pre.tokens_per_step:,}",
-                            cost(pre.tokens, pre.steps)))
-    for name in ("mid", "sft"):
+                            cost(pre.tokens, pre.steps),
+                            f"nanochat's budget: {budget.tokens_params_ratio:g} tokens per matrix and head parameter; "
+                            f"learning rates x{pre.lr_scale:.3f}, weight decay x{pre.wd_scale:.3f}"
+                            if budget.budget == "nanochat" else ""))
+    for name in chats:
         cfg, train = configs[name], trains[name]
         tokens, note, estimated = train.tokens, "", False
         if here:
@@ -237,7 +242,7 @@ def make_plan(preset: Preset, data_root: Path, device: torch.device, dtype: torc
                 n, mean = mixture_size(cfg.data, cfg.controls.seed)
             except PicochatError as e:
                 n, mean, note = 0, 0.0, f"cannot read its data: {first_line(e)}"
-            if n and name == "mid":  # packed rows of the mixture's tokens, estimated from its characters
+            if n and cfg.packed:  # packed rows of the mixture's tokens, estimated from its characters
                 train = plan_chat(cfg, context, world, n * mean / (train.seq_len + 1))
                 tokens, estimated = train.tokens, not cfg.steps
             elif n:  # one conversation per row, padded: the steps are exact, the tokens about

@@ -18,21 +18,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .common import format_count
-from .config import ModelConfig
+from .config import NANOCHAT_FEATURES, ModelConfig, ModelFeatures
 from .data.datasets import DATASETS
 from .model import num_params
+from .optim import NANOCHAT_OPTIM
 from .tasks.registry import EVALS
 from .train.pretrain import PretrainConfig, model_config, plan_pretrain
 from .train.rl import RLConfig
 from .train.sft import MidtrainConfig, SFTConfig
 from .train.stage import TrainPlan
 
-# nanochat's chat stages (its mid_train.py, chat_sft.py, chat_rl.py), as the d8/d12/d20 recipes use them
+# nanochat's chat stages: its October 2025 mid_train.py (as the MacBook recipe used it), and at HEAD
+# 92d63d4 chat_sft.py (SmolTalk, MMLU's auxiliary train set 3 times, GSM8K's 4, packed) and chat_rl.py
 NANOCHAT_MID = ("smoltalk:{data}/smoltalk:1,mmlu:{data}/mmlu:1,gsm8k:{data}/gsm8k:1,identity::20,"
                 "spelling:{data}/words/words_alpha.txt:2")
-NANOCHAT_SFT = ("arc-easy:{data}/arc:1,arc-challenge:{data}/arc:1,gsm8k:{data}/gsm8k:1,smoltalk:{data}/smoltalk:=10000,"
-                "identity::20,spelling:{data}/words/words_alpha.txt:=600")
+NANOCHAT_SFT = "smoltalk:{data}/smoltalk:1,mmlu:{data}/mmlu:3,gsm8k:{data}/gsm8k:4"
 NANOCHAT_RL = "gsm8k:{data}/gsm8k:1"
+# nanochat's SFT optimizer at HEAD: the pretraining one at 0.8 of its rates, no weight decay on the
+# matrices, Muon momentum 0.85 -> 0.95 over 300 steps, a 50% warmdown to zero
+NANOCHAT_SFT_OPTIM = dataclasses.replace(NANOCHAT_OPTIM, weight_decay=0.0, wd_schedule="constant", muon_momentum=0.95,
+                                         muon_momentum_warmup_steps=300, muon_momentum_final=None, warmup_steps=0,
+                                         warmdown_frac=0.5, final_lr_frac=0.0)
 # the offline presets: the built-in identity set, arithmetic that needs the calculator, and questions
 # on the same Python documentation the model was pretrained on
 OFFLINE_CHAT = "identity::100,arithmetic::0.5,pydocs::2"
@@ -44,6 +50,21 @@ CHARS_PER_TOKEN = 4.8  # nanochat's tokenizer on FineWeb-Edu: for how many shard
 def pretraining(**kw) -> PretrainConfig:
     """A recipe's pretraining: a validation bpb every 250 steps on 1M tokens unless it says."""
     return PretrainConfig(data=[], save="", **{"eval_every": 250, "eval_tokens": 1 << 20, **kw})
+
+
+def nanochat_pretraining(depth: int, ratio: float = 12, batch: int = 32) -> PretrainConfig:
+    """nanochat's base_train at HEAD 92d63d4: its network, optimizer and budget (the batch and the
+    rates follow from the model), context 2,048, vocabulary 32,768."""
+    return pretraining(depth=depth, sizing="nanochat", seq_len=2048, vocab_size=32768, batch_size=batch,
+                       tokens_params_ratio=ratio, budget="nanochat", features=NANOCHAT_FEATURES, optim=NANOCHAT_OPTIM)
+
+
+def nanochat_sft(pretrain: PretrainConfig) -> SFTConfig:
+    """nanochat's chat_sft at HEAD: packed rows of its mixture, one pass, pretraining's batch."""
+    rows = pretrain.batch_size
+    per_step = plan_pretrain(pretrain, model_config(pretrain, pretrain.vocab_size), 1).tokens_per_step
+    return fine_tuning(NANOCHAT_SFT, batch_size=rows, grad_accum=per_step // (rows * pretrain.seq_len), packed=True,
+                       lr_scale=0.8, optim=NANOCHAT_SFT_OPTIM)
 
 
 def midtraining(data: str = OFFLINE_CHAT, **kw) -> MidtrainConfig:
@@ -66,7 +87,7 @@ class Preset:
     name: str
     about: str  # what it is meant for
     pretrain: PretrainConfig  # its `data` is the speedrun's: pretrain_data below, or --data
-    mid: MidtrainConfig
+    mid: MidtrainConfig | None  # None: no midtraining (nanochat at HEAD goes from pretraining to SFT)
     sft: SFTConfig
     rl: RLConfig | None = None  # None: no RL stage
     pretrain_data: str = "builtin"  # the offline corpus, or a shard dataset (fineweb-edu, climbmix)
@@ -82,7 +103,7 @@ class Preset:
         return num_params(self.model_config())
 
     def pretrain_plan(self, world: int = 1) -> TrainPlan:
-        return plan_pretrain(self.pretrain, self.params, world)
+        return plan_pretrain(self.pretrain, self.model_config(), world)
 
     @property
     def shards(self) -> int:
@@ -102,7 +123,7 @@ class Preset:
     def datasets(self, evals: bool = False) -> list[str]:
         """The datasets its stages read; with `evals`, and those of its evals (a downloading
         preset runs them all: CORE and every chat eval)."""
-        specs = " ".join((self.mid.data, self.sft.data, self.rl.task if self.rl else ""))
+        specs = " ".join((self.mid.data if self.mid else "", self.sft.data, self.rl.task if self.rl else ""))
         names = [self.pretrain_data] if self.downloads else []
         for name, d in DATASETS.items():
             if "{data}/" + d.place in specs and name not in names:
@@ -125,8 +146,10 @@ class Preset:
                            grad_accum=max(1, cfg.grad_accum // world))
         replace = dataclasses.replace
         configs = {"pretrain": replace(self.pretrain, data=list(text or []), save=str(out / "base"),
-                                       tokenizer=str(out / "tokenizer.json"), cache_dir=str(out / "token_cache")),
-                   "mid": chat(self.mid, "base", "mid"), "sft": chat(self.sft, "mid", "sft")}
+                                       tokenizer=str(out / "tokenizer.json"), cache_dir=str(out / "token_cache"))}
+        if self.mid is not None:
+            configs["mid"] = chat(self.mid, "base", "mid")
+        configs["sft"] = chat(self.sft, "mid" if self.mid is not None else "base", "sft")
         if self.rl is not None:
             configs["rl"] = replace(self.rl, load=str(out / "sft"), task=self.rl.task.format(data=data_root),
                                     save=str(out / "rl"))
@@ -140,9 +163,9 @@ class Preset:
                                  rollout_rows=8, batch_size=min(self.rl.batch_size, 8))
         return replace(
             self, name=f"{self.name} (miniature)", tokenizer_chars=2_000_000, eval_limits=(8, 2, 4), rl=rl,
-            pretrain=replace(self.pretrain, depth=2, seq_len=128, vocab_size=512, batch_size=4, total_batch_tokens=1024,
-                             steps=8, window_pattern="SL", eval_every=4, eval_tokens=4096),
-            mid=replace(self.mid, steps=4, batch_size=4, grad_accum=1),
+            pretrain=replace(self.pretrain, depth=2, sizing="table", seq_len=128, vocab_size=512, batch_size=4,
+                             total_batch_tokens=1024, steps=8, window_pattern="SL", eval_every=4, eval_tokens=4096),
+            mid=self.mid and replace(self.mid, steps=4, batch_size=4, grad_accum=1),
             sft=replace(self.sft, steps=4, batch_size=4, grad_accum=1))
 
 
@@ -164,25 +187,26 @@ PRESETS = {p.name: p for p in [
            midtraining(steps=200), fine_tuning(steps=600, lr_scale=0.5),
            reinforcement("arithmetic::1", steps=100, prompts=8, group=16, max_tokens=64),
            eval_limits=(500, 50, 200)),
-    Preset("d8", "one GPU: nanochat's recipe at depth 8",
-           pretraining(depth=8, seq_len=1024, vocab_size=32768, batch_size=16, total_batch_tokens=131072),
-           midtraining(NANOCHAT_MID, grad_accum=8), fine_tuning(NANOCHAT_SFT, batch_size=8, grad_accum=4),
-           reinforcement(NANOCHAT_RL, steps=467, rows=8), pretrain_data="fineweb-edu"),
-    Preset("d12", "one big GPU: nanochat's recipe at depth 12",
-           pretraining(depth=12, seq_len=2048, vocab_size=65536, batch_size=16, total_batch_tokens=524288),
-           midtraining(NANOCHAT_MID, grad_accum=16), fine_tuning(NANOCHAT_SFT, batch_size=8, grad_accum=4),
-           reinforcement(NANOCHAT_RL, steps=467, rows=8), pretrain_data="fineweb-edu"),
-    Preset("d20", "an 8-GPU node: nanochat's d20 speedrun (561M)",
-           pretraining(depth=20, seq_len=2048, vocab_size=65536, batch_size=32, total_batch_tokens=524288),
-           midtraining(NANOCHAT_MID, batch_size=32, grad_accum=8), fine_tuning(NANOCHAT_SFT, batch_size=8, grad_accum=4),
-           reinforcement(NANOCHAT_RL, steps=467, rows=8), pretrain_data="fineweb-edu"),
+    Preset("d8", "one GPU: nanochat's recipe at depth 8 (HEAD)", nanochat_pretraining(8), None,
+           nanochat_sft(nanochat_pretraining(8)), reinforcement(NANOCHAT_RL, steps=467, rows=8),
+           pretrain_data="climbmix"),
+    Preset("d12", "one big GPU: nanochat's recipe at depth 12 (HEAD)", nanochat_pretraining(12), None,
+           nanochat_sft(nanochat_pretraining(12)), reinforcement(NANOCHAT_RL, steps=467, rows=8),
+           pretrain_data="climbmix"),
+    Preset("d20", "an 8-GPU node: nanochat's recipe at depth 20 (HEAD)", nanochat_pretraining(20), None,
+           nanochat_sft(nanochat_pretraining(20)), reinforcement(NANOCHAT_RL, steps=467, rows=8),
+           pretrain_data="climbmix"),
+    # nanochat's runs/speedrun.sh at HEAD: d24, 8 tokens per scaling parameter, 16 rows a GPU,
+    # ClimbMix, then SFT (its leaderboard's GPT-2 CORE in 1.65 h on 8 x H100, with FP8)
+    Preset("gpt2", "an 8-GPU node: nanochat's GPT-2 speedrun (d24, HEAD)", nanochat_pretraining(24, ratio=8, batch=16),
+           None, nanochat_sft(nanochat_pretraining(24, ratio=8, batch=16)), pretrain_data="climbmix"),
     # the MacBook Air model card: 16 x 1024, 8/8 heads, context 1024, vocab 65,536; ~442M tokens of
     # FineWeb-Edu pretraining (54,000 steps of 8 x 1024 tokens; the card's ~60,000 steps were of
     # about 7,400), ~33M tokens of midtraining on pretraining text and conversations, then 1,000 SFT
     # steps at batch 8; bf16 on MPS; no RL
     Preset("picochat-335m", "a 16 GB Apple-silicon Mac: the MacBook Air model (335M), about 6 days",
            pretraining(depth=16, seq_len=1024, vocab_size=65536, batch_size=8, total_batch_tokens=8192, steps=54_000,
-                       window_pattern="L", eval_every=2000, eval_tokens=1 << 18),
+                       window_pattern="L", eval_every=2000, eval_tokens=1 << 18, features=ModelFeatures()),
            midtraining("text:{data}/fineweb-edu:1," + NANOCHAT_MID, steps=4_000, batch_size=8),
            fine_tuning("smoltalk:{data}/smoltalk:=10000,gsm8k:{data}/gsm8k:1,arc-easy:{data}/arc:1,"
                        "arc-challenge:{data}/arc:1,identity::=1000,spelling:{data}/words/words_alpha.txt:=600",
@@ -202,7 +226,8 @@ def preset_table() -> str:
         data = "offline corpus" if not p.downloads else p.pretrain_data
         rl = f"{p.rl.steps} steps, {p.rl.task.split(':')[0]}" if p.rl else "none"
         plan, c = p.pretrain_plan(), p.pretrain
+        mid = steps(p.mid.steps) if p.mid is not None else "none"
         rows.append(f"| `{p.name}` | depth {c.depth}, {p.params / 1e6:.1f}M | {c.seq_len:,} / {c.vocab_size:,} "
                     f"| {data}: {plan.steps:,} steps x {plan.tokens_per_step:,} = {format_count(plan.tokens)} tokens "
-                    f"| {steps(p.mid.steps)} / {steps(p.sft.steps)} | {rl} | {p.about} |")
+                    f"| {mid} / {steps(p.sft.steps)} | {rl} | {p.about} |")
     return "\n".join(rows)

@@ -18,7 +18,10 @@ A setting of a training stage either defines the run (the default: the model's s
 the batch, the optimizer, the seed) or may change when the run is resumed (defines_run=False:
 where to save, how often to log or evaluate, the device). A resume restores the first kind from
 the run dir and refuses a typed value that contradicts it (train/stage.py reads the mark; no list
-of names is kept anywhere else).
+of names is kept anywhere else). A run dir written before a setting existed has no value for it and
+resumes with the field's own default, so a new setting's field default must be what runs did
+without it; a command may still default to something newer through a nested config's factory
+(pretraining's `features` and `optim`).
 """
 
 from __future__ import annotations
@@ -82,11 +85,14 @@ def _flags(cls, only=None):
             yield f, _types(cls)[f.name]
 
 
-def flag_name(cls, f: dataclasses.Field) -> str:
+def flag_name(cls, f: dataclasses.Field, default=MISSING) -> str:
+    """The flag of field f of cls; `default`: its default where a nested config's factory gives
+    another than the field's own (a switch is named for what typing it does)."""
     if f.metadata.get("flag"):
         return f.metadata["flag"]
     dashed = f.name.replace("_", "-")
-    return f"--no-{dashed}" if _types(cls)[f.name] is bool and default_of(f) is True else f"--{dashed}"
+    default = default_of(f) if default is MISSING else default
+    return f"--no-{dashed}" if _types(cls)[f.name] is bool and default is True else f"--{dashed}"
 
 
 def show(value) -> str:
@@ -98,8 +104,8 @@ def _help(f: dataclasses.Field, tp, default) -> str:
     text = f.metadata.get("help", "")
     if default is MISSING:
         return text
-    if tp is bool:  # a switch: `--x` for a False default, `--no-x` for a True one, so off until typed
-        return f"{text} (default: off)"
+    if tp is bool:  # a switch: `--x` for a False default, `--no-x` for a True one
+        return f"{text} (default: {'on' if default else 'off'})"
     if "default" in text:
         return text  # the help itself says what happens without it
     if default is None or default == "" or default == [] or default == ():
@@ -139,7 +145,7 @@ def add_flags(parser: argparse.ArgumentParser, cls, only: tuple[str, ...] | None
             parser.add_argument(f.name, **kw)
         else:
             kw["required"] = default is MISSING and not optional
-            parser.add_argument(flag_name(cls, f), *f.metadata.get("aliases", ()), dest=f.name, **kw)
+            parser.add_argument(flag_name(cls, f, default), *f.metadata.get("aliases", ()), dest=f.name, **kw)
 
 
 def from_flags(cls, values: dict, only: tuple[str, ...] | None = None):
@@ -163,12 +169,15 @@ def from_flags(cls, values: dict, only: tuple[str, ...] | None = None):
     return cls(**kw)
 
 
-def flags_of(cls) -> dict[str, str]:
+def flags_of(cls, defaults=None) -> dict[str, str]:
     """Field name -> flag, nested configs included: how a message names a setting."""
     out = {}
     for f, _ in _flags(cls):
-        sub = _nested(cls, f)
-        out.update(flags_of(sub) if sub is not None else {f.name: flag_name(cls, f)})
+        if (sub := _nested(cls, f)) is not None:
+            base = default_of(f)
+            out.update(flags_of(sub, None if base in (MISSING, None) else base))
+        else:
+            out[f.name] = flag_name(cls, f, getattr(defaults, f.name) if defaults is not None else MISSING)
     return out
 
 

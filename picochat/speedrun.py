@@ -159,9 +159,10 @@ class Speedrun:
         p = self.preset
         steps = [("data", self.fetch_data)] if p.downloads else []
         steps += [("corpus", self.corpus), ("tokenizer", self.tokenizer),
-                 ("pretrain", self.pretrain), ("base evals", lambda: self.evaluate("base")),
-                 ("mid", lambda: self.chat_stage("mid")), ("mid evals", lambda: self.evaluate("mid")),
-                 ("sft", lambda: self.chat_stage("sft")), ("sft evals", lambda: self.evaluate("sft"))]
+                 ("pretrain", self.pretrain), ("base evals", lambda: self.evaluate("base"))]
+        if p.mid is not None:
+            steps += [("mid", lambda: self.chat_stage("mid")), ("mid evals", lambda: self.evaluate("mid"))]
+        steps += [("sft", lambda: self.chat_stage("sft")), ("sft evals", lambda: self.evaluate("sft"))]
         if p.rl is not None:
             steps += [("rl", self.rl), ("rl evals", lambda: self.evaluate("rl"))]
         t_all = time.perf_counter()

@@ -9,6 +9,7 @@ import typing
 import pytest
 
 from picochat.cli import COMMANDS, build_parser, parse
+from picochat.common import PicochatError
 from picochat.settings import default_of
 
 from .conftest import REPO
@@ -71,10 +72,16 @@ def test_one_default_per_setting_sft_and_midtrain():
     assert mid.lr_scale == MidtrainConfig("a", "b", "c").lr_scale == 1.0
 
 
-def test_depth_lists_the_valid_depths():
+def test_depth_lists_the_table_and_other_depths_take_nanochats_sizing():
+    from picochat.config import ModelConfig
     parser, _ = build_parser(("pretrain",))
     depth = next(a for a in parser._actions if "--depth" in a.option_strings)
-    assert list(depth.choices) == [2, 4, 6, 8, 12, 16, 20, 24, 26, 32]
+    assert "2, 4, 6, 8, 12, 16, 20, 24, 26, 32" in depth.help
+    with pytest.raises(PicochatError, match=r"no preset for depth 10 .*--sizing nanochat"):
+        ModelConfig.from_depth(10)
+    m = ModelConfig.from_depth(10, "nanochat")  # 64 x 10 = 640, rounded up to 128-wide heads
+    assert (m.n_embd, m.n_head, m.n_kv_head) == (640, 5, 5)
+    assert ModelConfig.from_depth(24, "nanochat").n_embd == ModelConfig.from_depth(24).n_embd == 1536
 
 
 def _imports() -> dict[str, set[str]]:

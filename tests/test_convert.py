@@ -200,7 +200,7 @@ def test_int8_and_bf16_exports(runs, tok, tmp_path):
 # ----------------------------------------------------------------------------- nanochat checkpoints
 
 def _nanochat_dir(root: Path, tok: Tokenizer, pattern: str | None, seed: int = 0, extra: dict | None = None,
-                  head: bool = False) -> Path:
+                  head: bool = False, october: bool = False) -> Path:
     """A nanochat checkpoint in its documented layout: <base>/tokenizer/tokenizer.pkl (a pickled
     tiktoken Encoding with nanochat's nine special tokens) and <base>/base_checkpoints/d2/
     model_000005.pt (the state dict, as saved from a torch.compile'd model, the vocab padded to a
@@ -226,7 +226,8 @@ def _nanochat_dir(root: Path, tok: Tokenizer, pattern: str | None, seed: int = 0
                       f"transformer.h.{i}.attn.c_v.weight": w(32, d), f"transformer.h.{i}.attn.c_proj.weight": w(d, d),
                       f"transformer.h.{i}.mlp.c_fc.weight": w(4 * d, d),
                       f"transformer.h.{i}.mlp.c_proj.weight": w(d, 4 * d)})
-    state["resid_lambdas"], state["x0_lambdas"] = torch.tensor([1.2, 0.8]), torch.tensor([0.3, -0.2])
+    if not october:  # October 2025's models had no per-layer scalars
+        state["resid_lambdas"], state["x0_lambdas"] = torch.tensor([1.2, 0.8]), torch.tensor([0.3, -0.2])
     if head:
         state.update({"value_embeds.1.weight": w(padded, 32).bfloat16(),
                       "transformer.h.1.attn.ve_gate.weight": w(2, 12), "smear_gate.weight": w(1, 24),
@@ -270,7 +271,8 @@ def nanochat_reference(state: dict, config: dict, ids: torch.Tensor) -> torch.Te
     x0 = x
     for i in range(L):
         p = f"transformer.h.{i}."
-        x = state["resid_lambdas"][i] * x + state["x0_lambdas"][i] * x0
+        if "resid_lambdas" in state:  # October 2025's models had no scalars: x stays x
+            x = state["resid_lambdas"][i] * x + state["x0_lambdas"][i] * x0
         h = norm(x)
         q = (h @ state[p + "attn.c_q.weight"].T).view(1, T, H, hd)
         k = (h @ state[p + "attn.c_k.weight"].T).view(1, T, Hkv, hd)
@@ -288,9 +290,12 @@ def nanochat_reference(state: dict, config: dict, ids: torch.Tensor) -> torch.Te
     return 15 * torch.tanh(logits / 15)
 
 
-@pytest.mark.parametrize("pattern", ["SL", None])
+@pytest.mark.parametrize("pattern", ["SL", None, "october"])
 def test_nanochat_checkpoint_imports_and_matches_its_reference_forward(tok, tmp_path, pattern):
-    ckpt = _nanochat_dir(tmp_path / "nanochat", tok, pattern)
+    """January 2026 (scalars, windows), and without a window pattern; October 2025's layout has
+    neither the pattern nor the scalars."""
+    october = pattern == "october"
+    ckpt = _nanochat_dir(tmp_path / "nanochat", tok, None if october else pattern, october=october)
     r = run_cli("import", "--format", "nanochat", "--load", str(ckpt), "--save", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr[-2000:]
     run = load_run(tmp_path / "run")

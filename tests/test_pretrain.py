@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -10,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from picochat.config import NANOCHAT_FEATURES, ModelFeatures
-from picochat.optim import OptimConfig
+from picochat.config import NANOCHAT_FEATURES, PICOCHAT_FEATURES, ModelFeatures
+from picochat.optim import NANOCHAT_OPTIM, OptimConfig
 from picochat.run_dir import load_run
 from picochat.train.pretrain import PretrainConfig, pretrain
 
@@ -30,13 +31,18 @@ def _cfg(corpus, tok, save, **kw) -> PretrainConfig:
     return PretrainConfig(**base)
 
 
-@pytest.mark.parametrize("features", [ModelFeatures(), NANOCHAT_FEATURES], ids=["picochat", "nanochat"])
-def test_resume_is_exact(small_corpus, small_tokenizer, tmp_path, cpu_path, features):
+RECIPES = {"picochat": {}, "nanochat": dict(features=NANOCHAT_FEATURES,
+                                           optim=dataclasses.replace(NANOCHAT_OPTIM, warmup_steps=2))}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_resume_is_exact(small_corpus, small_tokenizer, tmp_path, cpu_path, recipe):
     """Down both CPU paths (auto = fp32, then bf16 autocast and bf16 Newton-Schulz), with picochat's
-    network and nanochat's (value embeddings, smear, backout and their optimizer state): 12 steps
+    recipe and nanochat's (value embeddings, smear, backout; Polar Express, NorMuon's second moment,
+    cautious and scheduled weight decay, per-group AdamW): 12 steps
     straight, or 6 + resume + 6, give the same weights bit for bit, and the loss falls. Small
     (256 tokens a step): bf16 crawls on a CPU without bf16 hardware."""
-    kw = dict(dtype="auto", total_batch_tokens=256, steps=12, eval_every=6, eval_tokens=512, features=features)
+    kw = dict(dtype="auto", total_batch_tokens=256, steps=12, eval_every=6, eval_tokens=512, **RECIPES[recipe])
     straight = pretrain(_cfg(small_corpus, small_tokenizer, tmp_path / "straight", **kw))
     first = pretrain(_cfg(small_corpus, small_tokenizer, tmp_path / "split", stop_at=6, **kw))
     assert first["steps"] == 6
@@ -52,6 +58,38 @@ def test_resume_is_exact(small_corpus, small_tokenizer, tmp_path, cpu_path, feat
     assert losses[-1] < losses[0] - 1.0
     evals = [m["val_bpb"] for m in straight["metrics"] if "val_bpb" in m]
     assert evals[-1] < evals[0]
+
+
+def test_a_run_dir_from_before_a_setting_resumes_as_it_ran(small_corpus, small_tokenizer, tmp_path):
+    """A run dir written before `features`, `sizing`, `budget` and the newer optimizer settings
+    existed records none of them. Its resume takes each field's own default (the network and
+    optimizer it ran with), not the command's newer default (PICOCHAT_FEATURES), and ends with the
+    weights of a straight run made that way."""
+    legacy = dict(features=ModelFeatures(), steps=8, eval_every=0)
+    pretrain(_cfg(small_corpus, small_tokenizer, tmp_path / "straight", **legacy))
+    pretrain(_cfg(small_corpus, small_tokenizer, tmp_path / "old", stop_at=4, **legacy))
+    meta_path = tmp_path / "old" / "config.json"
+    meta = json.loads(meta_path.read_text())
+    train = meta["train"]
+    for key in ("features", "sizing", "budget"):
+        del train[key]
+    before = {"matrix_lr", "embedding_lr", "head_lr", "scalar_lr", "adam_betas", "adam_eps", "weight_decay",
+              "muon_momentum", "muon_momentum_start", "muon_momentum_warmup_steps", "ns_steps", "ns_dtype",
+              "warmup_frac", "warmdown_frac", "final_lr_frac"}  # OptimConfig's fields at d76763b
+    train["optim"] = {k: v for k, v in train["optim"].items() if k in before}
+    meta_path.write_text(json.dumps(meta))
+
+    # typed as the old command was: no --features, so the new default would be PICOCHAT_FEATURES
+    resumed = pretrain(_cfg(small_corpus, small_tokenizer, tmp_path / "old", resume=True, steps=8, eval_every=0))
+    assert resumed["steps"] == 8
+    assert json.loads(meta_path.read_text())["train"]["features"] == dataclasses.asdict(ModelFeatures())
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "old" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # while a new run takes the command's default network
+    fresh = pretrain(_cfg(small_corpus, small_tokenizer, tmp_path / "new", steps=1, eval_every=0))
+    assert fresh["steps"] == 1
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["train"]["features"] == \
+        dataclasses.asdict(PICOCHAT_FEATURES)
 
 
 def test_run_dir_format_is_readable_by_standard_libraries(small_corpus, small_tokenizer, tmp_path):

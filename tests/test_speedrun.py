@@ -19,7 +19,7 @@ def assert_the_plan_is_the_run(out) -> None:
     the same steps, rows, accumulation, sequence length and tokens per step (config.json's plan),
     and the step it ended at."""
     planned = json.loads((out / "speedrun.json").read_text())["notes"]["plan"]
-    assert {"pretrain", "mid", "sft"} <= set(planned)
+    assert {"pretrain", "sft"} <= set(planned)
     for stage, plan in planned.items():
         meta = json.loads((out / ("base" if stage == "pretrain" else stage) / "config.json").read_text())
         assert meta["plan"] == plan, stage
@@ -59,9 +59,11 @@ def test_preset_numbers_are_the_recipes():
     """d20 is nanochat's 561M speedrun; picochat-335m the MacBook Air model card's 335M."""
     from picochat.presets import PRESETS
     d20, mac = PRESETS["d20"], PRESETS["picochat-335m"]
-    plan = d20.pretrain_plan()
-    assert d20.params == 560_988_200 and plan.steps == 21_400 and plan.tokens == 21_400 * 524_288  # 20 per parameter
-    assert abs(plan.tokens / d20.params - 20) < 0.01 and d20.shards == 238
+    plan = d20.pretrain_plan()  # nanochat's base_train at HEAD gives d20 4,980 steps of 2^20 tokens (its own code)
+    assert d20.params == 896_533_746 and (plan.steps, plan.tokens_per_step) == (4_980, 1_048_576)
+    assert (round(plan.lr_scale, 4), round(plan.wd_scale, 4)) == (1.4142, 0.3578) and d20.shards == 112
+    gpt2 = PRESETS["gpt2"].pretrain_plan()  # runs/speedrun.sh: d24, 8 tokens per matrix and head parameter
+    assert (gpt2.steps, gpt2.tokens_per_step, gpt2.rows, gpt2.grad_accum) == (5_568, 1_048_576, 16, 32)
     c = mac.model_config()
     assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.sequence_len, c.vocab_size) == (16, 1024, 8, 8, 1024, 65536)
     plan = mac.pretrain_plan()
@@ -69,9 +71,11 @@ def test_preset_numbers_are_the_recipes():
     assert mac.mid.steps * mac.mid.batch_size * mac.pretrain.seq_len == 32_768_000
     assert mac.sft.steps == 1000 and mac.sft.batch_size == 8
     assert mac.mps_dtype == "bf16" and mac.rl is None
-    for name in ("d8", "d12", "d20"):  # nanochat's chat stages, not the offline ones
+    for name in ("d8", "d12", "d20", "gpt2"):  # nanochat's recipe at HEAD: its network, optimizer, budget and SFT
         p = PRESETS[name]
-        assert "smoltalk" in p.mid.data and "mmlu" in p.mid.data and "gsm8k" in p.rl.task and p.downloads
+        assert p.pretrain.budget == "nanochat" and p.pretrain.features.smear and p.pretrain.optim.muon_eq
+        assert p.mid is None and p.sft.packed and "smoltalk" in p.sft.data and p.downloads
+        assert (p.rl is not None and "gsm8k" in p.rl.task) == (name != "gpt2")
     # they differ only in scale, so the d20 miniature below runs d8's and d12's stages and data too;
     # so do the offline presets, whose miniature the tiny one's test runs
     for names in (("d8", "d12", "d20"), ("smoke", "tiny", "small")):
@@ -90,13 +94,18 @@ def _dry_run(preset: str, tmp_path, *more: str) -> str:
 
 
 def test_dry_run_plans_d20_and_the_macbook_model(tmp_path):
+    out = _dry_run("gpt2", tmp_path, "--measure-steps", "0")  # nanochat's runs/speedrun.sh
+    assert "depth 24, width 1536, 12/12 heads, context 2,048, vocab 32,768" in out
+    assert re.search(r"pretrain +climbmix +5,568 steps +5\.84B tokens +16 x 2,048 x 32 = 1,048,576", out)
+    assert "nanochat's budget: 8 tokens per matrix and head parameter; learning rates x1.414, weight decay x0.213" in out
+    assert re.search(r"sft +smoltalk 1, mmlu 3, gsm8k 4 +one pass", out) and "rl " not in out.split("evals")[0]
     out = _dry_run("d20", tmp_path, "--measure-steps", "0")
-    assert "560,988,200 parameters (561.0M)" in out
-    assert re.search(r"pretrain +fineweb-edu +21,400 steps +11\.22B tokens +32 x 2,048 x 8 = 524,288", out)
-    assert "fineweb-edu  238 shards; 0 here, 238 to download (22.6 GB)" in out
+    assert "896,533,746 parameters (896.5M)" in out
+    assert re.search(r"pretrain +climbmix +4,980 steps +5\.22B tokens +32 x 2,048 x 16 = 1,048,576", out)
+    assert "climbmix     112 shards; 0 here, 112 to download (10.6 GB)" in out
     for name in ("smoltalk", "mmlu", "gsm8k", "arc", "humaneval", "words", "core"):
         assert re.search(rf"^    {name} +to download \(", out, re.M), name
-    assert re.search(r"rl +gsm8k 1 +467 steps", out) and "mid       smoltalk 1, mmlu 1, gsm8k 1" in out
+    assert re.search(r"rl +gsm8k 1 +467 steps", out) and "mid " not in out.split("evals")[0]
     assert re.search(r"pretrain +32 x 2,048 rows: [0-9.]+ GiB \([0-9.]+ GiB with --grad-checkpoint\); this device "
                      r"has [0-9.]+ GiB", out)
     assert "Next: picochat speedrun --preset d20" in out
@@ -144,7 +153,7 @@ def test_derived_steps_are_planned_as_they_run(tiny_base, small_corpus, small_to
                          depth=2, seq_len=64, batch_size=4, total_batch_tokens=512, tokens_params_ratio=0.01,
                          controls=cpu_controls(dtype="fp32"))
     config = model_config(cfg, Tokenizer.load(small_tokenizer).vocab_size)
-    plan = plan_pretrain(cfg, num_params(config), world=1)
+    plan = plan_pretrain(cfg, config, world=1)
     assert plan.steps == round(0.01 * num_params(config) / 512) and plan.grad_accum == 2
     assert pretrain(cfg)["steps"] == plan.steps
     assert load_run(tmp_path / "base").meta["plan"] == plan.to_dict()
@@ -158,7 +167,7 @@ def test_derived_steps_are_planned_as_they_run(tiny_base, small_corpus, small_to
     assert load_run(tmp_path / "sft").meta["plan"] == plan.to_dict()
     # accumulation is never rounded: a batch that does not divide is refused, by the plan as by the run
     with pytest.raises(PicochatError, match="--total-batch-tokens 500 is not a multiple of batch size x seq len"):
-        plan_pretrain(dataclasses.replace(cfg, total_batch_tokens=500), 10_000, world=1)
+        plan_pretrain(dataclasses.replace(cfg, total_batch_tokens=500), config, world=1)
 
 
 def test_memory_fit_switches_grad_checkpoint_on_only_when_it_is_what_fits():
@@ -191,13 +200,14 @@ def test_d20_in_miniature_downloads_what_it_needs_and_runs_every_stage(miniature
     r = _speedrun(miniature_hub, "--preset", "d20", "--miniature", "--data-dir", str(data), "--save", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     log = r.stdout
-    assert log.index("plan: preset d20 (miniature)") < log.index("speedrun [1/11] data") < log.index("data: fetching")
-    assert len(list((data / "fineweb-edu").glob("shard_*.parquet"))) == 2  # what the budget needs, not all 1,823
-    for stage, depth in (("base", 2), ("mid", 2), ("sft", 2), ("rl", 2)):
-        config = json.loads((out / stage / "config.json").read_text())
-        assert config["model"]["n_layer"] == depth, stage
-    mid = json.loads((out / "mid" / "config.json").read_text())["train"]["data"]
-    assert f"smoltalk:{data}/smoltalk:1" in mid and f"mmlu:{data}/mmlu:1" in mid and "spelling:" in mid
+    assert log.index("plan: preset d20 (miniature)") < log.index("speedrun [1/9] data") < log.index("data: fetching")
+    assert len(list((data / "climbmix").glob("shard_*.parquet"))) == 2  # what the budget needs, not all 6,543
+    for stage in ("base", "sft", "rl"):  # nanochat's network, at toy scale; no midtraining at HEAD
+        config = json.loads((out / stage / "config.json").read_text())["model"]
+        assert (config["n_layer"], config["value_embeds"], config["smear"], config["backout"]) == (2, True, True, True)
+    assert not (out / "mid").exists()
+    sft = json.loads((out / "sft" / "config.json").read_text())["train"]
+    assert sft["data"] == f"smoltalk:{data}/smoltalk:1,mmlu:{data}/mmlu:3,gsm8k:{data}/gsm8k:4" and sft["packed"]
     rl = json.loads((out / "rl" / "config.json").read_text())["train"]
     assert rl["task"] == f"gsm8k:{data}/gsm8k:1" and rl["steps"] == 2
     evals = {p.stem for p in (out / "sft" / "evals").glob("*.json")}

@@ -1,9 +1,11 @@
 """Midtraining and supervised fine-tuning: a run dir plus chat tasks -> a chat model in a new run dir.
 
 Both render conversations with their loss masks (only the assistant's words, tool calls and
-end-of-turn are targets) and train through the same loop as pretraining. They differ in batching:
+end-of-turn are targets) and train through the same loop as pretraining. They differ in batching
+by default (--packed says which):
 - midtrain packs conversations into full rows like pretraining (best-fit, BOS-aligned), so every
-  token of compute carries text: it teaches the chat format and tool use cheaply;
+  token of compute carries text: it teaches the chat format and tool use cheaply (nanochat's SFT
+  at HEAD packs too);
 - sft gives each conversation its own row, padded to the longest in the batch, so no position
   attends across two conversations; padding is never a target.
 """
@@ -31,6 +33,10 @@ def _chat_optim() -> OptimConfig:
     return OptimConfig(warmdown_frac=1.0)  # a fine-tune decays to zero over the whole stage
 
 
+PACKED_HELP = ("pack conversations into full rows (best-fit, BOS-aligned, as pretraining packs text) instead of "
+               "one a row, padded")
+
+
 @dataclass
 class ChatTrainConfig:
     """What midtraining and SFT share; MidtrainConfig and SFTConfig give each its defaults."""
@@ -43,7 +49,8 @@ class ChatTrainConfig:
     batch_size: int = setting(8, "rows per micro-batch", low=1)
     grad_accum: int = setting(1, "micro-batches per optimizer step", low=1)
     steps: int = setting(0, "optimizer steps (default: one pass over the mixture)", low=0)
-    lr_scale: float = setting(1.0, "multiplies the pretraining learning rates", low=0)
+    lr_scale: float = setting(1.0, "multiplies the learning rates", low=0)
+    packed: bool = setting(False, PACKED_HELP)
     optim: OptimConfig = setting(factory=_chat_optim, flags=())
     controls: Controls = setting(factory=Controls)
 
@@ -51,6 +58,7 @@ class ChatTrainConfig:
 @dataclass
 class MidtrainConfig(ChatTrainConfig):
     stage: ClassVar[str] = "mid"
+    packed: bool = setting(True, PACKED_HELP)
 
 
 @dataclass
@@ -58,7 +66,7 @@ class SFTConfig(ChatTrainConfig):
     stage: ClassVar[str] = "sft"
     # 10x gentler than midtraining: a fine-tune on a few thousand conversations should not undo
     # what the model knows (the CLI's default all along; the Python default used to be 1.0)
-    lr_scale: float = setting(0.1, "multiplies the pretraining learning rates", low=0)
+    lr_scale: float = setting(0.1, "multiplies the learning rates", low=0)
 
 
 class PaddedConversations:
@@ -98,7 +106,7 @@ def _check_inputs(cfg: ChatTrainConfig) -> None:
 
 def plan_chat(cfg: ChatTrainConfig, context: int, world: int, rows_per_pass: float | None) -> TrainPlan:
     """Steps of --batch-size x --grad-accum rows from every process: --steps, or one pass over
-    `rows_per_pass` rows (SFT: conversations; midtraining: packed rows of its tokens; None while
+    `rows_per_pass` rows (one a conversation; packed: rows of the mixture's tokens; None while
     that is not known, in a speedrun's plan)."""
     seq_len = cfg.seq_len or context
     if seq_len > context:
@@ -125,14 +133,14 @@ def chat_train(cfg: ChatTrainConfig) -> dict:
     check_training_memory(model.config, cfg.batch_size, seq_len, stage.dtype, cfg.controls.grad_checkpoint,
                           stage.device)
     task = build_mixture(cfg.data, split="train", seed=cfg.controls.seed)
-    if cfg.stage == "sft" and cfg.controls.compile:  # each batch its own width: every step would recompile
-        log("sft: --compile is for midtraining's fixed-width rows; SFT's vary, so it trains without")
+    if not cfg.packed and cfg.controls.compile:  # each batch its own width: every step would recompile
+        log(f"{cfg.stage}: --compile is for packed rows of a fixed width; padded ones vary, so it trains without")
         cfg = replace(cfg, controls=replace(cfg.controls, compile=False))
-    if cfg.stage == "mid":
+    if cfg.packed:
         cuts = Counter()
         rendered = [render_example(tok, task[i], max_tokens=seq_len + 1, cuts=cuts) for i in range(len(task))]
         if cuts:
-            log(f"mid: {describe_cuts(cuts, len(task), seq_len + 1)}")
+            log(f"{cfg.stage}: {describe_cuts(cuts, len(task), seq_len + 1)}")
         dataset = TokenDataset.from_sequences(rendered, tok.bos_id)
         data = PackingLoader(dataset, "all", cfg.batch_size, seq_len, seed=cfg.controls.seed, rank=stage.rank,
                              world_size=stage.world)
@@ -144,6 +152,6 @@ def chat_train(cfg: ChatTrainConfig) -> dict:
     log(f"{cfg.stage}: {len(task):,} conversations from {cfg.data!r}, {plan.steps} steps of "
         f"{plan.rows_per_step} rows{f' over {stage.world} processes' if stage.world > 1 else ''}, from {cfg.load}")
     result = stage.train(cfg, model, tok, data, scale_lrs(cfg.optim, cfg.lr_scale), plan)
-    if cfg.stage == "sft" and data.cuts:
-        log(f"sft: {describe_cuts(data.cuts, data.rendered, seq_len + 1)}")
+    if not cfg.packed and data.cuts:
+        log(f"{cfg.stage}: {describe_cuts(data.cuts, data.rendered, seq_len + 1)}")
     return result

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 
 from .. import distributed
 from ..common import DEVICE_HELP, DTYPE_HELP, DTYPES, PicochatError, choose_device, choose_dtype, log, set_threads
 from ..model import flops_per_token
-from ..settings import flags_of, leaves, record, replaced, setting, show, typed
+from ..settings import default_of, flags_of, leaves, record, replaced, setting, show, typed
 from .loop import LM, Callbacks, LoopConfig, Objective, Trainer
 
 
@@ -69,6 +69,8 @@ class TrainPlan:
     grad_accum: int  # micro-batches per step, per process
     world: int = 1  # processes
     rows_per_step: int = 0  # rows in one step over all processes (0: rows x grad_accum x world)
+    lr_scale: float = 1.0  # the learning rates' scale the budget derives (pretraining's --budget nanochat)
+    wd_scale: float = 1.0  # and the hidden matrices' weight decay's
 
     def __post_init__(self):
         if not self.rows_per_step:
@@ -143,6 +145,9 @@ class Stage:
         for leaf in leaves(cfg):
             name = leaf.field.name
             found, theirs = _recorded(saved, leaf.path)
+            if not found and saved:  # the run predates the setting: it ran as the field's own default
+                theirs = default_of(leaf.field)  # has it (see settings.setting), whatever a factory says now
+                found = theirs is not MISSING
             if not leaf.defines_run or not found:
                 continue
             theirs = typed(leaf, theirs)
