@@ -2,6 +2,7 @@
 
     python bench/bench_train.py                      # depths 4 and 8, fp32/bf16, eager/compiled
     python bench/bench_train.py --depths 4 --steps 3 --no-compile --accum 1
+    python bench/bench_train.py --features legacy    # the network before nanochat's 2026 features
 
 MFU is measured against the matmul peak this script measures first on this machine (2048^2),
 so the percentage says how much of what the hardware can do the step gets. A dtype whose matmul is
@@ -16,6 +17,7 @@ preset) to 500K tokens per step, so "optimizer" shows its share of the step at e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -24,9 +26,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from picochat.common import choose_device, set_threads  # noqa: E402
-from picochat.config import ModelConfig  # noqa: E402
+from picochat.config import NANOCHAT_FEATURES, PICOCHAT_FEATURES, ModelConfig, ModelFeatures  # noqa: E402
 from picochat.model import flops_per_token  # noqa: E402
 from picochat.train.measure import sync, time_training_step  # noqa: E402
+
+
+# the pretraining command's network (its default), the one before nanochat's 2026 features, nanochat's
+FEATURES = {"picochat": PICOCHAT_FEATURES, "legacy": ModelFeatures(), "nanochat": NANOCHAT_FEATURES}
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 8) -> float:
@@ -45,7 +51,8 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: i
 
 
 def bench_one(depth, dtype, compile_, accum, args, device, peak) -> dict:
-    cfg = ModelConfig.from_depth(depth, vocab_size=args.vocab, sequence_len=args.seq_len)
+    cfg = ModelConfig.from_depth(depth, vocab_size=args.vocab, sequence_len=args.seq_len,
+                                 **dataclasses.asdict(FEATURES[args.features]))
     t, params = time_training_step(cfg, args.batch_size, device, dtype, steps=args.steps, warmup=args.warmup,
                                    accum=accum, compile=compile_)
     tok_s = args.batch_size * args.seq_len * accum / t.step_seconds
@@ -65,6 +72,7 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--accum", type=int, nargs="+", default=[1, 4], help="micro-batches per optimizer step")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--features", choices=list(FEATURES), default="picochat", help="the network's features")
     args = p.parse_args()
     set_threads()
     device = choose_device(args.device)
@@ -72,7 +80,8 @@ def main():
     peaks = {name: matmul_peak(dtypes[name], device) for name in args.dtypes}
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print("matmul peak (2048^2): " + ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in peaks.items()))
-    print(f"batch {args.batch_size} x seq {args.seq_len}, vocab {args.vocab}, median of {args.steps} steps\n")
+    print(f"batch {args.batch_size} x seq {args.seq_len}, vocab {args.vocab}, {args.features} features, median of "
+          f"{args.steps} steps\n")
     print("| depth | params | dtype | compile | tokens/step | tok/s | step (s) | optimizer | MFU vs measured peak "
           "| first steps (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -175,8 +175,9 @@ PRESETS = {p.name: p for p in [
                        eval_every=5, eval_tokens=2048),
            midtraining(steps=5), fine_tuning(steps=5, lr_scale=0.5),
            reinforcement("arithmetic::1", steps=2, prompts=4, group=4, max_tokens=64), eval_limits=(10, 2, 4)),
-    # tiny is sized for 2 CPU cores: measured 11m21s with native bf16, 15m46s and 19m57s in fp32
-    Preset("tiny", "a 2-core CPU, offline (the default): 11 min with native bf16, 15-20 without",
+    # tiny is sized for 2 CPU cores: measured 10m09s with native bf16 (2026-12-04, value embeddings
+    # and smear); in fp32 15m46s and 19m57s on two CPUs without, before them
+    Preset("tiny", "a 2-core CPU, offline (the default): 10 min with native bf16, 15-20 without",
            pretraining(depth=4, seq_len=256, vocab_size=4096, batch_size=16, total_batch_tokens=8192, steps=150,
                        eval_every=25, eval_tokens=32768),
            midtraining(steps=40), fine_tuning(steps=150, lr_scale=0.5),

@@ -97,7 +97,8 @@ def test_dry_run_plans_d20_and_the_macbook_model(tmp_path):
     out = _dry_run("gpt2", tmp_path, "--measure-steps", "0")  # nanochat's runs/speedrun.sh
     assert "depth 24, width 1536, 12/12 heads, context 2,048, vocab 32,768" in out
     assert re.search(r"pretrain +climbmix +5,568 steps +5\.84B tokens +16 x 2,048 x 32 = 1,048,576", out)
-    assert "nanochat's budget: 8 tokens per matrix and head parameter; learning rates x1.414, weight decay x0.213" in out
+    assert ("nanochat's budget: 8 tokens per matrix and head parameter; learning rates x1.414, "
+            "weight decay x0.213") in out
     assert re.search(r"sft +smoltalk 1, mmlu 3, gsm8k 4 +one pass", out) and "rl " not in out.split("evals")[0]
     out = _dry_run("d20", tmp_path, "--measure-steps", "0")
     assert "896,533,746 parameters (896.5M)" in out
