@@ -1,11 +1,21 @@
-"""The peak-memory estimate (picochat/memory.py) against the peak RSS of real CPU training steps.
+"""Training memory, measured: the peak-memory estimate (picochat/memory.py) against real CPU
+training steps, and memory per token against nanochat's at the same shape.
 
-    python bench/bench_memory.py                 # depth 4 and 8, with and without --grad-checkpoint
+    python bench/bench_memory.py                                  # the estimate: depth 4 and 8
     python bench/bench_memory.py --configs 8:32768:512:8
+    python bench/bench_memory.py --per-token --against-nanochat ../nanochat   # d20's shape, side by side
 
-Each config runs in a fresh process: two training steps (forward, backward, Muon + AdamW) of
-`rows` x `seq` tokens in fp32, then its peak resident set size is read. The estimate is what
-`picochat pretrain` logs and refuses on; it should sit at or a little above the measurement.
+The estimate: each config runs in a fresh process, two training steps (forward, backward, Muon +
+AdamW) of `rows` x `seq` tokens in fp32, then its peak resident set size is read. The estimate is
+what `picochat pretrain` logs and refuses on; it should sit at or a little above the measurement.
+
+Per token: one forward and backward pass of one row of T1 and of T2 tokens, each in a fresh
+process, at a preset's shape (default `d20`: depth 20, width 1,280, vocab 65,536, context 2,048,
+nanochat's network); (peak RSS at T2 - peak RSS at T1) / (T2 - T1) is what a token costs, with
+the weights, their gradients and the runtime cancelled out. These children run with a fixed malloc
+mmap threshold, so that freed blocks leave the resident set (the estimate's children run with
+malloc as users have it). nanochat runs from the checkout given
+(its own model, NANOCHAT_DTYPE=float32 or bfloat16: bf16 compute with fp32 master weights).
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ import sys
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
-CHILD = """
+ESTIMATE = """
 import json, resource, sys, torch
 sys.path.insert(0, sys.argv[1])
 from picochat.config import ModelConfig
@@ -40,24 +50,111 @@ est = estimate_training_memory(config, rows, seq, torch.float32, bool(ckpt))
 print(json.dumps({"peak": peak, "estimate": est.total, "params": num_params(config)}))
 """
 
+# argv: repo, preset, tokens, dtype, grad checkpoint
+PICOCHAT_STEP = """
+import json, resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+from picochat.common import autocast
+from picochat.model import GPT
+from picochat.presets import PRESETS
+config = PRESETS[sys.argv[2]].model_config()
+tokens, dtype, ckpt = int(sys.argv[3]), {"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[4]], sys.argv[5] == "1"
+model = GPT(config)
+model.grad_checkpoint = ckpt
+x = torch.randint(0, config.vocab_size, (1, tokens))
+with autocast(torch.device("cpu"), dtype):
+    loss = model(x, x)
+loss.backward()
+print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+# argv: nanochat dir, config json, tokens (NANOCHAT_DTYPE set by the caller)
+NANOCHAT_STEP = """
+import json, resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+from nanochat.gpt import GPT, GPTConfig
+config = GPTConfig(**json.loads(sys.argv[2]))
+with torch.device("meta"):
+    model = GPT(config)
+model.to_empty(device="cpu")
+model.init_weights()
+x = torch.randint(0, config.vocab_size, (1, int(sys.argv[3])))
+model(x, x).backward()
+print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+# glibc's malloc otherwise raises its mmap threshold as big blocks are freed and serves later ones
+# from its heap, where freed memory stays resident: the peak RSS would count memory no longer in use
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def child(code: str, *args: str, env: dict | None = None) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True,
+                         env={**os.environ, **(env or {})}).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def estimate_table(configs: list[str]) -> None:
+    print("| depth | vocab | seq x rows | grad checkpoint | params | peak RSS (GiB) | estimate (GiB) "
+          "| estimate / RSS |")
+    print("|---|---|---|---|---|---|---|---|")
+    for spec in configs:
+        depth, vocab, seq, rows = (int(v) for v in spec.split(":"))
+        for ckpt in (0, 1):
+            r = child(ESTIMATE, REPO, str(depth), str(vocab), str(seq), str(rows), str(ckpt))
+            print(f"| {depth} | {vocab:,} | {seq} x {rows} | {'yes' if ckpt else 'no'} | {r['params'] / 1e6:.1f}M "
+                  f"| {r['peak'] / 2**30:.2f} | {r['estimate'] / 2**30:.2f} | {r['estimate'] / r['peak']:.2f} |",
+                  flush=True)
+
+
+def per_token_table(preset: str, tokens: tuple[int, int], nanochat: str | None, dtypes: list[str]) -> None:
+    sys.path.insert(0, REPO)
+    import torch
+
+    from picochat.memory import activation_bytes, activation_values_per_token, head_bytes
+    from picochat.presets import PRESETS
+    config = PRESETS[preset].model_config()
+    t1, t2 = tokens
+    print(f"{preset}: depth {config.n_layer}, width {config.n_embd}, vocab {config.vocab_size:,}, one row of "
+          f"{t1:,} and of {t2:,} tokens, forward + backward, CPU\n")
+    print("| model | dtype | grad checkpoint | KiB per token | picochat's estimate |")
+    print("|---|---|---|---|---|")
+    rows = [("picochat", d, ck) for d in dtypes for ck in (False, True)]
+    rows += [("nanochat", d, False) for d in dtypes] if nanochat else []
+    for who, dtype, ckpt in rows:
+        if who == "picochat":
+            peaks = [child(PICOCHAT_STEP, REPO, preset, str(t), dtype, str(int(ckpt)), env=MALLOC)["peak"]
+                     for t in tokens]
+            torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+            est = activation_values_per_token(config, ckpt) * activation_bytes(torch_dtype)
+            est += (head_bytes(config, t2) - head_bytes(config, t1)) / (t2 - t1)
+            est_text = f"{est / 1024:,.0f}"
+        else:
+            spec = json.dumps(dict(sequence_len=config.sequence_len, vocab_size=config.vocab_size,
+                                   n_layer=config.n_layer, n_head=config.n_head, n_kv_head=config.n_kv_head,
+                                   n_embd=config.n_embd, window_pattern=config.window_pattern))
+            env = {**MALLOC, "NANOCHAT_DTYPE": {"fp32": "float32", "bf16": "bfloat16"}[dtype]}
+            peaks = [child(NANOCHAT_STEP, nanochat, spec, str(t), env=env)["peak"] for t in tokens]
+            est_text = ""
+        per_token = (peaks[1] - peaks[0]) / (t2 - t1)
+        print(f"| {who} | {dtype} | {'yes' if ckpt else 'no'} | {per_token / 1024:,.0f} | {est_text} |", flush=True)
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=["4:4096:256:16", "8:32768:512:8"],
-                   help="depth:vocab:seq:rows")
+                   help="the estimate's configs, depth:vocab:seq:rows")
+    p.add_argument("--per-token", action="store_true", help="memory per token at a preset's shape instead")
+    p.add_argument("--preset", default="d20", help="the shape of --per-token")
+    p.add_argument("--tokens", type=int, nargs=2, default=[1024, 2048], help="--per-token's two lengths")
+    p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    p.add_argument("--against-nanochat", metavar="DIR", help="a nanochat checkout, measured beside picochat")
     a = p.parse_args()
-    print("| depth | vocab | seq x rows | grad checkpoint | params | peak RSS (GiB) | estimate (GiB) "
-          "| estimate / RSS |")
-    print("|---|---|---|---|---|---|---|---|")
-    for spec in a.configs:
-        depth, vocab, seq, rows = (int(v) for v in spec.split(":"))
-        for ckpt in (0, 1):
-            out = subprocess.run([sys.executable, "-c", CHILD, REPO, str(depth), str(vocab), str(seq), str(rows),
-                                  str(ckpt)], capture_output=True, text=True, check=True).stdout
-            r = json.loads(out.strip().splitlines()[-1])
-            print(f"| {depth} | {vocab:,} | {seq} x {rows} | {'yes' if ckpt else 'no'} | {r['params'] / 1e6:.1f}M "
-                  f"| {r['peak'] / 2**30:.2f} | {r['estimate'] / 2**30:.2f} | {r['estimate'] / r['peak']:.2f} |",
-                  flush=True)
+    if a.per_token:
+        per_token_table(a.preset, tuple(a.tokens), a.against_nanochat, a.dtypes)
+    else:
+        estimate_table(a.configs)
 
 
 if __name__ == "__main__":

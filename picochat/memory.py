@@ -15,9 +15,11 @@ The activation counts per token were measured with autograd's saved-tensor hooks
 about 4 d + 3 h + 3 kv values per token (d = model width, h = the MLP's inner width, 4 d; kv =
 key/value width; SDPA keeps no T x T matrix), a sliding-window layer about 3 d more, a layer with
 value embeddings kv + 2 per kv head more, the embedding about 3 d (smear: 2 d more; backout: d),
-and the soft-capped fp32 logits 2 x vocab. With --grad-checkpoint a layer keeps only its input
-(d), one layer's activations are rebuilt at a time during the backward pass, and the logits exist
-for one chunk of rows at a time (model.loss_chunk_rows).
+and the head d more (the gradient of its input, computed in the forward pass). The logits never
+exist for more than one chunk of rows at a time (loss.py): the head's peak is a chunk's fp32
+logits in flight, 3 x vocab values a token, and the head weight's gradient, kept from the forward
+pass. With --grad-checkpoint a layer keeps only its input (d), and one layer's activations are
+rebuilt at a time during the backward pass.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import torch
 
 from .common import PicochatError
 from .config import ModelConfig
-from .model import loss_chunk_rows, param_counts
+from .loss import chunk_rows
+from .model import param_counts
 from .optim import state_values
 
 GiB = 1 << 30
@@ -47,7 +50,7 @@ class MemoryEstimate:
     optimizer: int  # state kept between steps: Adam's moments, Muon's momentum
     optimizer_step: int  # in flight during a step only: Muon's stacked gradients and Newton-Schulz
     activations: int
-    logits: int
+    logits: int  # the head's: a chunk of fp32 logits in flight, the head weight's gradient
     runtime: int = RUNTIME_BYTES
 
     @property
@@ -61,19 +64,31 @@ class MemoryEstimate:
         return f"{self.total / GiB:.1f} GiB (" + ", ".join(f"{k} {v / GiB:.2f}" for k, v in parts) + ")"
 
 
-def activation_values_per_token(config: ModelConfig, grad_checkpoint: bool) -> tuple[float, float]:
-    """(values kept per token through the backward pass, fp32 logit values per token)."""
+def activation_values_per_token(config: ModelConfig, grad_checkpoint: bool) -> float:
+    """Values kept per token through the backward pass."""
     d, kv = config.n_embd, config.n_kv_head * config.head_dim
     layers = [4 * d + 3 * config.mlp_hidden + 3 * kv + (3 * d if w else 0)
               + (kv + 2 * config.n_kv_head if config.has_value_embed(i) else 0)
               for i, w in enumerate(config.layer_windows())]
     embedding = 3 * d + (2 * d + 2 if config.smear else 0) + (d if config.backout else 0)
+    head = d  # the loss's gradient with respect to the head's input, made in the forward pass
     if grad_checkpoint:  # every layer's input, plus one layer rebuilt at a time
-        hidden = embedding + config.n_layer * d + max(layers)
-    else:
-        hidden = embedding + sum(layers)
-    # the logits (softcap input and output) are kept; their gradient (and tanh's) pass through
-    return hidden, 4 * config.vocab_size
+        return embedding + config.n_layer * d + max(layers) + head
+    return embedding + sum(layers) + head
+
+
+def activation_bytes(dtype: torch.dtype) -> float:
+    """Bytes a kept value takes on average. bf16 autocast: the matmuls' inputs and outputs are bf16,
+    but the residual stream and the RMSNorms' saved inputs stay fp32 (3.5, measured at d20's shape:
+    bench/bench_memory.py --per-token)."""
+    return 4 if dtype == torch.float32 else 3.5
+
+
+def head_bytes(config: ModelConfig, tokens: int) -> int:
+    """The loss's own peak (loss.py): one chunk's fp32 logits in flight (the tanh, the logits and
+    their gradient: 3 x vocab values a token) and the head weight's fp32 gradient."""
+    return 4 * (3 * min(tokens, chunk_rows(config.vocab_size)) * config.vocab_size
+                + config.padded_vocab * config.n_embd)
 
 
 def estimate_training_memory(config: ModelConfig, rows: int, seq_len: int, dtype: torch.dtype,
@@ -81,14 +96,11 @@ def estimate_training_memory(config: ModelConfig, rows: int, seq_len: int, dtype
     """Peak bytes of one process training `rows` x `seq_len` micro-batches."""
     counts = param_counts(config)
     params = sum(counts.values())
-    hidden, logits = activation_values_per_token(config, grad_checkpoint)
     tokens = rows * seq_len
-    # with --grad-checkpoint the loss too is computed (and recomputed) a chunk of rows at a time
-    logit_tokens = min(tokens, loss_chunk_rows(config.vocab_size)) if grad_checkpoint else tokens
-    act_bytes = 4 if dtype == torch.float32 else 2.5  # bf16 autocast: matmul outputs bf16, norms fp32
+    hidden = activation_values_per_token(config, grad_checkpoint)
     return MemoryEstimate(weights=4 * params, grads=4 * params, optimizer=4 * state_values(counts),
                           optimizer_step=8 * counts["matrix"],
-                          activations=int(tokens * hidden * act_bytes), logits=int(logit_tokens * logits * 4))
+                          activations=int(tokens * hidden * activation_bytes(dtype)), logits=head_bytes(config, tokens))
 
 
 def available_memory(device: torch.device) -> int | None:

@@ -7,7 +7,8 @@ A decoder-only transformer in the nanochat family:
 - ReLU^2 MLP (config.mlp_hidden wide), no biases anywhere, untied input and output embeddings;
 - two learnable scalars per layer: one scales the residual stream, one mixes back the first
   embedding x0 (a cheap skip connection that helps small models);
-- logits soft-capped with tanh, in fp32.
+- logits soft-capped with tanh, in fp32; with targets, the head and the loss run a chunk of rows
+  at a time (loss.py), so a micro-batch's logits never exist at once.
 And, each switched on by a ModelFeatures setting (config.py; all on in nanochat at HEAD):
 - value embeddings (ResFormer): on alternating layers, the last included, a per-token embedding
   is added to the values, through a gate per kv head, 3 sigmoid(W x[:12]) of the block's input;
@@ -43,15 +44,11 @@ from .attention import apply_rotary, attention, rotary_tables
 from .config import SMEAR_CHANNELS, VE_GATE_CHANNELS, ModelConfig
 from .kv_cache import KVCache
 from .linear import Linear
+from .loss import head_loss, softcap
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
-
-
-def loss_chunk_rows(vocab_size: int) -> int:
-    """Tokens per chunk of the checkpointed loss: about 32M logits (128 MB in fp32) at a time."""
-    return max(128, (1 << 25) // vocab_size)
 
 
 class Attention(nn.Module):
@@ -235,14 +232,14 @@ class GPT(nn.Module):
                 raise ValueError("forward: `where` selects logits; it cannot be combined with targets")
             x = x[where]
 
-        if targets is not None and recompute:
-            return self._chunked_loss(x, targets, loss_reduction)
-        logits = self._logits(x)
         if targets is None:
-            return logits
-        # targets of -1 (padding, masked turns) contribute nothing
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-1, reduction=loss_reduction)
+            return self._logits(x)
+        if isinstance(self.lm_head, nn.Linear):  # the head and the loss a chunk of rows at a time (loss.py)
+            return head_loss(x, self.lm_head.weight, targets, self.config.vocab_size, self.config.softcap,
+                             loss_reduction)
+        # a quantized head (int8.py) is only ever evaluated; targets of -1 contribute nothing
+        return F.cross_entropy(self._logits(x).flatten(0, -2), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
 
     def _smear(self, x: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
         """Each token's embedding plus its predecessor's, through a gate. A row's first token has
@@ -252,27 +249,7 @@ class GPT(nn.Module):
         return x + gate * prev
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(x)
-        if self.config.padded_vocab != self.config.vocab_size:  # the padding rows are never tokens
-            logits = logits[..., :self.config.vocab_size]
-        cap = self.config.softcap
-        return cap * torch.tanh(logits.float() / cap)
-
-    def _chunked_loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
-        """The loss a few rows of logits at a time, each chunk recomputed in the backward pass: with
-        --grad-checkpoint the fp32 logits (4 x vocab values per token kept or in flight) would
-        otherwise be most of the memory left."""
-        x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-        rows = loss_chunk_rows(self.config.vocab_size)
-
-        def part(xc, tc):
-            return F.cross_entropy(self._logits(xc), tc, ignore_index=-1, reduction="none")
-        losses = torch.cat([checkpoint(part, xc, tc, use_reentrant=False)
-                            for xc, tc in zip(x.split(rows), targets.split(rows))])
-        if reduction == "none":
-            return losses
-        total = losses.sum()
-        return total if reduction == "sum" else total / (targets != -1).sum()
+        return softcap(self.lm_head(x), self.config.vocab_size, self.config.softcap)
 
 
 # ----------------------------------------------------------------------------- the model's own description

@@ -38,20 +38,21 @@ def test_the_activation_estimate_matches_what_autograd_keeps(depth, seq_len, pat
     model = GPT(config)
     x = torch.randint(0, vocab, (2, seq_len))
     measured = saved_for_backward(model, x)
-    hidden, _ = activation_values_per_token(config, grad_checkpoint=False)
-    predicted = 2 * seq_len * (hidden + 2 * vocab) * 4  # kept: hidden values and the two fp32 logit tensors
+    # the head's gradients, made in the forward pass, are kept by loss.py, out of the hooks' sight
+    d = config.n_embd
+    predicted = 2 * seq_len * (activation_values_per_token(config, grad_checkpoint=False) - d) * 4
     assert predicted == pytest.approx(measured, rel=0.15)
 
     model.grad_checkpoint = True
     with_ckpt = saved_for_backward(model, x)
-    hidden_ckpt, _ = activation_values_per_token(config, grad_checkpoint=True)
+    hidden_ckpt = activation_values_per_token(config, grad_checkpoint=True)
     assert with_ckpt < 0.6 * measured  # most of the activations are no longer kept
-    assert with_ckpt <= 2 * seq_len * (hidden_ckpt + 2 * vocab) * 4  # the estimate bounds it
+    assert with_ckpt <= 2 * seq_len * (hidden_ckpt - d) * 4  # the estimate bounds it
 
 
 @pytest.mark.parametrize("vocab", [512, 65536])  # the loss in one chunk; in 2 chunks of 512 rows
 def test_grad_checkpoint_gives_the_same_loss_and_gradients(vocab):
-    from picochat.model import loss_chunk_rows
+    from picochat.loss import chunk_rows
     config = ModelConfig.from_depth(2, vocab_size=vocab, sequence_len=128)
     torch.manual_seed(0)
     model = GPT(config)
@@ -62,7 +63,7 @@ def test_grad_checkpoint_gives_the_same_loss_and_gradients(vocab):
     x = torch.randint(0, vocab, (8, 128))
     y = x.roll(-1, 1)
     y[:, -5:] = -1  # ignored targets
-    assert (8 * 128 > loss_chunk_rows(vocab)) == (vocab == 65536)
+    assert (8 * 128 > chunk_rows(vocab)) == (vocab == 65536)
     runs = []
     for ckpt in (False, True):
         model.grad_checkpoint = ckpt
@@ -96,11 +97,13 @@ def test_the_estimate_scales_as_it_should():
     plain = estimate_training_memory(c, 8, 1024, torch.float32)
     ckpt = estimate_training_memory(c, 8, 1024, torch.float32, grad_checkpoint=True)
     assert plain.weights == plain.grads == 4 * num_params(c)
-    assert ckpt.activations < plain.activations / 5 and ckpt.logits < plain.logits / 10
+    assert ckpt.activations < plain.activations / 5
+    # the logits a chunk at a time, with or without checkpointing: a third of one fp32 copy of them
+    assert ckpt.logits == plain.logits < 8 * 1024 * 65536 * 4 / 3
     assert estimate_training_memory(c, 16, 1024, torch.float32).activations == 2 * plain.activations
     # depth 16 at context 1024 (the MPS fork's 335M model), 8 rows: 16 GB is enough with checkpointing only,
     # and with room to spare
-    assert ckpt.total < 8e9 and 16e9 < plain.total
+    assert ckpt.total < 9e9 and 16e9 < plain.total
 
 
 def test_a_config_that_cannot_fit_is_refused_before_anything_is_built(small_corpus, small_tokenizer, tmp_path):
