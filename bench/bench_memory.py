@@ -10,7 +10,7 @@ AdamW) of `rows` x `seq` tokens in fp32, then its peak resident set size is read
 what `picochat pretrain` logs and refuses on; it should sit at or a little above the measurement.
 
 Per token: one forward and backward pass of one row of T1 and of T2 tokens, each in a fresh
-process, at a preset's shape (default `d20`: depth 20, width 1,280, vocab 65,536, context 2,048,
+process, at a preset's shape (default `d20`: depth 20, width 1,280, vocab 32,768, context 2,048,
 nanochat's network); (peak RSS at T2 - peak RSS at T1) / (T2 - T1) is what a token costs, with
 the weights, their gradients and the runtime cancelled out. These children run with a fixed malloc
 mmap threshold, so that freed blocks leave the resident set (the estimate's children run with

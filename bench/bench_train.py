@@ -30,7 +30,6 @@ from picochat.config import NANOCHAT_FEATURES, PICOCHAT_FEATURES, ModelConfig, M
 from picochat.model import flops_per_token  # noqa: E402
 from picochat.train.measure import sync, time_training_step  # noqa: E402
 
-
 # the pretraining command's network (its default), the one before nanochat's 2026 features, nanochat's
 FEATURES = {"picochat": PICOCHAT_FEATURES, "legacy": ModelFeatures(), "nanochat": NANOCHAT_FEATURES}
 

@@ -45,14 +45,14 @@ def _chunk(x, w, targets, vocab: int, cap: float, grads=None, scale=None, lse=No
     logits = t * cap
     if lse is None:
         lse = torch.logsumexp(logits, dim=-1)
-    picked = logits.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
-    loss = torch.where(targets != -1, lse - picked, 0.0)
+    valid, index = targets != -1, targets.clamp(min=0)
+    loss = torch.where(valid, lse - logits.gather(1, index.unsqueeze(1)).squeeze(1), 0.0)
     if grads is not None:
         # d loss / d head output, in place over logits and t: softmax minus the target, each row
         # times `scale` (0 where the target is ignored), through the softcap (1 - tanh^2)
         p = logits.sub_(lse.unsqueeze(1)).exp_()
-        p[torch.arange(len(targets), device=p.device), targets.clamp(min=0)] -= 1
-        p.mul_(torch.where(targets != -1, scale, 0.0).unsqueeze(1))
+        p[torch.arange(len(targets), device=p.device), index] -= 1
+        p.mul_(torch.where(valid, scale, 0.0).unsqueeze(1))
         dz = t.mul_(t).neg_().add_(1).mul_(p).to(x.dtype)
         gx, gw = grads
         gx.copy_(dz @ w[:vocab])
