@@ -28,49 +28,74 @@ import sys
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
-ESTIMATE = """
-import json, resource, sys, torch
+# Peak resident memory of one step, read from the kernel: /proc/self/clear_refs resets the
+# high-water mark, so a compiled step is measured after compiling, not with the compiler's own peak.
+PEAK = """
+import re
+import torch
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+def peak():
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\\s+(\\d+)", f.read()).group(1)) * 1024
+def zero_grads(model):  # allocated before the measured step, so that its peak is the activations'
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
+"""
+
+# argv: repo, depth, vocab, seq, rows, dtype, grad checkpoint, compile
+ESTIMATE = PEAK + """
+import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 from picochat.config import ModelConfig
 from picochat.memory import estimate_training_memory
 from picochat.model import GPT, num_params
 from picochat.optim import OptimConfig, build_optimizer
-depth, vocab, seq, rows, ckpt = (int(a) for a in sys.argv[2:7])
+depth, vocab, seq, rows, bf16, ckpt, comp = (int(a) for a in sys.argv[2:9])
+dtype = torch.bfloat16 if bf16 else torch.float32
 config = ModelConfig.from_depth(depth, vocab_size=vocab, sequence_len=seq)
 model = GPT(config)
 model.grad_checkpoint = bool(ckpt)
+step_model = torch.compile(model, dynamic=False) if comp else model
 opt = build_optimizer(model, OptimConfig())
 x = torch.randint(0, vocab, (rows, seq))
-for _ in range(2):
-    model(x, x).backward()
+for i in range(2):  # the second step's peak: the optimizer's state exists, the compiler has finished
+    if i == 1:
+        reset_peak()
+    with model.computing_in(dtype):
+        loss = step_model(x, x)
+    loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-est = estimate_training_memory(config, rows, seq, torch.float32, bool(ckpt))
-print(json.dumps({"peak": peak, "estimate": est.total, "params": num_params(config)}))
+est = estimate_training_memory(config, rows, seq, dtype, bool(ckpt))  # compiled counted as eager
+print(json.dumps({"peak": peak(), "estimate": est.total, "params": num_params(config)}))
 """
 
-# argv: repo, preset, tokens, dtype, grad checkpoint
-PICOCHAT_STEP = """
-import json, resource, sys, torch
+# argv: repo, preset, tokens, dtype, grad checkpoint, compile
+PICOCHAT_STEP = PEAK + """
+import json, sys, torch
 sys.path.insert(0, sys.argv[1])
-from picochat.common import autocast
 from picochat.model import GPT
 from picochat.presets import PRESETS
 config = PRESETS[sys.argv[2]].model_config()
-tokens, dtype, ckpt = int(sys.argv[3]), {"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[4]], sys.argv[5] == "1"
+tokens, dtype = int(sys.argv[3]), {"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[4]]
 model = GPT(config)
-model.grad_checkpoint = ckpt
+model.grad_checkpoint = sys.argv[5] == "1"
+step_model = torch.compile(model, dynamic=False) if sys.argv[6] == "1" else model
 x = torch.randint(0, config.vocab_size, (1, tokens))
-with autocast(torch.device("cpu"), dtype):
-    loss = model(x, x)
-loss.backward()
-print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+for i in range(1 + (sys.argv[6] == "1")):  # compiled: measure the step after the one that compiles
+    zero_grads(model)
+    reset_peak()
+    with model.computing_in(dtype):
+        loss = step_model(x, x)
+    loss.backward()
+print(json.dumps({"peak": peak()}))
 """
 
-# argv: nanochat dir, config json, tokens (NANOCHAT_DTYPE set by the caller)
-NANOCHAT_STEP = """
-import json, resource, sys, torch
+# argv: nanochat dir, config json, tokens, compile (NANOCHAT_DTYPE set by the caller)
+NANOCHAT_STEP = PEAK + """
+import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 from nanochat.gpt import GPT, GPTConfig
 config = GPTConfig(**json.loads(sys.argv[2]))
@@ -78,9 +103,13 @@ with torch.device("meta"):
     model = GPT(config)
 model.to_empty(device="cpu")
 model.init_weights()
+step_model = torch.compile(model, dynamic=False) if sys.argv[4] == "1" else model
 x = torch.randint(0, config.vocab_size, (1, int(sys.argv[3])))
-model(x, x).backward()
-print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+for i in range(1 + (sys.argv[4] == "1")):
+    zero_grads(model)
+    reset_peak()
+    step_model(x, x).backward()
+print(json.dumps({"peak": peak()}))
 """
 
 
@@ -95,50 +124,53 @@ def child(code: str, *args: str, env: dict | None = None) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def estimate_table(configs: list[str]) -> None:
-    print("| depth | vocab | seq x rows | grad checkpoint | params | peak RSS (GiB) | estimate (GiB) "
-          "| estimate / RSS |")
+PATHS = {"fp32": (0, 0, 0), "bf16": (1, 0, 0), "fp32 compiled": (0, 0, 1), "bf16 compiled": (1, 0, 1),
+         "fp32 checkpointed": (0, 1, 0), "bf16 checkpointed": (1, 1, 0)}  # bf16, grad checkpoint, compile
+
+
+def estimate_table(configs: list[str], paths: list[str]) -> None:
+    print("| depth | vocab | seq x rows | path | params | peak RSS (GiB) | estimate (GiB) | estimate / RSS |")
     print("|---|---|---|---|---|---|---|---|")
     for spec in configs:
         depth, vocab, seq, rows = (int(v) for v in spec.split(":"))
-        for ckpt in (0, 1):
-            r = child(ESTIMATE, REPO, str(depth), str(vocab), str(seq), str(rows), str(ckpt))
-            print(f"| {depth} | {vocab:,} | {seq} x {rows} | {'yes' if ckpt else 'no'} | {r['params'] / 1e6:.1f}M "
+        for path in paths:
+            r = child(ESTIMATE, REPO, str(depth), str(vocab), str(seq), str(rows), *(str(v) for v in PATHS[path]))
+            print(f"| {depth} | {vocab:,} | {seq} x {rows} | {path} | {r['params'] / 1e6:.1f}M "
                   f"| {r['peak'] / 2**30:.2f} | {r['estimate'] / 2**30:.2f} | {r['estimate'] / r['peak']:.2f} |",
                   flush=True)
 
 
-def per_token_table(preset: str, tokens: tuple[int, int], nanochat: str | None, dtypes: list[str]) -> None:
+def per_token_table(preset: str, tokens: tuple[int, int], nanochat: str | None, paths: list[str]) -> None:
     sys.path.insert(0, REPO)
     import torch
 
-    from picochat.memory import activation_bytes, activation_values_per_token, head_bytes
+    from picochat.memory import activation_bytes_per_token, head_bytes
     from picochat.presets import PRESETS
     config = PRESETS[preset].model_config()
     t1, t2 = tokens
     print(f"{preset}: depth {config.n_layer}, width {config.n_embd}, vocab {config.vocab_size:,}, one row of "
           f"{t1:,} and of {t2:,} tokens, forward + backward, CPU\n")
-    print("| model | dtype | grad checkpoint | KiB per token | picochat's estimate |")
-    print("|---|---|---|---|---|")
-    rows = [("picochat", d, ck) for d in dtypes for ck in (False, True)]
-    rows += [("nanochat", d, False) for d in dtypes] if nanochat else []
-    for who, dtype, ckpt in rows:
+    print("| model | path | KiB per token | picochat's estimate |")
+    print("|---|---|---|---|")
+    rows = [("picochat", p) for p in paths]
+    rows += [("nanochat", p) for p in paths if "checkpointed" not in p] if nanochat else []
+    for who, path in rows:
+        bf16, ckpt, comp = PATHS[path]
         if who == "picochat":
-            peaks = [child(PICOCHAT_STEP, REPO, preset, str(t), dtype, str(int(ckpt)), env=MALLOC)["peak"]
-                     for t in tokens]
-            torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
-            est = activation_values_per_token(config, ckpt) * activation_bytes(torch_dtype)
+            peaks = [child(PICOCHAT_STEP, REPO, preset, str(t), "bf16" if bf16 else "fp32", str(ckpt), str(comp),
+                           env=MALLOC)["peak"] for t in tokens]
+            est = activation_bytes_per_token(config, torch.bfloat16 if bf16 else torch.float32, bool(ckpt))
             est += (head_bytes(config, t2) - head_bytes(config, t1)) / (t2 - t1)
             est_text = f"{est / 1024:,.0f}"
         else:
             spec = json.dumps(dict(sequence_len=config.sequence_len, vocab_size=config.vocab_size,
                                    n_layer=config.n_layer, n_head=config.n_head, n_kv_head=config.n_kv_head,
                                    n_embd=config.n_embd, window_pattern=config.window_pattern))
-            env = {**MALLOC, "NANOCHAT_DTYPE": {"fp32": "float32", "bf16": "bfloat16"}[dtype]}
-            peaks = [child(NANOCHAT_STEP, nanochat, spec, str(t), env=env)["peak"] for t in tokens]
+            env = {**MALLOC, "NANOCHAT_DTYPE": "bfloat16" if bf16 else "float32"}
+            peaks = [child(NANOCHAT_STEP, nanochat, spec, str(t), str(comp), env=env)["peak"] for t in tokens]
             est_text = ""
         per_token = (peaks[1] - peaks[0]) / (t2 - t1)
-        print(f"| {who} | {dtype} | {'yes' if ckpt else 'no'} | {per_token / 1024:,.0f} | {est_text} |", flush=True)
+        print(f"| {who} | {path} | {per_token / 1024:,.0f} | {est_text} |", flush=True)
 
 
 def main() -> None:
@@ -148,13 +180,14 @@ def main() -> None:
     p.add_argument("--per-token", action="store_true", help="memory per token at a preset's shape instead")
     p.add_argument("--preset", default="d20", help="the shape of --per-token")
     p.add_argument("--tokens", type=int, nargs=2, default=[1024, 2048], help="--per-token's two lengths")
-    p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    p.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS), metavar="PATH",
+                   help=f"of: {', '.join(PATHS)} (default: all)")
     p.add_argument("--against-nanochat", metavar="DIR", help="a nanochat checkout, measured beside picochat")
     a = p.parse_args()
     if a.per_token:
-        per_token_table(a.preset, tuple(a.tokens), a.against_nanochat, a.dtypes)
+        per_token_table(a.preset, tuple(a.tokens), a.against_nanochat, a.paths)
     else:
-        estimate_table(a.configs)
+        estimate_table(a.configs, a.paths)
 
 
 if __name__ == "__main__":

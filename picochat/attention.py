@@ -81,7 +81,10 @@ _band_masks: dict = {}
 
 
 def _band_mask(n_blocks: int, block: int, window: int, group: int, device) -> torch.Tensor:
-    """Mask for banded attention: (n_blocks, group*block, block+window), True = may attend.
+    """Mask for banded attention: (1, n_blocks, group*block, block+window), True = may attend. Four
+    dimensions: SDPA on a CPU takes its flash kernel (which keeps only q, k, v, the output and the
+    log-normalizers for backward) for a 2-D or 4-D mask, but its math path for a 3-D one (which
+    keeps two fp32 score matrices, the inputs cast to fp32 besides).
 
     Block b holds queries at b*block + i; its keys start `window` positions earlier, so key j sits
     at b*block - window + j. Allowed: key <= query, query - key < window, key >= 0."""
@@ -91,7 +94,7 @@ def _band_mask(n_blocks: int, block: int, window: int, group: int, device) -> to
         j = torch.arange(block + window, device=device).view(1, 1, -1)
         b = torch.arange(n_blocks, device=device).view(-1, 1, 1)
         mask = (j > i) & (j <= i + window) & (j >= window - b * block)
-        _band_masks[key] = mask.repeat(1, group, 1)
+        _band_masks[key] = mask.repeat(1, group, 1).unsqueeze(0)
     return _band_masks[key]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from .common import autocast
+from .common import autocast, choose_compile
 from .decode_batch import GenRequest
 from .engine import Engine
 from .inference import LoadOptions, open_for_inference
@@ -27,8 +27,8 @@ RESET = "\033[0m"
 class ChatConfig:
     model: LoadOptions = setting(help="the model to use")
     prompt: str | None = setting(None, "answer this one message and exit (default: talk until /quit)")
-    compile: bool = setting(False, "torch.compile the decode step: faster tokens once the first reply has "
-                                   "compiled it (15-30 s)")
+    compile: bool | None = setting(None, "torch.compile the decode step: faster tokens once the first reply has "
+                                         "compiled it (15-30 s) (default: on CUDA, off elsewhere)")
     sampling: SamplingOptions = setting(factory=lambda: SamplingOptions(temperature=0.6, max_tokens=512, seed=None))
 
 
@@ -70,7 +70,7 @@ class ChatSession:
 
 def chat(cfg: ChatConfig) -> None:
     run = open_for_inference(cfg.model)
-    engine = Engine(run.model, run.tokenizer, compile=cfg.compile)
+    engine = Engine(run.model, run.tokenizer, compile=choose_compile(cfg.compile, run.device))
     s = cfg.sampling
     session = ChatSession(engine, s.temperature, s.top_k or None, s.top_p, s.max_tokens, s.seed,
                           color=sys.stdout.isatty())

@@ -83,6 +83,13 @@ def choose_dtype(name: str, device: torch.device, decode: bool = False) -> torch
     return torch.float32  # mps: fp32 until bf16 autocast is measured to help there
 
 
+def choose_compile(flag: bool | None, device: torch.device) -> bool:
+    """Whether to torch.compile: as asked, else on CUDA only. On a CPU compiling costs 40 to 60 s
+    for 5 to 25%% more tokens a second (bench/bench_train.py), so it is worth it only for long
+    runs, which can ask for it; on a GPU it fuses what eager mode runs as separate kernels."""
+    return device.type == "cuda" if flag is None else flag
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     """bf16 autocast where asked; a no-op context for fp32."""
     if dtype == torch.float32:

@@ -9,10 +9,12 @@ The data-parallel recipe, in one place:
 - every rank builds the same model from the same seed (then rank 0's weights are broadcast, so
   nothing depends on init being bitwise deterministic across devices);
 - each rank takes its own slice of every global batch (the loaders' `rank` / `world_size`);
-- a step's summed loss is divided by the token count of the WHOLE global batch, so after the
-  gradients are summed across ranks (`all_reduce_`) they equal one process's gradient on the
-  global batch — 2 ranks x B/2 rows train the same weights as 1 rank x B;
-- Muon splits its orthogonalization across ranks (optim.py); AdamW runs replicated;
+- a step's summed loss is divided by the token count of the WHOLE global batch, so the gradients
+  summed across ranks equal one process's gradient on the global batch — 2 ranks x B/2 rows train
+  the same weights as 1 rank x B;
+- the optimizer's state is sharded (ZeRO-2): each rank reduce-scatters the gradients, keeps the
+  state of its share of the weights, updates that share and all-gathers it (muon.py,
+  sharded_adamw.py); a checkpoint gathers the shares into one process's state;
 - rank 0 alone logs and writes run dirs; every rank reads the run dir to resume.
 Counts and statistics that live on the host are summed over a gloo group even under NCCL, so
 reading them never waits for the GPU.
@@ -129,6 +131,15 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def gather_objects(obj) -> list | None:
+    """[rank 0's obj, rank 1's, ...] on rank 0, None elsewhere (pickled over the host group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0, group=_host_group)
+    return out
+
+
 def all_reduce_(tensors: list[torch.Tensor]) -> None:
     """Sum tensors of one dtype and device over all ranks, in place, as one flat message."""
     if not dist.is_initialized() or not tensors:
@@ -145,6 +156,20 @@ def broadcast_params(module: torch.nn.Module) -> None:
         return
     for t in list(module.parameters()) + list(module.buffers()):
         dist.broadcast(t.data, 0)
+
+
+def pad_rows(t: torch.Tensor, k: int) -> torch.Tensor:
+    """t with zero rows appended up to k rows."""
+    return t if len(t) == k else torch.cat([t, t.new_zeros((k - len(t), *t.shape[1:]))])
+
+
+def reduce_scatter_rows(full: torch.Tensor, k: int) -> torch.Tensor:
+    """This rank's rows [rank * k, (rank + 1) * k) of the sum over ranks of `full` (n rows, n <=
+    world * k; the rows past n are zeros): ZeRO's gradient reduction, each rank receiving the sum
+    of its own share only."""
+    out = full.new_empty((k, *full.shape[1:]))
+    dist.reduce_scatter_tensor(out, pad_rows(full, world_size() * k).contiguous())
+    return out
 
 
 def all_gather_rows(part: torch.Tensor, n: int):

@@ -53,6 +53,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
+        if w.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            w = w.to(x.dtype)  # bf16 activations of fp32 weights (GPT.computing_in)
         if x.device.type != "cpu" or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
             return F.linear(x, w)
         rows = x.numel() // max(x.size(-1), 1)

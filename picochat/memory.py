@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import distributed
 from .common import PicochatError
 from .config import ModelConfig
 from .loss import chunk_rows
@@ -65,7 +66,7 @@ class MemoryEstimate:
 
 
 def activation_values_per_token(config: ModelConfig, grad_checkpoint: bool) -> float:
-    """Values kept per token through the backward pass."""
+    """Values autograd keeps per token through the backward pass (eager)."""
     d, kv = config.n_embd, config.n_kv_head * config.head_dim
     layers = [4 * d + 3 * config.mlp_hidden + 3 * kv + (3 * d if w else 0)
               + (kv + 2 * config.n_kv_head if config.has_value_embed(i) else 0)
@@ -77,11 +78,24 @@ def activation_values_per_token(config: ModelConfig, grad_checkpoint: bool) -> f
     return embedding + sum(layers) + head
 
 
-def activation_bytes(dtype: torch.dtype) -> float:
-    """Bytes a kept value takes on average. bf16 autocast: the matmuls' inputs and outputs are bf16,
-    but the residual stream and the RMSNorms' saved inputs stay fp32 (3.5, measured at d20's shape:
-    bench/bench_memory.py --per-token)."""
-    return 4 if dtype == torch.float32 else 3.5
+def norm_inputs_per_token(config: ModelConfig, grad_checkpoint: bool) -> float:
+    """Values a token feeds the RMSNorms whose inputs autograd keeps: a block's two and the
+    queries' and keys' (3 d + kv), the embedding's and the final one (2 d)."""
+    d, kv = config.n_embd, config.n_kv_head * config.head_dim
+    return (1 if grad_checkpoint else config.n_layer) * (3 * d + kv) + 2 * d
+
+
+def activation_bytes_per_token(config: ModelConfig, dtype: torch.dtype, grad_checkpoint: bool = False) -> float:
+    """Bytes kept per token through the backward pass on the path a run takes. fp32: 4 a value.
+    bf16 (GPT.computing_in): 2 a value, but 4 for each RMSNorm input, of which PyTorch's rms_norm
+    keeps an fp32 copy in place of the input (measured with saved-tensor hooks: tests/test_memory.py).
+    A compiled step is counted as an eager one: an upper bound (inductor recomputes cheap
+    elementwise results rather than keeping them), not yet measured reliably on a CPU."""
+    size = 4 if dtype == torch.float32 else 2
+    kept = size * activation_values_per_token(config, grad_checkpoint)
+    if size == 2:
+        kept += 2 * norm_inputs_per_token(config, grad_checkpoint)
+    return kept
 
 
 def head_bytes(config: ModelConfig, tokens: int) -> int:
@@ -92,15 +106,17 @@ def head_bytes(config: ModelConfig, tokens: int) -> int:
 
 
 def estimate_training_memory(config: ModelConfig, rows: int, seq_len: int, dtype: torch.dtype,
-                             grad_checkpoint: bool = False) -> MemoryEstimate:
-    """Peak bytes of one process training `rows` x `seq_len` micro-batches."""
+                             grad_checkpoint: bool = False, world: int = 1) -> MemoryEstimate:
+    """Peak bytes of one of `world` processes training `rows` x `seq_len` micro-batches (each keeps
+    its share of the optimizer's state: muon.py, sharded_adamw.py)."""
     counts = param_counts(config)
     params = sum(counts.values())
     tokens = rows * seq_len
-    hidden = activation_values_per_token(config, grad_checkpoint)
-    return MemoryEstimate(weights=4 * params, grads=4 * params, optimizer=4 * state_values(counts),
-                          optimizer_step=8 * counts["matrix"],
-                          activations=int(tokens * hidden * activation_bytes(dtype)), logits=head_bytes(config, tokens))
+    kept = tokens * activation_bytes_per_token(config, dtype, grad_checkpoint)
+    if dtype != torch.float32:  # each block matrix's bf16 copy, made in the forward pass, kept for the backward
+        kept += 2 * counts["matrix"]
+    return MemoryEstimate(weights=4 * params, grads=4 * params, optimizer=4 * state_values(counts) // world,
+                          optimizer_step=8 * counts["matrix"], activations=int(kept), logits=head_bytes(config, tokens))
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -126,7 +142,7 @@ def check_training_memory(config: ModelConfig, rows: int, seq_len: int, dtype: t
                           grad_checkpoint: bool, device: torch.device) -> MemoryEstimate:
     """The estimate; a clear error, before anything is allocated, when it cannot fit.
     PICOCHAT_MEMORY_CHECK=0 skips the refusal (the estimate is an estimate)."""
-    est = estimate_training_memory(config, rows, seq_len, dtype, grad_checkpoint)
+    est = estimate_training_memory(config, rows, seq_len, dtype, grad_checkpoint, distributed.world_size())
     have = available_memory(device)
     if have is None or os.environ.get("PICOCHAT_MEMORY_CHECK", "1") == "0" or est.total <= have:
         return est

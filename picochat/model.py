@@ -33,6 +33,7 @@ MFU's — is the model's own.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -130,6 +131,8 @@ class GPT(nn.Module):
         # recompute each block's activations in the backward pass instead of keeping them: a
         # training setting (--grad-checkpoint), not part of the saved config
         self.grad_checkpoint = False
+        # the dtype activations take in training (computing_in); None: the weights' own
+        self.compute_dtype: torch.dtype | None = None
         self.set_rotary(2 * config.sequence_len)
         self.init_weights()
 
@@ -195,6 +198,19 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @contextlib.contextmanager
+    def computing_in(self, dtype: torch.dtype):
+        """Forward passes in `dtype` while inside: the embeddings are cast to it, so the residual
+        stream, the norms and every product run in it, each weight cast as a Linear uses it; the
+        fp32 weights stay the optimizer's masters and receive fp32 gradients. Training's bf16 (the
+        trainer's forward and backward): unlike autocast, which keeps the residual stream and the
+        norms' saved inputs in fp32, it keeps bf16 activations (about 2 bytes a value, not 3.5)."""
+        before, self.compute_dtype = self.compute_dtype, None if dtype == torch.float32 else dtype
+        try:
+            yield
+        finally:
+            self.compute_dtype = before
+
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None, loss_reduction: str = "mean",
                 where: torch.Tensor | None = None):
         """Logits (B, T, vocab), or the loss against targets (-1 = ignored). `where`, a (B, T) bool
@@ -207,7 +223,8 @@ class GPT(nn.Module):
         at = kv_cache.positions(T) if kv_cache is not None else slice(0, T)
         cos, sin = self.rope_cos[at], self.rope_sin[at]
 
-        x = norm(self.wte(idx))
+        x = self.wte(idx)
+        x = norm(x if self.compute_dtype is None else x.to(self.compute_dtype))
         if self.config.smear:
             x = self._smear(x, kv_cache)
         x0 = x
@@ -215,7 +232,7 @@ class GPT(nn.Module):
         mid = None
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            ve = self.value_embeds[str(i)](idx) if block.attn.ve_gate is not None else None
+            ve = self.value_embeds[str(i)](idx).to(x.dtype) if block.attn.ve_gate is not None else None
             if recompute:  # only the block's input is kept; its insides are rebuilt for backward
                 x = checkpoint(block, x, ve, cos, sin, self.windows[i], None, use_reentrant=False)
             else:
@@ -225,7 +242,7 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         if mid is not None:  # backout: take the middle layer's low-level features out again
-            x = x - self.backout_lambda * mid
+            x = x - self.backout_lambda.to(x.dtype) * mid
         x = norm(x)
         if where is not None:
             if targets is not None:
@@ -244,7 +261,7 @@ class GPT(nn.Module):
     def _smear(self, x: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
         """Each token's embedding plus its predecessor's, through a gate. A row's first token has
         none; with a KV cache the first new token's is the cache's (KVCache.previous)."""
-        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
         prev = kv_cache.previous(x) if kv_cache is not None else F.pad(x[:, :-1], (0, 0, 1, 0))
         return x + gate * prev
 

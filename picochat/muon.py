@@ -28,11 +28,13 @@ transpose: the iterations work on the wide orientation anyway) and each group ru
 into the parameters. A depth-8 model has 3 such groups, whatever its depth. (MuonEq's rows and
 NorMuon's neurons are those of each matrix as it is, whichever way it is stored.)
 
-Distributed (torchrun): the training loop sums the gradients over ranks first; then each rank
-orthogonalizes its slice (along dim 0) of every stacked group and the slices are all-gathered, so
-N ranks share the expensive part. The rest is element-wise or per matrix and cheap, and runs on
-every rank on the whole stack, so every rank's state stays identical and rank 0's checkpoint
-resumes any rank.
+Distributed (torchrun), ZeRO-2: each rank owns a slice of the matrices of every stacked group
+(rows [lo, hi) of the stack, distributed.shard_bounds). The gradients are reduce-scattered, so a
+rank receives the sum over ranks of its own matrices' gradients only; it keeps the momentum (and
+NorMuon's second moment) of those only, orthogonalizes and applies their updates, and the updated
+matrices are all-gathered. Each rank holds 1/N of the state and does 1/N of the work, with the
+same numbers as one process. state_dict() gathers the slices, so a checkpoint is the one-process
+state whatever the number of ranks, and load_state_dict() takes each rank's slice of it.
 """
 
 from __future__ import annotations
@@ -164,10 +166,10 @@ class Muon(torch.optim.Optimizer):
             grads.append(g.mT if t else g)
         return torch.stack(grads)
 
-    def _nesterov_momentum(self, group) -> torch.Tensor:
-        """Update the group's momentum; returns the (n, small, large) Nesterov look-ahead, each
-        matrix's rows equilibrated when asked."""
-        g = self._stacked_grads(group)
+    def _nesterov_momentum(self, group, g: torch.Tensor, mine: slice) -> torch.Tensor:
+        """Update the momentum of the group's matrices `mine` (all, or this rank's share) with
+        their gradients g; returns the (n, small, large) Nesterov look-ahead, each matrix's rows
+        equilibrated when asked."""
         state = self.state[group["params"][0]]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(g)
@@ -175,15 +177,15 @@ class Muon(torch.optim.Optimizer):
         m = group["momentum"]
         buf.lerp_(g, 1 - m)
         g = g.lerp_(buf, m)  # Nesterov: g <- (1 - m) g + m buf
-        return self._equilibrated(group, g) if self.equilibrate else g
+        return self._equilibrated(group["transposed"][mine], g) if self.equilibrate else g
 
     @staticmethod
-    def _equilibrated(group, g: torch.Tensor) -> torch.Tensor:
+    def _equilibrated(transposed: list[bool], g: torch.Tensor) -> torch.Tensor:
         """MuonEq: each matrix's rows (as the matrix is, not as it is stored) rescaled to the mean
         row norm, ||G||_F / sqrt(rows)."""
         frob = g.float().norm(dim=(-2, -1), keepdim=True)
         out = []
-        for x, f, t in zip(g, frob, group["transposed"]):
+        for x, f, t in zip(g, frob, transposed):
             dim = -2 if t else -1  # a stored-transposed matrix's rows are its stored columns
             rows = x.size(-1) if t else x.size(-2)
             row_norm = x.float().norm(dim=dim, keepdim=True).clamp_min(1e-6)
@@ -193,7 +195,7 @@ class Muon(torch.optim.Optimizer):
     def _orthogonal(self, group, g: torch.Tensor) -> torch.Tensor:
         return orthogonalize(g, group["ns_steps"], ns_dtype_for(g.device, self.ns_dtype), self.orthogonalizer)
 
-    def _finished(self, group, u: torch.Tensor) -> torch.Tensor:
+    def _finished(self, group, u: torch.Tensor, mine: slice) -> torch.Tensor:
         """The orthogonalized stack, renormalized (Muon+) and scaled per neuron (NorMuon) when asked,
         then times each matrix's shape factor: the update before the learning rate."""
         if self.renormalize:  # the Frobenius norm of an exact semi-orthogonal matrix
@@ -201,7 +203,7 @@ class Muon(torch.optim.Optimizer):
             u = u * (min(u.shape[-2:]) ** 0.5 / norm).to(u.dtype)
         if self.beta2:
             u = self._normuon(group, u)
-        scales = group["lr_scale"]
+        scales = group["lr_scale"][mine]
         if any(s != scales[0] for s in scales):
             u = u * torch.tensor(scales, dtype=u.dtype, device=u.device).view(-1, 1, 1)
         elif scales and scales[0] != 1.0:
@@ -225,17 +227,53 @@ class Muon(torch.optim.Optimizer):
         new_norm = (v * n * step.float().square()).sum(dim=(-2, -1), keepdim=True).sqrt()
         return u * (step * (norm / new_norm.clamp_min(1e-10))).to(u.dtype)
 
-    def _apply_update(self, group, u: torch.Tensor) -> None:
-        params = group["params"]
+    def _apply_update(self, group, u: torch.Tensor, mine: slice) -> None:
+        params = group["params"][mine]
         lr, wd = group["lr"], group["weight_decay"]
-        updates = [x.mT if t else x for x, t in zip(u.unbind(0), group["transposed"])]
+        updates = [x.mT if t else x for x, t in zip(u.unbind(0), group["transposed"][mine])]
         if self.cautious:  # decay only where the update and the weight agree in sign, by the same
-            for p, x, s in zip(params, updates, group["lr_scale"]):  # shape-scaled rate as the update
+            for p, x, s in zip(params, updates, group["lr_scale"][mine]):  # shape-scaled rate as the update
                 p.sub_(lr * x + lr * s * wd * p * ((x * p) >= 0))
             return
         if wd:
             torch._foreach_mul_(params, 1 - lr * wd)
         torch._foreach_add_(params, updates, alpha=-lr)
+
+    def state_dict(self) -> dict:
+        """torch's layout; under torchrun the one-process state, gathered on rank 0 from the ranks'
+        slices (every rank must call it; {} on the others)."""
+        state = super().state_dict()
+        if distributed.world_size() == 1:
+            return state
+        state["state"] = {i: {k: v.cpu() for k, v in entry.items()} for i, entry in state["state"].items()}
+        ranks = distributed.gather_objects(state)
+        if ranks is None:
+            return {}
+        for i in {i for rank in ranks for i in rank["state"]}:  # slices in rank order make the whole stack
+            parts = [rank["state"][i] for rank in ranks if i in rank["state"]]
+            state["state"][i] = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Under torchrun, this rank's slice of every group's stacked state."""
+        if distributed.world_size() > 1:
+            firsts = {}  # a group's state sits with its first parameter: its index in the state's order
+            index = 0
+            for group in self.param_groups:
+                firsts[index] = len(group["params"])
+                index += len(group["params"])
+            mine = {}
+            for i, entry in state["state"].items():
+                lo, hi, _ = distributed.shard_bounds(firsts[int(i)])
+                if hi > lo:
+                    mine[i] = {k: v[lo:hi] for k, v in entry.items()}
+            state = {**state, "state": mine}
+        super().load_state_dict(state)
+
+    def _update(self, group, g: torch.Tensor, mine: slice) -> None:
+        """One step of the group's matrices `mine`, given their summed gradients (stacked, wide)."""
+        u = self._orthogonal(group, self._nesterov_momentum(group, g, mine))
+        self._apply_update(group, self._finished(group, u, mine), mine)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -243,24 +281,24 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        groups = [g for g in self.param_groups if any(p.grad is not None for p in g["params"])]
         if distributed.world_size() == 1:
-            for group in groups:
-                u = self._orthogonal(group, self._nesterov_momentum(group))
-                self._apply_update(group, self._finished(group, u))
+            for group in self.param_groups:
+                if any(p.grad is not None for p in group["params"]):
+                    self._update(group, self._stacked_grads(group), slice(None))
             return loss
-        # Data-parallel: the gradients are already summed over ranks, so every rank keeps the same
-        # momentum (cheap, element-wise), but each orthogonalizes only its share of every stack —
-        # the expensive part — and the shares are all-gathered, each while the next group is
-        # orthogonalized.
-        updates = []
-        for group in groups:
-            g = self._nesterov_momentum(group)
-            lo, hi, k = distributed.shard_bounds(len(g))
-            mine = g.new_zeros((k, *g.shape[1:]))
+        # ZeRO-2: every rank steps every group (a gradient no rank has counts as zero), its own
+        # matrices only, and sends them to the others while it steps the next group
+        gathers = []
+        for group in self.param_groups:
+            n = len(group["params"])
+            lo, hi, k = distributed.shard_bounds(n)
+            g = distributed.reduce_scatter_rows(self._stacked_grads(group), k)[:hi - lo]
             if hi > lo:
-                mine[:hi - lo] = self._orthogonal(group, g[lo:hi])
-            updates.append(distributed.all_gather_rows(mine, len(g)))
-        for group, gathered in zip(groups, updates):
-            self._apply_update(group, self._finished(group, gathered()))
+                self._update(group, g, slice(lo, hi))
+            own = [p.mT if t else p for p, t in zip(group["params"][lo:hi], group["transposed"][lo:hi])]
+            part = torch.stack(own) if own else g.new_empty((0, *g.shape[1:]))
+            gathers.append((group, distributed.all_gather_rows(distributed.pad_rows(part, k), n)))
+        for group, gathered in gathers:
+            for p, t, x in zip(group["params"], group["transposed"], gathered()):
+                p.copy_(x.mT if t else x)
         return loss

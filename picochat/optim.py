@@ -22,8 +22,10 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from . import distributed
 from .muon import ORTHOGONALIZERS, Muon
 from .settings import setting
+from .sharded_adamw import ShardedAdamW
 
 WD_SCHEDULES = ("constant", "cosine")
 
@@ -292,5 +294,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, group_by_shape: bool = T
         g["initial_lr"] = g["lr"]
     adamw = None
     if adam_groups:
-        adamw = torch.optim.AdamW(adam_groups, eps=cfg.adam_eps, foreach=True, fused=False)
+        adam_class = ShardedAdamW if distributed.world_size() > 1 else torch.optim.AdamW
+        adamw = adam_class(adam_groups, eps=cfg.adam_eps, foreach=True, fused=False)
     return Optimizer(muon, adamw)

@@ -20,6 +20,7 @@ import torch
 
 from .common import PicochatError, first_line, format_count, format_duration
 from .data.datasets import DATASETS, HubShards, is_present, shard_files
+from .fp8 import fp8_problem
 from .memory import GiB, available_memory, estimate_training_memory
 from .presets import CHARS_PER_TOKEN, Preset
 from .train.pretrain import plan_pretrain
@@ -87,10 +88,16 @@ class Fit:
         return need + ": DOES NOT FIT (a bigger machine, or a smaller preset)"
 
 
-def memory_fit(preset: Preset, rows: int, seq_len: int, device: torch.device, dtype: torch.dtype) -> Fit:
+def memory_fit(preset: Preset, rows: int, seq_len: int, device: torch.device, dtype: torch.dtype, world: int = 1,
+               available: int | None = None) -> Fit:
+    """The stage's micro-batch on `device` (the optimizer's state shared by `world` processes),
+    against the memory it has (or `available` bytes)."""
     config = preset.model_config()
-    plain, ckpt = (estimate_training_memory(config, rows, seq_len, dtype, g).total for g in (False, True))
-    return Fit(rows, seq_len, plain, ckpt, available_memory(device))
+    plain, ckpt = (estimate_training_memory(config, rows, seq_len, dtype, g, world).total for g in (False, True))
+    return Fit(rows, seq_len, plain, ckpt, available_memory(device) if available is None else available)
+
+
+GPU_BYTES = 80 * 10 ** 9  # an H100's, for the plan of a GPU preset made elsewhere
 
 
 @dataclass
@@ -139,6 +146,7 @@ class Plan:
     stages: list[StagePlan]
     fits: dict[str, Fit]
     timing: str = ""  # how the times were measured, or why not
+    gpu_fits: dict[str, Fit] = field(default_factory=dict)  # a GPU preset planned on another device: on 80 GB
     evals: list[str] = field(default_factory=list)
     next: str = ""  # the command that runs it
 
@@ -154,6 +162,9 @@ class Plan:
                  f"{c.sequence_len:,}, vocab {c.vocab_size:,}, windows {c.window_pattern}: {p.params:,} parameters "
                  f"({p.params / 1e6:.1f}M)",
                  f"  device    {self.device.type}, {dtype}" + (f", {self.world} processes" if self.world > 1 else "")]
+        if p.fp8:  # the preset's preference; --fp8 / --no-fp8 decide otherwise
+            problem = fp8_problem(self.device)
+            lines[-1] += ", pretraining in FP8" if problem is None else f", pretraining in bf16 (not FP8: {problem})"
         if self.data:
             lines.append(f"  data dir  {self.data_root}")
             for d in self.data:
@@ -181,6 +192,10 @@ class Plan:
         lines.append("  memory")
         for stage, fit in self.fits.items():
             lines.append(f"    {stage:<9} {fit.rows} x {fit.seq_len:,} rows: {fit.describe()}")
+        if self.gpu_fits:
+            lines.append("  on one 80 GB CUDA GPU (bf16)")
+            for stage, fit in self.gpu_fits.items():
+                lines.append(f"    {stage:<9} {fit.rows} x {fit.seq_len:,} rows: {fit.describe()}")
         if self.timing:
             lines.append(f"  time      {self.timing}")
         return "\n".join(lines)
@@ -208,7 +223,10 @@ def make_plan(preset: Preset, data_root: Path, device: torch.device, dtype: torc
         trains[name] = plan_chat(configs[name], context, world, None)
     if "rl" in configs:
         trains["rl"] = plan_rl(configs["rl"], context, world)
-    fits = {name: memory_fit(preset, t.rows, t.seq_len, device, dtype) for name, t in trains.items()}
+    fits = {name: memory_fit(preset, t.rows, t.seq_len, device, dtype, world) for name, t in trains.items()}
+    gpu_fits = {} if device.type == "cuda" or not preset.downloads else {
+        name: memory_fit(preset, t.rows, t.seq_len, torch.device("cuda"), torch.bfloat16, world, GPU_BYTES)
+        for name, t in trains.items()}
 
     timing, per_token, opt = "", None, None
     if measure_steps:
@@ -261,7 +279,7 @@ def make_plan(preset: Preset, data_root: Path, device: torch.device, dtype: torc
                                 f"{cfg.prompts_per_step} prompts x {cfg.group_size} samples",
                                 cost(tokens * (1 + RL_SAMPLING_FACTOR), train.steps),
                                 "sampling counted as two training passes: rough"))
-    return Plan(preset, device, dtype, world, data_root, data, stages, fits, timing, preset.eval_names())
+    return Plan(preset, device, dtype, world, data_root, data, stages, fits, timing, gpu_fits, preset.eval_names())
 
 
 def _short(spec: str) -> str:

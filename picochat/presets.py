@@ -94,6 +94,7 @@ class Preset:
     tokenizer_chars: int = 2_000_000_000  # text the tokenizer trains on, at most
     eval_limits: tuple = (None, None, None)  # examples per eval: categorical, generative, CORE task (None: all)
     mps_dtype: str = "auto"  # the precision on an Apple GPU (the MacBook recipe trained in bf16)
+    fp8: bool = False  # pretraining in FP8 where the GPU has it (nanochat's speedrun: --fp8)
 
     def model_config(self) -> ModelConfig:
         return model_config(self.pretrain, self.pretrain.vocab_size)
@@ -196,11 +197,11 @@ PRESETS = {p.name: p for p in [
            pretrain_data="climbmix"),
     Preset("d20", "an 8-GPU node: nanochat's recipe at depth 20 (HEAD)", nanochat_pretraining(20), None,
            nanochat_sft(nanochat_pretraining(20)), reinforcement(NANOCHAT_RL, steps=467, rows=8),
-           pretrain_data="climbmix"),
+           pretrain_data="climbmix", fp8=True),
     # nanochat's runs/speedrun.sh at HEAD: d24, 8 tokens per scaling parameter, 16 rows a GPU,
     # ClimbMix, then SFT (its leaderboard's GPT-2 CORE in 1.65 h on 8 x H100, with FP8)
     Preset("gpt2", "an 8-GPU node: nanochat's GPT-2 speedrun (d24, HEAD)", nanochat_pretraining(24, ratio=8, batch=16),
-           None, nanochat_sft(nanochat_pretraining(24, ratio=8, batch=16)), pretrain_data="climbmix"),
+           None, nanochat_sft(nanochat_pretraining(24, ratio=8, batch=16)), pretrain_data="climbmix", fp8=True),
     # the MacBook Air model card: 16 x 1024, 8/8 heads, context 1024, vocab 65,536; ~442M tokens of
     # FineWeb-Edu pretraining (54,000 steps of 8 x 1024 tokens; the card's ~60,000 steps were of
     # about 7,400), ~33M tokens of midtraining on pretraining text and conversations, then 1,000 SFT

@@ -11,7 +11,8 @@ default, and `picochat sft ...` cannot differ from `chat_train(SFTConfig(...))`.
         optim: OptimConfig = setting(factory=OptimConfig, flags=("matrix_lr", "head_lr"))
 
 A field becomes `--depth` (underscores to dashes). A bool that defaults to False is a switch; one
-that defaults to True is turned off by `--no-<name>`. A nested config dataclass gives flags of its
+that defaults to True is turned off by `--no-<name>`; a `bool | None` (None: decided at run time,
+by the device) has both. A nested config dataclass gives flags of its
 own fields (all, or those named in `flags`). cli=False keeps a field for Python callers only.
 
 A setting of a training stage either defines the run (the default: the model's shape, the data,
@@ -104,6 +105,8 @@ def _help(f: dataclasses.Field, tp, default) -> str:
     text = f.metadata.get("help", "")
     if default is MISSING:
         return text
+    if tp is bool and default is None:
+        return text  # --x and --no-x: the help says what decides otherwise
     if tp is bool:  # a switch: `--x` for a False default, `--no-x` for a True one
         return f"{text} (default: {'on' if default else 'off'})"
     if "default" in text:
@@ -132,7 +135,8 @@ def add_flags(parser: argparse.ArgumentParser, cls, only: tuple[str, ...] | None
                 kw[key] = f.metadata[key]
         origin = typing.get_origin(tp)
         if tp is bool:
-            kw["action"] = "store_false" if default is True else "store_true"
+            kw["action"] = argparse.BooleanOptionalAction if default is None else \
+                "store_false" if default is True else "store_true"
         elif origin in (list, tuple):
             args = typing.get_args(tp)
             kw["type"] = args[0]

@@ -28,6 +28,7 @@ from .common import PicochatError, autocast, choose_device, choose_dtype, log, w
 from .conversation import render_for_completion
 from .data.datasets import data_dir, dataset_path, is_present, shard_files
 from .data.sources import TEXT_FILES
+from .fp8 import fp8_problem
 from .inference import LoadOptions, open_for_inference
 from .presets import PRESETS, Preset
 from .settings import check, flags_of, leaves, setting
@@ -36,7 +37,7 @@ from .train.stage import Controls
 STATE_FILE = "speedrun.json"
 SAMPLE_PROMPTS = ["The", "In Python, a list", "The function returns", "If the file"]
 CHAT_PROMPTS = ["Who are you?", "What is 4821 * 377?", "What is the capital of France?"]
-SPEEDRUN_RUN_FLAGS = ("seed", "device", "dtype", "compile", "grad_checkpoint", "wandb", "resume", "overwrite")
+SPEEDRUN_RUN_FLAGS = ("seed", "device", "dtype", "compile", "fp8", "grad_checkpoint", "wandb", "resume", "overwrite")
 
 
 @dataclass
@@ -238,7 +239,19 @@ class Speedrun:
 
     def pretrain(self) -> None:
         from .train.pretrain import pretrain
-        pretrain(self.config("pretrain"))
+        pretrain(self.config("pretrain", fp8=self.fp8()))
+
+    def fp8(self) -> bool | None:
+        """--fp8 as typed; else the preset's preference where the GPU has FP8, with one warning
+        line where it has not."""
+        asked = self.cfg.controls.fp8
+        if asked is not None or not self.preset.fp8:
+            return asked
+        problem = fp8_problem(distributed.local_device(choose_device(self.cfg.controls.device)))
+        if problem:
+            log(f"warning: the {self.preset.name} preset pretrains in FP8 where the GPU has it, and {problem}: "
+                "pretraining in bf16")
+        return problem is None
 
     def chat_stage(self, stage: str) -> None:
         from .train.sft import chat_train

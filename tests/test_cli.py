@@ -72,6 +72,21 @@ def test_one_default_per_setting_sft_and_midtrain():
     assert mid.lr_scale == MidtrainConfig("a", "b", "c").lr_scale == 1.0
 
 
+def test_a_switch_the_device_decides_has_both_flags():
+    """--compile / --no-compile, and neither: the device decides (on CUDA, compiled)."""
+    import torch
+
+    from picochat.common import choose_compile
+    base = ["pretrain", "--data", "d", "--save", "s"]
+    asked = [parse([*base, *flag])[1].controls.compile for flag in (["--compile"], ["--no-compile"], [])]
+    assert asked == [True, False, None]
+    assert [choose_compile(a, torch.device("cpu")) for a in asked] == [True, False, False]
+    assert [choose_compile(a, torch.device("cuda")) for a in asked] == [True, False, True]
+    assert parse(["rl", "--load", "m", "--task", "t", "--save", "s"])[1].controls.compile is False  # shapes vary
+    with pytest.raises(SystemExit):
+        parse(["rl", "--load", "m", "--task", "t", "--save", "s", "--compile"])
+
+
 def test_depth_lists_the_table_and_other_depths_take_nanochats_sizing():
     from picochat.config import ModelConfig
     parser, _ = build_parser(("pretrain",))

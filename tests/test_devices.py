@@ -11,6 +11,7 @@ import torch
 from picochat.common import CPU_BF16_ENV, PicochatError, choose_dtype
 from picochat.config import ModelConfig
 from picochat.engine import Engine
+from picochat.fp8 import fp8_problem
 from picochat.model import GPT, flops_per_token
 from picochat.muon import ns_dtype_for
 from picochat.optim import OptimConfig, build_optimizer
@@ -20,8 +21,10 @@ from .conftest import complete, randomized
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ACCELERATORS = [d for d, ok in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()))
-                if ok] or [pytest.param("none", marks=pytest.mark.skip(reason="no CUDA or MPS device here"))]
+ACCELERATORS = [pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                 reason="no CUDA device here")]),
+                pytest.param("mps", marks=pytest.mark.skipif(not torch.backends.mps.is_available(),
+                                                             reason="no MPS device here"))]
 
 
 def _model(seed: int = 0) -> GPT:
@@ -132,3 +135,30 @@ def test_auto_precision_on_cpu_follows_the_switch(monkeypatch):
     monkeypatch.setenv(CPU_BF16_ENV, "yes")
     with pytest.raises(PicochatError, match="PICOCHAT_CPU_BF16 must be 0 or 1, not 'yes'"):
         choose_dtype("auto", cpu)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_cuda_bf16_training_compiled_follows_eager(fp8):
+    """The CUDA default: bf16 activations over fp32 master weights, compiled; and FP8 where the GPU
+    has it. Four steps compiled follow four eager ones (kernels and fusions differ: loosely), the
+    loss falls, and the weights stay fp32."""
+    device = torch.device("cuda")
+    if fp8 and fp8_problem(device):
+        pytest.skip(fp8_problem(device))
+    config = ModelConfig.from_depth(4, vocab_size=512, sequence_len=128)  # width 384: every block matrix FP8
+    losses = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        model = GPT(config).to(device)
+        cfg = OptimConfig()
+        trainer = Trainer(model, build_optimizer(model, cfg), cfg, LoopConfig(steps=4), device, torch.bfloat16,
+                          flops_per_token=flops_per_token(config), compile=compile, fp8=fp8)
+        data = FixedBatches(n=1)
+        data.batches = [torch.randint(0, 512, (8, 129), generator=torch.Generator().manual_seed(0))]
+        losses.append([float(trainer.train_step(data)[0]) for _ in range(4)])
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    eager, compiled = losses
+    assert eager[-1] < eager[0] - 0.5
+    assert compiled == pytest.approx(eager, rel=0.02)

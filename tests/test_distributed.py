@@ -35,6 +35,54 @@ def losses(run) -> list[float]:
     return [m["loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
 
 
+def tensors(state, path: str = "") -> dict:
+    """Every tensor of a nested state, by its path."""
+    if isinstance(state, torch.Tensor):
+        return {path: state}
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, list) else ()
+    return {k: v for key, sub in items for k, v in tensors(sub, f"{path}/{key}").items()}
+
+
+SHARES = """
+import json, torch
+from picochat import distributed
+from picochat.config import ModelConfig
+from picochat.model import GPT
+from picochat.optim import NANOCHAT_OPTIM, build_optimizer
+def numel(state):
+    if isinstance(state, torch.Tensor):
+        return state.numel() if state.dim() else 0
+    return sum(map(numel, state.values() if isinstance(state, dict) else state if isinstance(state, list) else ()))
+distributed.setup(torch.device("cpu"))
+torch.manual_seed(0)
+model = GPT(ModelConfig.from_depth(4, vocab_size=512, sequence_len=32))
+opt = build_optimizer(model, NANOCHAT_OPTIM)  # NorMuon's second moments too
+x = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(distributed.rank()))
+for _ in range(2):
+    model(x, x).backward()
+    opt.step()
+    opt.zero_grad()
+kept = sum(numel(o.state[p]) for o in opt.optimizers for p in o.state)
+full = opt.state_dict()  # gathered on rank 0, {} elsewhere
+print(json.dumps({"rank": distributed.rank(), "kept": kept, "full": numel(full)}))
+distributed.teardown()
+"""
+
+
+def test_each_rank_keeps_its_share_of_the_optimizer_state(tmp_path):
+    script = tmp_path / "shares.py"
+    script.write_text(SHARES)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = sorted((json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")),
+                   key=lambda o: o["rank"])
+    full, kept = ranks[0]["full"], [o["kept"] for o in ranks]
+    assert len(kept) == 2 and sum(kept) == pytest.approx(full, rel=0.01)  # the shares make the whole
+    assert max(kept) < 0.6 * full  # each rank holds about half of it, not all
+
+
 def max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
@@ -74,6 +122,10 @@ def test_two_ranks_train_what_one_rank_trains(pretrained):
     # tiny eps turns a near-zero gradient's sign into a whole step for a few embedding entries.)
     assert losses(two) == pytest.approx(losses(one), abs=1e-4)
     assert len(losses(two)) == 4 and losses(two)[-1] < losses(two)[0]
+    # each rank kept half of the optimizer's state; the checkpoint gathered it into one process's
+    a, b = (torch.load(run / "trainer_state.pt", weights_only=False)["optimizer"] for run in (two, accum))
+    assert tensors(a) and tensors(a).keys() == tensors(b).keys()
+    assert all(torch.equal(t, tensors(b)[k]) for k, t in tensors(a).items())
     meta = json.loads((two / "config.json").read_text())
     assert meta["world_size"] == 2
     # validation bpb is computed over the same tokens, split between the processes

@@ -7,23 +7,25 @@ import pytest
 import torch
 
 from picochat.config import NANOCHAT_FEATURES, ModelConfig
-from picochat.memory import activation_values_per_token, estimate_training_memory
+from picochat.memory import activation_bytes_per_token, activation_values_per_token, estimate_training_memory
 from picochat.model import GPT, num_params
 from tests.conftest import run_cli
 
 
-def saved_for_backward(model: GPT, x: torch.Tensor) -> int:
-    """Bytes autograd keeps from the forward pass for the backward (weights not counted)."""
+def saved_for_backward(model: GPT, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes autograd keeps from the forward pass in `dtype` for the backward (the weights and
+    their bf16 copies not counted: the estimate counts those per step, not per token)."""
     weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    shapes = {p.shape for p in model.parameters()}
     kept: dict[int, int] = {}
 
     def pack(t):
         s = t.untyped_storage()
-        if s.data_ptr() not in weights:
+        if s.data_ptr() not in weights and not (t.dtype != torch.float32 and t.shape in shapes):
             kept[s.data_ptr()] = s.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), model.computing_in(dtype):
         model(x, x)
     return sum(kept.values())
 
@@ -42,6 +44,12 @@ def test_the_activation_estimate_matches_what_autograd_keeps(depth, seq_len, pat
     d = config.n_embd
     predicted = 2 * seq_len * (activation_values_per_token(config, grad_checkpoint=False) - d) * 4
     assert predicted == pytest.approx(measured, rel=0.15)
+    assert 2 * seq_len * (activation_bytes_per_token(config, torch.float32) - 4 * d) == predicted
+    if depth <= 4 and seq_len <= 128:  # bf16 activations (GPT.computing_in): small, bf16 crawls on some CPUs
+        bf16 = saved_for_backward(model, x, torch.bfloat16)
+        predicted = 2 * seq_len * (activation_bytes_per_token(config, torch.bfloat16) - 2 * d)
+        assert predicted == pytest.approx(bf16, rel=0.15)
+        assert bf16 < 0.7 * measured
 
     model.grad_checkpoint = True
     with_ckpt = saved_for_backward(model, x)

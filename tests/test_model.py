@@ -12,7 +12,7 @@ from picochat.config import DEPTH_PRESETS, ModelConfig
 from picochat.kv_cache import DynamicKVCache
 from picochat.model import GPT, num_params
 
-from .conftest import randomized
+from .conftest import randomized, relative_error
 
 
 def _randomized(cfg: ModelConfig, seed: int = 0) -> GPT:
@@ -46,6 +46,7 @@ def test_attention_takes_sdpa_where_flash_attn_cannot_run(monkeypatch):
     assert not calls
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or attention_module.FLASH_ATTN is None,
                     reason="needs CUDA and the flash-attn package")
 @pytest.mark.parametrize("window", [0, 16])
@@ -206,3 +207,25 @@ def test_linear_inference_paths_equal_f_linear():
     x = torch.randn(1, 384, requires_grad=True)
     lin(x).sum().backward()  # with autograd on, F.linear: gradients as usual
     torch.testing.assert_close(x.grad[0], lin.weight.sum(0), rtol=1e-5, atol=1e-4)
+
+
+def test_bf16_compute_keeps_fp32_weights_and_follows_fp32():
+    """GPT.computing_in(bf16), training's bf16: the loss and every gradient near fp32's, the
+    gradients fp32 like the weights they update, and the model as it was afterwards."""
+    config = ModelConfig.from_depth(2, vocab_size=256, sequence_len=64, window_pattern="SL", window=16)
+    model = randomized(GPT(config))
+    x = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    loss32 = model(x, x)
+    loss32.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with model.computing_in(torch.bfloat16):
+        loss16 = model(x, x)
+    loss16.backward()
+    assert model.compute_dtype is None and loss16.dtype == torch.float32
+    assert loss16.item() == pytest.approx(loss32.item(), rel=0.01)
+    for name, p in model.named_parameters():
+        assert p.dtype == p.grad.dtype == torch.float32
+        assert relative_error(p.grad, want[name]) < 0.2, name  # a few scalars' sums: bf16 rounding shows
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert relative_error(got, torch.cat([g.flatten() for g in want.values()])) < 0.03

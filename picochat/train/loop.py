@@ -19,7 +19,8 @@ from typing import Callable, Protocol
 import torch
 
 from .. import distributed
-from ..common import PicochatError, Progress, autocast, first_line, log, peak_flops
+from ..common import PicochatError, Progress, first_line, log, peak_flops
+from ..fp8 import fp8_layers, fp8_training_view
 from ..linear import free_inference_copies
 from ..optim import OptimConfig, lr_multiplier, muon_momentum, wd_multiplier
 
@@ -120,13 +121,18 @@ class _StopRequests:
 
 class Trainer:
     def __init__(self, model, optimizer, optim_cfg: OptimConfig, loop: LoopConfig, device, dtype,
-                 flops_per_token: float, compile: bool = False):
+                 flops_per_token: float, compile: bool = False, fp8: bool = False):
         self.model, self.optimizer, self.optim_cfg, self.loop = model, optimizer, optim_cfg, loop
         self.device, self.dtype = device, dtype
         self.flops_per_token = flops_per_token
-        self.peak = peak_flops(device, dtype) * distributed.world_size()
+        self.peak = peak_flops(device, dtype) * distributed.world_size()  # FP8 too: MFU against bf16's peak
         distributed.broadcast_params(model)
-        self.train_model = torch.compile(model, dynamic=False) if compile else model
+        # what the forward and backward passes run: the model, or its FP8 view over the same weights
+        self.step_model = model
+        if fp8:
+            self.step_model = fp8_training_view(model, device)
+            log(f"fp8: {fp8_layers(self.step_model)} Linear layers train in FP8 (torchao, tensorwise scaling)")
+        self.train_model = torch.compile(self.step_model, dynamic=False) if compile else self.step_model
         self.compiled_once = False  # a compiled micro-batch has run (see _forward_backward)
         self.step = 0
         self.elapsed = 0.0  # training seconds, excluding evaluation and checkpoints
@@ -134,8 +140,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def state_dict(self, data: DataSource) -> dict:
-        """Exact-resume state. The optimizer state is the same on every rank; the data position
-        and RNG may not be (RL's rollouts are per rank), so every rank's are kept."""
+        """Exact-resume state: the optimizer's, gathered from the ranks' shares into one process's
+        (every rank must call this; rank 0's is the one saved), and every rank's data position and
+        RNG (RL's rollouts are per rank)."""
         mine = {"data": data.state_dict(), "rng": torch.get_rng_state()}
         return {"step": self.step, "elapsed": self.elapsed, "optimizer": self.optimizer.state_dict(),
                 "ranks": distributed.all_gather_objects(mine)}
@@ -176,14 +183,9 @@ class Trainer:
             loss += part
             for k, v in part_stats.items():
                 stats[k] = stats.get(k, 0) + v
-        if distributed.world_size() > 1:
-            # one message: every gradient (a missing one as zeros, so all ranks send the same
-            # layout) and the loss, which becomes the global batch's
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            distributed.all_reduce_([p.grad for p in params] + [loss.view(1)])
+        # under torchrun the optimizer sums the gradients over ranks itself (each rank receives its
+        # share's: ZeRO-2); the loss becomes the global batch's
+        distributed.all_reduce_([loss.view(1)])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -195,19 +197,19 @@ class Trainer:
         on without torch.compile, with one log line: compiling happens before any gradient is
         written, so the micro-batch is simply run again eagerly."""
         try:
-            with autocast(self.device, self.dtype):
+            with self.step_model.computing_in(self.dtype):
                 out = loss_fn(self.train_model, batch)
                 loss, stats = out if isinstance(out, tuple) else (out, {})
                 part = loss / total
             part.backward()
         except Exception as e:
-            if self.train_model is self.model or self.compiled_once:
+            if self.train_model is self.step_model or self.compiled_once:
                 raise
             log(f"torch.compile of the training step failed ({type(e).__name__}: {first_line(e)}); "
                 "training without it")
-            self.train_model = self.model
+            self.train_model = self.step_model
             return self._forward_backward(loss_fn, batch, total)
-        self.compiled_once = self.train_model is not self.model
+        self.compiled_once = self.train_model is not self.step_model
         return part.detach(), stats
 
     def fit(self, data: DataSource, callbacks: Callbacks, objective: Objective = LM) -> list[dict]:

@@ -60,7 +60,7 @@ def sync(device: torch.device) -> None:
 
 def time_training_step(config: ModelConfig, rows: int, device: torch.device, dtype: torch.dtype, steps: int = 2,
                        warmup: int = 1, accum: int = 1, grad_checkpoint: bool = False, compile: bool = False,
-                       optim: OptimConfig | None = None) -> tuple[StepTiming, int]:
+                       optim: OptimConfig | None = None, fp8: bool = False) -> tuple[StepTiming, int]:
     """Time `steps` optimizer steps (after `warmup`) of a fresh model of `config` training on
     `rows` x config.sequence_len micro-batches, `accum` per step. Returns the timing and the
     model's parameter count; the model is freed."""
@@ -70,7 +70,7 @@ def time_training_step(config: ModelConfig, rows: int, device: torch.device, dty
     model.grad_checkpoint = grad_checkpoint
     optim = optim or OptimConfig()
     trainer = Trainer(model, build_optimizer(model, optim), optim, LoopConfig(steps=10 ** 9, grad_accum=accum),
-                      device, dtype, flops_per_token=flops_per_token(config), compile=compile)
+                      device, dtype, flops_per_token=flops_per_token(config), compile=compile, fp8=fp8)
     opt_seconds: list[float] = []
     step = trainer.optimizer.step
 

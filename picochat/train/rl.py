@@ -97,7 +97,7 @@ class RLConfig:
     eval_every: int = setting(0, "held-out pass@k every N steps (and at the end)", low=0, defines_run=False)
     eval_examples: int = setting(100, "held-out questions per eval (0: none)", low=0)
     eval_k: int = setting(1, "samples per question: pass@k (k=1: greedy)", low=1)
-    controls: Controls = setting(factory=Controls, flags=tuple(
+    controls: Controls = setting(factory=lambda: Controls(compile=False), flags=tuple(
         f.name for f in dataclasses.fields(Controls) if f.name != "compile"))  # rollouts change shape every step
 
 

@@ -133,8 +133,9 @@ def chat_train(cfg: ChatTrainConfig) -> dict:
     check_training_memory(model.config, cfg.batch_size, seq_len, stage.dtype, cfg.controls.grad_checkpoint,
                           stage.device)
     task = build_mixture(cfg.data, split="train", seed=cfg.controls.seed)
-    if not cfg.packed and cfg.controls.compile:  # each batch its own width: every step would recompile
-        log(f"{cfg.stage}: --compile is for packed rows of a fixed width; padded ones vary, so it trains without")
+    if not cfg.packed and cfg.controls.compile is not False:  # each batch its own width: every step would recompile
+        if cfg.controls.compile:
+            log(f"{cfg.stage}: --compile is for packed rows of a fixed width; padded ones vary, so it trains without")
         cfg = replace(cfg, controls=replace(cfg.controls, compile=False))
     if cfg.packed:
         cuts = Counter()

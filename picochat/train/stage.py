@@ -17,7 +17,18 @@ from dataclasses import MISSING, dataclass
 from pathlib import Path
 
 from .. import distributed
-from ..common import DEVICE_HELP, DTYPE_HELP, DTYPES, PicochatError, choose_device, choose_dtype, log, set_threads
+from ..common import (
+    DEVICE_HELP,
+    DTYPE_HELP,
+    DTYPES,
+    PicochatError,
+    choose_compile,
+    choose_device,
+    choose_dtype,
+    log,
+    set_threads,
+)
+from ..fp8 import fp8_problem
 from ..model import flops_per_token
 from ..settings import default_of, flags_of, leaves, record, replaced, setting, show, typed
 from .loop import LM, Callbacks, LoopConfig, Objective, Trainer
@@ -30,8 +41,12 @@ class Controls:
     seed: int = setting(42, "random seed: on CPU the same seed gives the same numbers")
     device: str = setting("auto", DEVICE_HELP, defines_run=False)
     dtype: str = setting("auto", DTYPE_HELP, choices=DTYPES, defines_run=False)
-    compile: bool = setting(False, "torch.compile the training step (pays a compile at the start; "
-                                   "worth it for long runs)", defines_run=False)
+    compile: bool | None = setting(None, "torch.compile the training step: a compile at the start, then "
+                                         "faster steps (default: on CUDA, off elsewhere)", defines_run=False)
+    fp8: bool | None = setting(None, "train the hidden matrices' products in FP8 with torchao (NVIDIA GPUs of "
+                                     "compute capability 8.9+: H100, L4, RTX 4090); evals and samples stay bf16 "
+                                     "(default: off; the speedrun: the preset's choice, where the GPU has FP8)",
+                               defines_run=False)
     grad_checkpoint: bool = setting(False, "recompute activations in the backward pass: much less memory, "
                                            "about 30%% more compute (the speedrun switches it on where a stage "
                                            "needs it to fit)", defines_run=False)
@@ -112,6 +127,8 @@ class Stage:
         set_threads()
         self.device = distributed.local_device(choose_device(cfg.controls.device))
         self.dtype = choose_dtype(cfg.controls.dtype, self.device)
+        if cfg.controls.fp8 and (problem := fp8_problem(self.device)):
+            raise PicochatError(f"--fp8: {problem}")
         self.rank, self.world = distributed.setup(self.device)
         self.resumed = self._open_run()
 
@@ -187,7 +204,8 @@ class Stage:
                           eval_every=callbacks.eval_every, sample_every=callbacks.sample_every, save_every=r.save_every,
                           save_every_minutes=r.save_every_minutes, stop_at=r.stop_at)
         trainer = Trainer(model, build_optimizer(model, optim_cfg), optim_cfg, loop, self.device, self.dtype,
-                          flops_per_token=flops_per_token(model.config), compile=r.compile)
+                          flops_per_token=flops_per_token(model.config),
+                          compile=choose_compile(r.compile, self.device), fp8=bool(r.fp8))
         if self.resumed is not None:
             trainer.load_state_dict(self.resumed.trainer_state, data, self.resumed.metrics)
         save, meta = cfg.save, self.meta(cfg, plan)
