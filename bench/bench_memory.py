@@ -1,21 +1,28 @@
 """Training memory, measured: the peak-memory estimate (picochat/memory.py) against real CPU
 training steps, and memory per token against nanochat's at the same shape.
 
-    python bench/bench_memory.py                                  # the estimate: depth 4 and 8
-    python bench/bench_memory.py --configs 8:32768:512:8
+    python bench/bench_memory.py                                  # the estimate: depth 4 and 8, every path
+    python bench/bench_memory.py --configs 12:32768:512:4 --paths fp32 bf16
     python bench/bench_memory.py --per-token --against-nanochat ../nanochat   # d20's shape, side by side
 
+Paths: fp32 or bf16 (GPT.computing_in), eager, compiled or with --grad-checkpoint. The estimate
+counts a compiled step as an eager one; the compiled rows show by how much that over-counts.
+
 The estimate: each config runs in a fresh process, two training steps (forward, backward, Muon +
-AdamW) of `rows` x `seq` tokens in fp32, then its peak resident set size is read. The estimate is
-what `picochat pretrain` logs and refuses on; it should sit at or a little above the measurement.
+AdamW) of `rows` x `seq` tokens; the second step's peak resident set size is read (the kernel's
+high-water mark, reset after the first step: a compiled step is measured without the compiler's
+own peak). The estimate is what `picochat pretrain` logs and refuses on; it should sit at or a
+little above the measurement.
 
 Per token: one forward and backward pass of one row of T1 and of T2 tokens, each in a fresh
 process, at a preset's shape (default `d20`: depth 20, width 1,280, vocab 32,768, context 2,048,
 nanochat's network); (peak RSS at T2 - peak RSS at T1) / (T2 - T1) is what a token costs, with
-the weights, their gradients and the runtime cancelled out. These children run with a fixed malloc
-mmap threshold, so that freed blocks leave the resident set (the estimate's children run with
-malloc as users have it). nanochat runs from the checkout given
-(its own model, NANOCHAT_DTYPE=float32 or bfloat16: bf16 compute with fp32 master weights).
+the weights and the runtime cancelled out. The gradients are allocated before the measured pass,
+so that its peak is the activations' (allocated during the backward pass, they would overlap the
+activations it frees, and the difference would come out short). These children run with a fixed
+malloc mmap threshold, so that freed blocks leave the resident set (the estimate's children run
+with malloc as users have it). nanochat runs from the checkout given (its own model,
+NANOCHAT_DTYPE=float32 or bfloat16: bf16 compute with fp32 master weights).
 """
 
 from __future__ import annotations

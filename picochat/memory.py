@@ -113,8 +113,8 @@ def estimate_training_memory(config: ModelConfig, rows: int, seq_len: int, dtype
     params = sum(counts.values())
     tokens = rows * seq_len
     kept = tokens * activation_bytes_per_token(config, dtype, grad_checkpoint)
-    if dtype != torch.float32:  # each block matrix's bf16 copy, made in the forward pass, kept for the backward
-        kept += 2 * counts["matrix"]
+    if dtype != torch.float32:  # each block matrix's bf16 copy, kept for the backward (checkpointed: one block's)
+        kept += 2 * counts["matrix"] // (config.n_layer if grad_checkpoint else 1)
     return MemoryEstimate(weights=4 * params, grads=4 * params, optimizer=4 * state_values(counts) // world,
                           optimizer_step=8 * counts["matrix"], activations=int(kept), logits=head_bytes(config, tokens))
 
