@@ -61,3 +61,49 @@ def test_no_gradient_is_made_where_none_is_asked():
     torch.testing.assert_close(loss, reference(x, w, y, 20, 15.0, "none"))
     with pytest.raises(ValueError, match="reduction must be mean, sum or none"):
         head_loss(x, w, y, 20, 15.0, "avg")
+
+
+def _saved_bytes(loss: torch.Tensor, skip: set) -> int:
+    """Bytes of the tensors the autograd graph behind `loss` keeps (a compiled graph's included)."""
+    seen, total, todo, visited = set(skip), 0, [loss.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in visited:
+            continue
+        visited.add(fn)
+        for t in getattr(fn, "saved_tensors", None) or ():
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                total += t.untyped_storage().nbytes()
+        todo.extend(f for f, _ in fn.next_functions)
+    return total
+
+
+def test_compiled_the_loss_runs_eagerly_where_its_logits_would_be_big(monkeypatch):
+    """Traced by torch.compile, the loss keeps the micro-batch's logits whole; past
+    COMPILED_LOGITS_BYTES it runs after a graph break, keeping what it keeps eagerly, with the same
+    loss and gradients."""
+    from picochat import loss as loss_module
+    from picochat.config import ModelConfig
+    from picochat.model import GPT
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_depth(2, vocab_size=4096, sequence_len=128))
+    x = torch.randint(0, 4096, (2, 128))
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    logits = 2 * 128 * 4096 * 4
+    kept = {}
+    for limit in (1 << 40, 0):
+        monkeypatch.setattr(loss_module, "COMPILED_LOGITS_BYTES", limit)
+        torch._dynamo.reset()
+        loss = torch.compile(model, dynamic=False)(x, x)
+        kept[limit] = _saved_bytes(loss, weights)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        want = model(x, x)
+        want.backward()
+        assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+        for g, p in zip(grads, model.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+        model.zero_grad(set_to_none=True)
+    assert kept[1 << 40] > kept[0] + 0.4 * logits  # compiled through: a share of the logits kept; else none
