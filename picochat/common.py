@@ -171,6 +171,17 @@ def atomic_path(path: str | os.PathLike):
             tmp.unlink()
 
 
+def save_safetensors(tensors: dict, path: str | os.PathLike) -> None:
+    """safetensors' save_file, the file then given the mode the umask gives every other file:
+    save_file creates it 0600, so another account (a web server, a group, a container's user)
+    could not read the model beside a readable config.json."""
+    from safetensors.torch import save_file
+    save_file(tensors, path, metadata={"format": "pt"})
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)

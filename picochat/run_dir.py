@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import __version__
 from . import int8 as int8lib
-from .common import PicochatError, fsync, log
+from .common import PicochatError, fsync, log, save_safetensors
 from .config import ModelConfig
 from .model import GPT
 from .tokenizer import Tokenizer
@@ -68,7 +68,7 @@ def save_run(path: str | Path, model: GPT, tokenizer: Tokenizer, stage: str, ext
     # float tensors as fp32; an INT8 model's int8 weights stay int8 (next to their fp32 scales)
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.state_dict().items()}
-    save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
+    save_safetensors(state, tmp / WEIGHTS)
     tokenizer.save(tmp / TOKENIZER)
     meta = {"picochat_version": __version__, "stage": stage, "model": model.config.to_dict(),
             "tokenizer_fingerprint": tokenizer.fingerprint(), **(extra or {})}

@@ -4,6 +4,7 @@ without running them."""
 
 import dataclasses
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -107,6 +108,17 @@ def test_exported_model_computes_picochat_s_function(runs, tok, tmp_path, name):
                              attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
         stops = {tok.special_id("<|assistant_end|>"), tok.bos_id}
         assert got[:len(want)] == want and (len(want) == 32 or got[len(want)] in stops)
+
+
+def test_the_weights_are_as_readable_as_the_files_beside_them(runs, tmp_path):
+    """safetensors writes its file 0600; the run dir's and the export's model.safetensors take the
+    mode the umask gives config.json, so another account that can read the one can read the other."""
+    _export(runs["plain"], tmp_path / "hf")
+    umask = os.umask(0)
+    os.umask(umask)
+    for d in (runs["plain"], tmp_path / "hf"):
+        assert (d / "config.json").stat().st_mode & 0o777 == 0o666 & ~umask
+        assert (d / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_chat_template_gives_conversation_py_s_ids(runs, tok, tmp_path):

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ..common import PicochatError
+from ..common import PicochatError, save_safetensors
 from ..config import ModelConfig
 from ..model import vocab_rows
 from ..tokenizer import (ASSISTANT_END, ASSISTANT_START, BOS, OUTPUT_END, OUTPUT_START, PYTHON_END, PYTHON_START,
@@ -69,7 +69,7 @@ def write_dir(tmp: Path, config: ModelConfig, weights: dict[str, torch.Tensor], 
     hf.update(bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD], dtype=_dtype_name(dtype),
               use_cache=True, transformers_version=_transformers_version(), picochat=picochat_meta)
     named = {k: v.to(dtype).contiguous() for k, v in named.items()}
-    save_file(named, tmp / "model.safetensors", metadata={"format": "pt"})
+    save_safetensors(named, tmp / "model.safetensors")
     (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     tok.save(tmp / "tokenizer.json")
     (tmp / "tokenizer_config.json").write_text(json.dumps({
