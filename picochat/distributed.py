@@ -168,7 +168,9 @@ def reduce_scatter_rows(full: torch.Tensor, k: int) -> torch.Tensor:
     world * k; the rows past n are zeros): ZeRO's gradient reduction, each rank receiving the sum
     of its own share only."""
     out = full.new_empty((k, *full.shape[1:]))
-    dist.reduce_scatter_tensor(out, pad_rows(full, world_size() * k).contiguous())
+    # reduce_scatter_single is torch 2.13's name (reduce_scatter_tensor warns there), the other older torch's
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    reduce_scatter(out, pad_rows(full, world_size() * k).contiguous())
     return out
 
 

@@ -224,6 +224,7 @@ class Tokenizer:
              "normalized": False, "special": True}
             for name, sid in self.special_tokens.items()
         ]
+        bos = {"SpecialToken": {"id": BOS, "type_id": 0}}
         return {
             "version": "1.0",
             "truncation": None,
@@ -238,7 +239,14 @@ class Tokenizer:
                     {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
                 ],
             },
-            "post_processor": None,
+            # <|bos|> in front when special tokens are asked for (transformers' default), as picochat
+            # scores text: a harness that tokenizes through transformers sees the model's own input
+            "post_processor": {
+                "type": "TemplateProcessing",
+                "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {BOS: {"id": BOS, "ids": [self.bos_id], "tokens": [BOS]}},
+            },
             "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
             "model": {
                 "type": "BPE",

@@ -94,6 +94,7 @@ def test_exported_model_computes_picochat_s_function(runs, tok, tmp_path, name):
     for prompt in PROMPTS:
         ids = _ids(tok, prompt)
         assert hf_tok(prompt, add_special_tokens=False)["input_ids"] == ids[1:]  # the same tokenizer
+        assert hf_tok(prompt)["input_ids"] == ids  # <|bos|> in front when special tokens are asked for
         with torch.no_grad():
             theirs = model(torch.tensor([ids])).logits
             mine = ours(torch.tensor([ids]))

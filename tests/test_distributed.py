@@ -65,6 +65,7 @@ for _ in range(2):
 kept = sum(numel(o.state[p]) for o in opt.optimizers for p in o.state)
 full = opt.state_dict()  # gathered on rank 0, {} elsewhere
 print(json.dumps({"rank": distributed.rank(), "kept": kept, "full": numel(full)}))
+distributed.barrier()  # neither rank leaves while the other still gathers
 distributed.teardown()
 """
 

@@ -105,7 +105,9 @@ def test_run_dir_format_is_readable_by_standard_libraries(small_corpus, small_to
         assert "wte.weight" in f.keys()
     hf = tokenizers.Tokenizer.from_file(str(run / "tokenizer.json"))
     loaded = load_run(run)
-    assert hf.encode("To be, or not to be").ids == loaded.tokenizer.encode("To be, or not to be")
+    text = "To be, or not to be"
+    assert hf.encode(text, add_special_tokens=False).ids == loaded.tokenizer.encode(text)
+    assert hf.encode(text).ids == [loaded.tokenizer.bos_id, *loaded.tokenizer.encode(text)]  # <|bos|> asked for
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 

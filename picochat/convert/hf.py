@@ -2,7 +2,8 @@
 
     config.json              model_type "nanochat" (transformers' own) or "picochat" (remote code)
     model.safetensors        the weights under transformers' names (layout.py)
-    tokenizer.json           the run dir's, unchanged (the tokenizers library's own format)
+    tokenizer.json           the run dir's, unchanged (the tokenizers library's own format; <|bos|>
+                             in front when special tokens are asked for)
     tokenizer_config.json    bos, eos (<|assistant_end|>), pad, and a chat template that renders
                              a conversation to the ids conversation.py makes
     generation_config.json   the ids generation stops at
