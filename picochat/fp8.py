@@ -31,13 +31,11 @@ EMULATE_ENV = "PICOCHAT_FP8_EMULATE"
 
 def fp8_problem(device: torch.device) -> str | None:
     """Why `device` cannot train in FP8, or None when it can."""
-    if device.type != "cuda":
-        if device.type == "cpu" and os.environ.get(EMULATE_ENV) == "1":
-            return None
+    if device.type != "cuda" and not (device.type == "cpu" and os.environ.get(EMULATE_ENV) == "1"):
         return f"FP8 training needs an NVIDIA GPU of compute capability 8.9 or newer (H100, L4, RTX 4090); " \
                f"this run is on {device.type}"
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
         return f"FP8 training needs compute capability 8.9 or newer; {torch.cuda.get_device_name(device)} has " \
                f"{major}.{minor}"
     try:
@@ -61,10 +59,7 @@ def fp8_training_view(model: nn.Module, device: torch.device) -> nn.Module:
     problem = fp8_problem(device)
     if problem:
         raise PicochatError(f"--fp8: {problem}")
-    try:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-    except ImportError:
-        raise PicochatError("--fp8: FP8 training needs torchao: pip install torchao") from None
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     view = copy.deepcopy(model, memo=shared)
     config = Float8LinearConfig(emulate=device.type != "cuda")

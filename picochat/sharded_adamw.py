@@ -59,9 +59,13 @@ class ShardedAdamW:
             p.copy_(gathered())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.opt.zero_grad(set_to_none=True)
         for p in self.full:
-            p.grad = None
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+        for s in self.shards:  # made anew from the weights' gradients at every step
+            s.grad = None
 
     def state_dict(self) -> dict:
         """The one-process state on rank 0 (every rank must call it); {} on the others."""

@@ -247,7 +247,7 @@ class Speedrun:
         asked = self.cfg.controls.fp8
         if asked is not None or not self.preset.fp8:
             return asked
-        problem = fp8_problem(distributed.local_device(choose_device(self.cfg.controls.device)))
+        problem = fp8_problem(self.plan.device)
         if problem:
             log(f"warning: the {self.preset.name} preset pretrains in FP8 where the GPU has it, and {problem}: "
                 "pretraining in bf16")
