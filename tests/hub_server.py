@@ -4,7 +4,10 @@ It answers what the Hub's own client asks (huggingface_hub): the tree API of a d
 revision (`/api/datasets/<repo>/tree/<revision>/<path>`, with each file's size and sha256), and
 `/datasets/<repo>/resolve/<revision>/<path>` (HEAD and GET, with Range), plus plain files at
 `/files/<name>` (the CORE zip, the word list), and the three calls of an upload to a model repo
-(create, preupload, commit). Every file is made by the test, in memory. It
+(create, preupload, commit). Model repos answer what a download asks: `/api/models/<repo>/revision/
+<revision>` (the commit and its files), their tree, and `/<repo>/resolve/<revision>/<path>`; a
+revision is a branch name or its commit, and a private repo answers 401 RepoNotFound (as the Hub
+does) without its token. Every file is made by the test, in memory. It
 records each request and can be told, per path, to cut its first response short, to stall it, to
 serve corrupt bytes, or to answer 404.
 """
@@ -54,6 +57,8 @@ class FakeHub:
         self.corrupt: set[str] = set()  # paths served with one byte changed (the sha256 no longer matches)
         self.models: dict[str, dict[str, bytes]] = {}  # model repos written through the Hub's commit API
         self.token: str | None = None  # the token that writes need ("Authorization: Bearer <token>")
+        self.model_repos: dict[tuple[str, str], dict[str, bytes]] = {}  # (repo, branch) -> path -> bytes
+        self.private: set[str] = set()  # model repos that only `token` reads
         self.lock = threading.Lock()
         hub = self
 
@@ -97,6 +102,21 @@ class FakeHub:
         for k in range(files):
             self.add(repo, f"{folder}/{k:04d}.parquet", parquet(rows[k * step:(k + 1) * step]), PARQUET)
 
+    def add_model(self, repo: str, files: dict[str, bytes], revision: str = "main") -> str:
+        """A model repo's branch; returns its commit."""
+        self.model_repos[(repo, revision)] = files
+        return self.commit(repo, revision)
+
+    @staticmethod
+    def commit(repo: str, revision: str) -> str:
+        return hashlib.sha1(f"{repo}@{revision}".encode()).hexdigest()
+
+    def _model(self, repo: str, revision: str) -> tuple[str, dict[str, bytes]] | None:
+        for (r, branch), files in self.model_repos.items():
+            if r == repo and revision in (branch, self.commit(r, branch)):
+                return self.commit(r, branch), files
+        return None
+
     def gets(self, path_suffix: str) -> list[str | None]:
         """The Range header of every GET of a path ending so."""
         return [r for m, p, r in self.requests if m == "GET" and p.endswith(path_suffix)]
@@ -109,6 +129,8 @@ class FakeHub:
             self.requests.append(("HEAD" if head else "GET", path, h.headers.get("Range")))
         if path.startswith("/api/datasets/"):
             return self._tree(h, path)
+        if path.startswith("/api/models/") or ("/resolve/" in path and not path.startswith(("/datasets/", "/files/"))):
+            return self._model_api(h, path, head)
         data = self._file(path)
         if data is None:
             return self._send(h, 404, b'{"error": "not found"}', {"Content-Type": "application/json"}, head)
@@ -119,7 +141,10 @@ class FakeHub:
             self.cut_first.discard(path) if cut else None
         if path in self.corrupt:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
-        headers = {"ETag": f'"{sha}"', "X-Repo-Commit": "0" * 40, "Accept-Ranges": "bytes",
+        self._send_file(h, data, sha, "0" * 40, head, cut, stall)
+
+    def _send_file(self, h, data: bytes, sha: str, commit: str, head: bool, cut: bool = False, stall=0.0) -> None:
+        headers = {"ETag": f'"{sha}"', "X-Repo-Commit": commit, "Accept-Ranges": "bytes",
                    "Content-Type": "application/octet-stream"}
         start, status = 0, 200
         rng = h.headers.get("Range")
@@ -147,6 +172,38 @@ class FakeHub:
             h.close_connection = True
             return
         h.wfile.write(body)
+
+    def _model_api(self, h: BaseHTTPRequestHandler, path: str, head: bool) -> None:
+        """A model repo: its revision's info, its tree, or one of its files."""
+        api = path.startswith("/api/models/")
+        json_type = {"Content-Type": "application/json"}
+        parts = path.removeprefix("/api/models/" if api else "/").split("/", 3)
+        if len(parts) < 4:
+            return self._send(h, 404, b'{"error": "not found"}', json_type, head)
+        owner, name, kind, rest = parts
+        repo = f"{owner}/{name}"
+        known = any(r == repo for r, _ in self.model_repos)
+        if not known or (repo in self.private and h.headers.get("Authorization") != f"Bearer {self.token}"):
+            return self._send(h, 401, b'{"error": "Repository not found"}',
+                              {**json_type, "X-Error-Code": "RepoNotFound"}, head)
+        revision, _, inner = rest.partition("/")
+        found = self._model(repo, revision)
+        if found is None:
+            return self._send(h, 404, b'{"error": "Invalid rev id"}', {**json_type, "X-Error-Code": "RevisionNotFound"},
+                              head)
+        commit, files = found
+        if kind == "revision":
+            info = {"id": repo, "modelId": repo, "sha": commit, "private": repo in self.private,
+                    "siblings": [{"rfilename": p, "size": len(d)} for p, d in sorted(files.items())]}
+            return self._send(h, 200, json.dumps(info).encode(), json_type, head)
+        if kind == "tree":
+            entries = [{"type": "file", "path": p, "size": len(d), "oid": hashlib.sha1(d).hexdigest(),
+                        "lfs": {"oid": hashlib.sha256(d).hexdigest(), "size": len(d), "pointerSize": 130}}
+                       for p, d in sorted(files.items()) if not inner or p.startswith(inner + "/")]
+            return self._send(h, 200, json.dumps(entries).encode(), json_type, head)
+        if kind == "resolve" and inner in files:
+            return self._send_file(h, files[inner], hashlib.sha256(files[inner]).hexdigest(), commit, head)
+        self._send(h, 404, b'{"error": "Entry not found"}', {**json_type, "X-Error-Code": "EntryNotFound"}, head)
 
     def _write(self, h: BaseHTTPRequestHandler) -> None:
         """What the Hub's client sends to upload a folder: create the repo, ask each file's upload

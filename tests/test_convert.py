@@ -457,3 +457,94 @@ def test_push_uploads_the_exported_directory_to_the_hub(runs, tmp_path):
         # a name that is no repo id: refused before anything is written
         r = export(tmp_path / "up3", "--push", "no repo")
         assert r.returncode == 2 and "USER/NAME" in r.stderr and not (tmp_path / "up3").exists()
+
+
+# ----------------------------------------------------------------------------- imports from the Hub
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _import(hub, tmp_path, load: str, save: str, *more: str, **env):
+    import subprocess
+    import sys
+
+    from .hub_server import hub_env
+    return subprocess.run([sys.executable, "-m", "picochat", "import", "--load", load, "--save", str(tmp_path / save),
+                           *more], capture_output=True, text=True, timeout=300,
+                          env=hub_env(hub, HF_HOME=str(tmp_path / "hf_home"), **env))
+
+
+@pytest.mark.parametrize("layout", ["transformers", "picochat", "nanochat"])
+def test_import_from_the_hub_in_each_published_layout(runs, tok, tmp_path, layout):
+    """transformers' NanoChat (what export writes for a model it can compute), picochat's own export
+    (remote code), and nanochat's checkpoint folder, served by a loopback Hub: --load OWNER/NAME
+    downloads what the import reads into the Hub client's cache and the logits equal the source's."""
+    from .hub_server import FakeHub
+    if layout == "nanochat":
+        ckpt = _nanochat_dir(tmp_path / "src", tok, "SL", head=False)
+        files = {**{f"{p.name}": p.read_bytes() for p in ckpt.iterdir()},
+                 "tokenizer.pkl": (tmp_path / "src" / "tokenizer" / "tokenizer.pkl").read_bytes(),
+                 "model_000002.pt": b"an earlier step, never fetched", "README.md": b"# d2\n"}
+        config = json.loads((ckpt / "meta_000005.json").read_text())["model_config"]
+        state = torch.load(ckpt / "model_000005.pt", weights_only=True)
+        reference = lambda ids: nanochat_reference(state, config, ids)  # noqa: E731
+    else:
+        run = runs["native" if layout == "transformers" else "remote"]
+        _export(run, tmp_path / "export")
+        files = {**_files(tmp_path / "export"), "README.md": b"# tiny\n"}
+        model = load_run(run).model.eval()
+        reference = model.__call__
+    with FakeHub() as hub:
+        commit = hub.add_model("someone/tiny", files, revision="v1")
+        r = _import(hub, tmp_path, "someone/tiny@v1", "run")
+        assert r.returncode == 0, r.stderr[-2000:]
+        want = "nanochat" if layout == "nanochat" else "hf"
+        assert f"the Hub's someone/tiny@v1 is in {want}'s layout" in r.stdout and "Next: picochat chat" in r.stdout
+        fetched = {p.rsplit("/resolve/", 1)[1].split("/", 1)[1] for m, p, _ in hub.requests
+                   if m == "GET" and "/resolve/" in p}
+        assert "README.md" not in fetched and "model_000002.pt" not in fetched  # only what the import reads
+        run = load_run(tmp_path / "run")
+        assert run.meta["imported_from"]["hub"] == "someone/tiny" and run.meta["imported_from"]["commit"] == commit
+        worst = 0.0
+        for prompt in PROMPTS:
+            ids = torch.tensor([_ids(tok, prompt)])
+            with torch.no_grad():
+                want_logits = reference(ids)
+                got = run.model.eval()(ids)[..., :want_logits.size(-1)]
+            worst = max(worst, (got - want_logits).abs().max().item())
+        assert worst <= 1e-4, worst
+        # again: the files come from the client's cache, not the Hub
+        before = len([m for m, p, _ in hub.requests if m == "GET" and "/resolve/" in p])
+        r = _import(hub, tmp_path, "someone/tiny@v1", "run2")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert len([m for m, p, _ in hub.requests if m == "GET" and "/resolve/" in p]) == before
+        assert torch.equal(load_run(tmp_path / "run2").model.state_dict()["lm_head.weight"],
+                           run.model.state_dict()["lm_head.weight"])
+
+
+def test_hub_imports_that_cannot_be_done_say_why_in_one_line(runs, tmp_path):
+    from .hub_server import FakeHub
+    _export(runs["plain"], tmp_path / "export")
+    with FakeHub() as hub:
+        hub.add_model("me/private", _files(tmp_path / "export"))
+        hub.private.add("me/private")
+        hub.token = "hf_secret"
+        hub.add_model("me/weird", {"README.md": b"hi", "pytorch_model.bin": b"pickled", "config.json": b"{}"})
+
+        def fails(load, says, *more, **env):
+            r = _import(hub, tmp_path, load, "x", *more, **env)
+            assert r.returncode == 2 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
+            assert all(s in r.stderr for s in says), r.stderr
+            assert not (tmp_path / "x").exists() and not list(tmp_path.glob("x.tmp*"))
+
+        fails("nobody/nothing", ["nobody/nothing", "HF_TOKEN is not set"])
+        fails("me/private", ["me/private", "HF_TOKEN"])
+        fails("me/private", ["me/private", "HF_TOKEN is set but cannot read it"], HF_TOKEN="wrong")
+        fails("me/private@v9", ["no revision 'v9'"], HF_TOKEN="hf_secret")
+        fails("me/weird", ["no layout picochat imports", "README.md, config.json, pytorch_model.bin"])
+        fails("me/private", ["--format nanochat: the Hub's me/private is in hf's layout"], "--format", "nanochat",
+              HF_TOKEN="hf_secret")
+        fails("no such thing", ["neither a directory nor a Hub model repo"])
+        r = _import(hub, tmp_path, "me/private", "x", HF_TOKEN="hf_secret")  # with its token it comes
+        assert r.returncode == 0, r.stderr[-2000:]

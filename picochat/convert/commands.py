@@ -1,6 +1,7 @@
 """`picochat export` and `picochat import`: a run dir to a transformers directory, and a
-transformers directory or a nanochat checkpoint dir to a run dir. Either writes its output under a
-temporary name and renames it into place, so a failure leaves nothing half-written."""
+transformers directory or a nanochat checkpoint dir, local or on the Hub, to a run dir. Either writes
+its output under a temporary name and renames it into place, so a failure leaves nothing
+half-written."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from ..common import PicochatError, log
 from ..settings import check, setting
+from .source import FORMATS
 
 STAGES = ("base", "mid", "sft", "rl")
 
@@ -30,10 +32,13 @@ class ExportConfig:
 
 @dataclass
 class ImportConfig:
-    format: str = setting(help="hf: a transformers NanoChat (or picochat-exported) directory; nanochat: a nanochat "
-                               "checkpoint dir (model_NNNNNN.pt, meta_NNNNNN.json)", choices=("hf", "nanochat"))
-    load: str = setting(help="the directory to import")
+    load: str = setting(help="the directory to import, or a Hub model repo, downloaded into the Hub client's cache "
+                             "(HF_ENDPOINT names another Hub, HF_TOKEN reads private and gated repos)",
+                        metavar="DIR|OWNER/NAME[@REVISION]")
     save: str = setting(help="the run dir to write")
+    format: str | None = setting(None, "hf: a transformers NanoChat (or picochat-exported) directory; nanochat: a "
+                                       "nanochat checkpoint dir (model_NNNNNN.pt, meta_NNNNNN.json, tokenizer.pkl) "
+                                       "(default: what its files are)", choices=FORMATS)
     stage: str | None = setting(None, "which stage the model is, for the evals and the report (default: what the "
                                       "directory says, else from a nanochat dir's name, else sft)",
                                 choices=STAGES)
@@ -116,20 +121,20 @@ def import_model(cfg: ImportConfig) -> Path:
     from ..model import GPT
     from ..run_dir import save_run
     check(cfg)
-    src = Path(cfg.load)
-    if not src.is_dir():
-        raise PicochatError(f"--load: {src} is not a directory")
     save = Path(cfg.save)
     if save.exists() and not cfg.overwrite:
         raise PicochatError(f"{save} already exists (use --overwrite to replace it)")
-    if cfg.format == "hf":
+    source = _source(cfg)
+    src = Path(source.path)
+    if source.format == "hf":
         from .hf import read_dir
         config, weights, tok, said = read_dir(src)
-        stage, origin = cfg.stage or said.get("stage") or "sft", {"format": "hf", "path": str(src)}
+        stage, origin = cfg.stage or said.get("stage") or "sft", {"format": "hf", "path": str(src), **source.origin}
     else:
         from .nanochat import read_checkpoint
-        config, weights, tok, said = read_checkpoint(src, cfg.step or None, cfg.tokenizer)
-        stage, origin = cfg.stage or _nanochat_stage(src), {"format": "nanochat", "path": str(src), **said}
+        config, weights, tok, said = read_checkpoint(src, source.step, cfg.tokenizer)
+        stage = cfg.stage or _nanochat_stage(src)
+        origin = {"format": "nanochat", "path": str(src), **source.origin, **said}
     with torch.device("meta"):
         model = GPT(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -142,6 +147,23 @@ def import_model(cfg: ImportConfig) -> Path:
     save_run(save, model, tok, stage=stage, extra={"imported_from": origin})  # atomic: whole or not there
     log(f"import: wrote {save} ({stage}, {model.num_params() / 1e6:.1f}M parameters). Next: picochat chat --load {save}")
     return save
+
+
+def _source(cfg: ImportConfig):
+    """--load as a local folder in a known format, downloading a Hub repo's files first."""
+    from ..data.hub import endpoint, model_ref
+    from .source import Source, check_format, from_hub
+    src = Path(cfg.load)
+    if src.exists():
+        if not src.is_dir():
+            raise PicochatError(f"--load: {src} is not a directory")
+        fmt = cfg.format or check_format(str(src), [p.name for p in src.iterdir()], None)
+        return Source(str(src), fmt, {}, cfg.step or None)
+    ref = model_ref(cfg.load)
+    if ref is None:
+        raise PicochatError(f"--load: {cfg.load} is neither a directory nor a Hub model repo (OWNER/NAME[@REVISION])")
+    log(f"import: {cfg.load} is no local directory: looking for it on the Hub ({endpoint()})")
+    return from_hub(*ref, cfg.format, cfg.step or None)
 
 
 def _nanochat_stage(src: Path) -> str:

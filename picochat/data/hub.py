@@ -1,5 +1,6 @@
-"""The Hugging Face Hub: which files a dataset has, fetching them, and uploading an exported model,
-honouring HF_ENDPOINT (another base URL: a mirror, a local server) and HF_TOKEN.
+"""The Hugging Face Hub: which files a dataset has, fetching them, downloading a model repo and
+uploading an exported model, honouring HF_ENDPOINT (another base URL: a mirror, a local server) and
+HF_TOKEN.
 
 Listing goes through the Hub's own client (huggingface_hub, which tokenizers already needs): the
 tree API of a dataset's parquet export (the `refs/convert/parquet` branch every Hub dataset has),
@@ -7,6 +8,8 @@ with each file's size and sha256. Files come down through urls.download_file, no
 huggingface_hub 2 downloads into a temporary file unique to the process (its PR #4228), so an
 interrupted download starts over from zero, where download_file continues a `.part` file with a
 Range request; it also checks the size and the Hub's sha256 and moves the file into place whole.
+A model repo comes down through the client's snapshot_download instead, into its cache (HF_HOME):
+files already there are not fetched again, and other tools that read the cache share them.
 """
 
 from __future__ import annotations
@@ -113,6 +116,50 @@ def check_repo_id(repo: str) -> str:
     if not REPO_ID.fullmatch(repo):
         raise PicochatError(f"--push {repo!r}: a Hub repo is USER/NAME (or ORG/NAME)")
     return repo
+
+
+MODEL_REF = re.compile(rf"(?P<repo>{REPO_ID.pattern})(?:@(?P<revision>[\w.\-/]+))?")
+
+
+def model_ref(text: str) -> tuple[str, str] | None:
+    """OWNER/NAME[@REVISION] -> (repo, revision), or None where `text` is no such name."""
+    m = MODEL_REF.fullmatch(text)
+    return (m["repo"], m["revision"] or "main") if m else None
+
+
+def _model_error(e: Exception, repo: str, revision: str) -> PicochatError:
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    if isinstance(e, RevisionNotFoundError):
+        return PicochatError(f"the Hub's {repo} has no revision {revision!r} ({endpoint()})")
+    if isinstance(e, (RepositoryNotFoundError, GatedRepoError)):
+        token = "HF_TOKEN is set but cannot read it" if os.environ.get("HF_TOKEN") else "HF_TOKEN is not set"
+        return PicochatError(f"the Hub ({endpoint()}) has no model repo {repo} that this client may read ({token}): "
+                             "check the name, or set HF_TOKEN to a token with access")
+    return _hub_error(e, f"{endpoint()}/{repo}")
+
+
+def model_files(repo: str, revision: str) -> tuple[str, dict[str, int | None]]:
+    """The commit a model repo's revision is at, and its files with their sizes."""
+    from huggingface_hub import HfApi
+    try:
+        with _quiet_client():
+            info = HfApi(endpoint=endpoint(), token=os.environ.get("HF_TOKEN") or None).model_info(
+                repo, revision=revision, files_metadata=True)
+    except Exception as e:
+        raise _model_error(e, repo, revision) from None
+    return info.sha, {s.rfilename: s.size for s in info.siblings or []}
+
+
+def download_model(repo: str, commit: str, files: list[str]) -> Path:
+    """Those files of a model repo at a commit, into the client's cache; returns the folder that holds
+    them (the cache's snapshot of that commit)."""
+    from huggingface_hub import snapshot_download
+    try:
+        with _quiet_client():
+            return Path(snapshot_download(repo, revision=commit, allow_patterns=files, endpoint=endpoint(),
+                                          token=os.environ.get("HF_TOKEN") or None))
+    except Exception as e:
+        raise _model_error(e, repo, commit) from None
 
 
 def upload(folder: Path, repo: str, message: str) -> str:
