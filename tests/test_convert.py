@@ -548,3 +548,55 @@ def test_hub_imports_that_cannot_be_done_say_why_in_one_line(runs, tmp_path):
         fails("no such thing", ["neither a directory nor a Hub model repo"])
         r = _import(hub, tmp_path, "me/private", "x", HF_TOKEN="hf_secret")  # with its token it comes
         assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- transformers' conventions
+
+@pytest.mark.parametrize("name", ["remote", "nanochat"])
+def test_remote_code_follows_transformers_conventions(runs, tok, tmp_path, name):
+    """What serving engines' transformers backends need: attention through ALL_ATTENTION_FUNCTIONS
+    (eager and sdpa give the same logits, padded batch included), windows as layer_types and
+    sliding_window, an AutoModel, and generate with the cache equal to generate without it."""
+    from transformers import AutoModel, AutoModelForCausalLM
+    _export(runs[name], tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["layer_types"] == ["sliding_attention", "full_attention"] and config["sliding_window"] == 12
+    assert "windows" not in config and config["auto_map"]["AutoModel"] == "modeling_picochat.PicochatModel"
+    models = {impl: AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True,
+                                                         attn_implementation=impl).eval() for impl in ("eager", "sdpa")}
+    assert models["sdpa"].config._attn_implementation == "sdpa" and models["sdpa"]._supports_attention_backend
+    long, short = (_ids(tok, p) for p in reversed(PROMPTS))  # 48 and 10 tokens; the window is 12
+    batch = torch.tensor([long, [tok.bos_id] * (len(long) - len(short)) + short])  # the second row left-padded
+    mask = torch.tensor([[1] * len(long), [0] * (len(long) - len(short)) + [1] * len(short)])
+    with torch.no_grad():
+        logits = {impl: m(batch, attention_mask=mask).logits for impl, m in models.items()}
+        alone = models["eager"](torch.tensor([short])).logits
+    real = mask.bool()  # (a padding position's logits are no one's)
+    assert (logits["eager"][real] - logits["sdpa"][real]).abs().max().item() <= 1e-5
+    assert (logits["eager"][1, -len(short):] - alone[0]).abs().max().item() <= 1e-4  # padding changes nothing
+    ours = load_run(runs[name]).model.eval()
+    with torch.no_grad():
+        assert (logits["sdpa"][:1] - ours(batch[:1])).abs().max().item() <= 1e-4
+    for impl, model in models.items():  # past the window, on both kinds of layer
+        prompt = torch.tensor([short])
+        cached = model.generate(prompt, max_new_tokens=24, do_sample=False, use_cache=True)
+        uncached = model.generate(prompt, max_new_tokens=24, do_sample=False, use_cache=False)
+        assert cached.shape == (1, len(short) + 24) and torch.equal(cached, uncached), impl
+    base = AutoModel.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    assert type(base).__name__ == "PicochatModel"
+    with torch.no_grad():
+        hidden = base(torch.tensor([long])).last_hidden_state
+        assert torch.allclose(models["sdpa"].lm_head(hidden), models["sdpa"].model(torch.tensor([long]))
+                              .last_hidden_state @ models["sdpa"].lm_head.weight.T, atol=1e-5)
+
+
+def test_an_export_from_before_layer_types_still_imports(runs, tmp_path):
+    """picochat exported per-layer `windows` before it followed transformers' layer_types."""
+    _export(runs["remote"], tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    config = json.loads(path.read_text())
+    windows = [config["sliding_window"] if t == "sliding_attention" else 0 for t in config.pop("layer_types")]
+    path.write_text(json.dumps({**{k: v for k, v in config.items() if k != "sliding_window"}, "windows": windows}))
+    r = run_cli("import", "--load", str(tmp_path / "hf"), "--save", str(tmp_path / "back"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert load_run(tmp_path / "back").config == load_run(runs["remote"]).config

@@ -100,13 +100,24 @@ def to_hf(config: ModelConfig, weights: dict[str, torch.Tensor], architecture: s
               "attention_dropout": 0.0, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base}}
         return hf, out
     out = {hf_name(name): w for name, w in weights.items()}
+    windows = config.layer_windows()
     hf = {"model_type": REMOTE, "architectures": ["PicochatForCausalLM"], **common,
-          "windows": config.layer_windows(), "rope_theta": config.rope_base, "qk_scale": config.qk_scale,
+          "layer_types": ["sliding_attention" if w else "full_attention" for w in windows],
+          "sliding_window": max(windows) or None, "rope_theta": config.rope_base, "qk_scale": config.qk_scale,
           "value_embed_layers": [i for i in range(config.n_layer) if config.has_value_embed(i)],
           "smear": config.smear, "backout_layer": config.backout_layer,
           "auto_map": {"AutoConfig": "configuration_picochat.PicochatConfig",
+                       "AutoModel": "modeling_picochat.PicochatModel",
                        "AutoModelForCausalLM": "modeling_picochat.PicochatForCausalLM"}}
     return hf, out
+
+
+def layer_windows(hf: dict) -> list[int]:
+    """Per layer, the keys a query sees counting its own, or 0 (all): from transformers'
+    layer_types and sliding_window, or from the `windows` list picochat exported before them."""
+    if "layer_types" in hf:
+        return [(hf.get("sliding_window") or 0) if t == "sliding_attention" else 0 for t in hf["layer_types"]]
+    return hf.get("windows") or [0] * hf["num_hidden_layers"]
 
 
 def windows_to_pattern(windows: list[int], n_layer: int) -> tuple[str, int]:
@@ -136,7 +147,7 @@ def from_hf(hf: dict, weights: dict[str, torch.Tensor]) -> tuple[ModelConfig, di
     rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0)}  # transformers 5, and before
     if rope.get("rope_type", "default") != "default":
         raise PicochatError(f"rope_type {rope['rope_type']!r}: picochat's rotary embedding is the default one")
-    pattern, window = ("L", 0) if kind == NATIVE else windows_to_pattern(hf.get("windows") or [0] * n_layer, n_layer)
+    pattern, window = ("L", 0) if kind == NATIVE else windows_to_pattern(layer_windows(hf), n_layer)
     config = ModelConfig(vocab_size=hf["vocab_size"], n_layer=n_layer, n_embd=d, n_head=heads,
                          n_kv_head=hf.get("num_key_value_heads") or heads, sequence_len=hf["max_position_embeddings"],
                          window_pattern=pattern, window=window,
