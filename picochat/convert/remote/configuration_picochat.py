@@ -13,7 +13,8 @@ class PicochatConfig(PretrainedConfig):
     def __init__(self, vocab_size=32768, hidden_size=768, num_hidden_layers=12, num_attention_heads=6,
                  num_key_value_heads=6, max_position_embeddings=2048, intermediate_size=None, layer_types=None,
                  sliding_window=None, rope_theta=10000.0, final_logit_softcapping=15.0,
-                 rms_norm_eps=1.1920928955078125e-07, qk_scale=1.0, value_embed_layers=None, smear=False, backout_layer=None,
+                 rms_norm_eps=1.1920928955078125e-07, qk_scale=1.0, value_embed_layers=None, smear=False,
+                 backout_layer=None,
                  use_cache=True, bos_token_id=None, eos_token_id=None, pad_token_id=None,
                  tie_word_embeddings=False, **kwargs):
         self.vocab_size = vocab_size
