@@ -20,6 +20,12 @@ exist for more than one chunk of rows at a time (loss.py): the head's peak is a 
 logits in flight, 3 x vocab values a token, and the head weight's gradient, kept from the forward
 pass. With --grad-checkpoint a layer keeps only its input (d), and one layer's activations are
 rebuilt at a time during the backward pass.
+
+With LoRA (lora.py) the model's weights are frozen: only the adapters (and the special tokens'
+rows) have gradients and AdamW's two moments; the head still makes a whole weight gradient, of
+which its special rows are kept. Each adapted layer keeps its rank's values a token more; the
+frozen layers' activations are counted as the full model's (an upper bound: a frozen Linear keeps
+no input for a weight gradient).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch
 from . import distributed
 from .common import PicochatError
 from .config import ModelConfig
+from .lora import LoraConfig, adapter_shape
 from .loss import chunk_rows
 from .model import param_counts
 from .optim import state_values
@@ -98,25 +105,35 @@ def activation_bytes_per_token(config: ModelConfig, dtype: torch.dtype, grad_che
     return kept
 
 
-def head_bytes(config: ModelConfig, tokens: int) -> int:
+def head_bytes(config: ModelConfig, tokens: int, head_grad: bool = True) -> int:
     """The loss's own peak (loss.py): one chunk's fp32 logits in flight (the tanh, the logits and
-    their gradient: 3 x vocab values a token) and the head weight's fp32 gradient."""
+    their gradient: 3 x vocab values a token) and the head weight's fp32 gradient (none when it is
+    frozen)."""
     return 4 * (3 * min(tokens, chunk_rows(config.vocab_size)) * config.vocab_size
-                + config.padded_vocab * config.n_embd)
+                + (config.padded_vocab * config.n_embd if head_grad else 0))
 
 
 def estimate_training_memory(config: ModelConfig, rows: int, seq_len: int, dtype: torch.dtype,
-                             grad_checkpoint: bool = False, world: int = 1) -> MemoryEstimate:
+                             grad_checkpoint: bool = False, world: int = 1, lora: LoraConfig | None = None
+                             ) -> MemoryEstimate:
     """Peak bytes of one of `world` processes training `rows` x `seq_len` micro-batches (each keeps
-    its share of the optimizer's state: muon.py, sharded_adamw.py)."""
+    its share of the optimizer's state: muon.py, sharded_adamw.py), the whole model or, with
+    `lora`, its adapters."""
     counts = param_counts(config)
     params = sum(counts.values())
     tokens = rows * seq_len
     kept = tokens * activation_bytes_per_token(config, dtype, grad_checkpoint)
     if dtype != torch.float32:  # each block matrix's bf16 copy, kept for the backward (checkpointed: one block's)
         kept += 2 * counts["matrix"] // (config.n_layer if grad_checkpoint else 1)
-    return MemoryEstimate(weights=4 * params, grads=4 * params, optimizer=4 * state_values(counts) // world,
-                          optimizer_step=8 * counts["matrix"], activations=int(kept), logits=head_bytes(config, tokens))
+    if lora is None or not lora.lora:
+        return MemoryEstimate(weights=4 * params, grads=4 * params, optimizer=4 * state_values(counts) // world,
+                              optimizer_step=8 * counts["matrix"], activations=int(kept),
+                              logits=head_bytes(config, tokens))
+    trained, layers = adapter_shape(config, lora)
+    kept += tokens * (4 if dtype == torch.float32 else 2) * lora.lora * layers // (
+        config.n_layer if grad_checkpoint else 1)
+    return MemoryEstimate(weights=4 * (params + trained), grads=4 * trained, optimizer=8 * trained // world,
+                          optimizer_step=0, activations=int(kept), logits=head_bytes(config, tokens))
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -139,10 +156,11 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def check_training_memory(config: ModelConfig, rows: int, seq_len: int, dtype: torch.dtype,
-                          grad_checkpoint: bool, device: torch.device) -> MemoryEstimate:
+                          grad_checkpoint: bool, device: torch.device, lora: LoraConfig | None = None
+                          ) -> MemoryEstimate:
     """The estimate; a clear error, before anything is allocated, when it cannot fit.
     PICOCHAT_MEMORY_CHECK=0 skips the refusal (the estimate is an estimate)."""
-    est = estimate_training_memory(config, rows, seq_len, dtype, grad_checkpoint, distributed.world_size())
+    est = estimate_training_memory(config, rows, seq_len, dtype, grad_checkpoint, distributed.world_size(), lora)
     have = available_memory(device)
     if have is None or os.environ.get("PICOCHAT_MEMORY_CHECK", "1") == "0" or est.total <= have:
         return est

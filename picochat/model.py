@@ -133,6 +133,8 @@ class GPT(nn.Module):
         self.grad_checkpoint = False
         # the dtype activations take in training (computing_in); None: the weights' own
         self.compute_dtype: torch.dtype | None = None
+        # LoRA (lora.py): the head's weight as the loss reads it, with the rows it trains; None: lm_head's
+        self.head_rows = None
         self.set_rotary(2 * config.sequence_len)
         self.init_weights()
 
@@ -252,8 +254,8 @@ class GPT(nn.Module):
         if targets is None:
             return self._logits(x)
         if isinstance(self.lm_head, nn.Linear):  # the head and the loss a chunk of rows at a time (loss.py)
-            return head_loss(x, self.lm_head.weight, targets, self.config.vocab_size, self.config.softcap,
-                             loss_reduction)
+            w = self.lm_head.weight if self.head_rows is None else self.head_rows(self.lm_head.weight)
+            return head_loss(x, w, targets, self.config.vocab_size, self.config.softcap, loss_reduction)
         # a quantized head (int8.py) is only ever evaluated; targets of -1 contribute nothing
         return F.cross_entropy(self._logits(x).flatten(0, -2), targets.reshape(-1), ignore_index=-1,
                                reduction=loss_reduction)

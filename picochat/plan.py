@@ -21,6 +21,7 @@ import torch
 from .common import PicochatError, first_line, format_count, format_duration
 from .data.datasets import DATASETS, HubShards, is_present, shard_files
 from .fp8 import fp8_problem
+from .lora import LoraConfig
 from .memory import GiB, available_memory, estimate_training_memory
 from .presets import CHARS_PER_TOKEN, Preset
 from .train.pretrain import plan_pretrain
@@ -65,6 +66,7 @@ class Fit:
     plain: int  # bytes without --grad-checkpoint
     checkpointed: int  # with it
     available: int | None
+    where: str = "this device"
 
     @property
     def grad_checkpoint(self) -> bool:
@@ -78,7 +80,7 @@ class Fit:
     def describe(self) -> str:
         have = "unknown" if self.available is None else f"{self.available / GiB:.1f} GiB"
         need = f"{self.plain / GiB:.1f} GiB ({self.checkpointed / GiB:.1f} GiB with --grad-checkpoint); " \
-               f"this device has {have}"
+               f"{self.where} has {have}"
         if self.available is None:
             return need
         if self.plain <= self.available:
@@ -89,15 +91,18 @@ class Fit:
 
 
 def memory_fit(preset: Preset, rows: int, seq_len: int, device: torch.device, dtype: torch.dtype, world: int = 1,
-               available: int | None = None) -> Fit:
-    """The stage's micro-batch on `device` (the optimizer's state shared by `world` processes),
-    against the memory it has (or `available` bytes)."""
+               available: int | None = None, lora: LoraConfig | None = None) -> Fit:
+    """The stage's micro-batch on `device` (the optimizer's state shared by `world` processes;
+    with `lora`, adapters on the frozen model), against the memory it has (or `available` bytes)."""
     config = preset.model_config()
-    plain, ckpt = (estimate_training_memory(config, rows, seq_len, dtype, g, world).total for g in (False, True))
+    plain, ckpt = (estimate_training_memory(config, rows, seq_len, dtype, g, world, lora).total for g in (False, True))
     return Fit(rows, seq_len, plain, ckpt, available_memory(device) if available is None else available)
 
 
 GPU_BYTES = 80 * 10 ** 9  # an H100's, for the plan of a GPU preset made elsewhere
+# what Metal lets a 16 GB Apple-silicon Mac's GPU hold (its recommendedMaxWorkingSetSize, which
+# torch.mps.recommended_max_memory reports and the memory check uses there): about two thirds
+MAC_BYTES = 16 * GiB * 2 // 3
 
 
 @dataclass
@@ -146,7 +151,9 @@ class Plan:
     stages: list[StagePlan]
     fits: dict[str, Fit]
     timing: str = ""  # how the times were measured, or why not
-    gpu_fits: dict[str, Fit] = field(default_factory=dict)  # a GPU preset planned on another device: on 80 GB
+    # a preset planned on another device than it is meant for: its fits there, under a heading
+    # ("on one 80 GB CUDA GPU (bf16)": the downloading presets; "on a 16 GB Apple-silicon Mac": the Mac's)
+    elsewhere: dict[str, dict[str, Fit]] = field(default_factory=dict)
     evals: list[str] = field(default_factory=list)
     next: str = ""  # the command that runs it
 
@@ -192,9 +199,9 @@ class Plan:
         lines.append("  memory")
         for stage, fit in self.fits.items():
             lines.append(f"    {stage:<9} {fit.rows} x {fit.seq_len:,} rows: {fit.describe()}")
-        if self.gpu_fits:
-            lines.append("  on one 80 GB CUDA GPU (bf16)")
-            for stage, fit in self.gpu_fits.items():
+        for heading, fits in self.elsewhere.items():
+            lines.append(f"  {heading}")
+            for stage, fit in fits.items():
                 lines.append(f"    {stage:<9} {fit.rows} x {fit.seq_len:,} rows: {fit.describe()}")
         if self.timing:
             lines.append(f"  time      {self.timing}")
@@ -223,10 +230,20 @@ def make_plan(preset: Preset, data_root: Path, device: torch.device, dtype: torc
         trains[name] = plan_chat(configs[name], context, world, None)
     if "rl" in configs:
         trains["rl"] = plan_rl(configs["rl"], context, world)
-    fits = {name: memory_fit(preset, t.rows, t.seq_len, device, dtype, world) for name, t in trains.items()}
-    gpu_fits = {} if device.type == "cuda" or not preset.downloads else {
-        name: memory_fit(preset, t.rows, t.seq_len, torch.device("cuda"), torch.bfloat16, world, GPU_BYTES)
-        for name, t in trains.items()}
+    def fits_on(device, dtype, available=None):
+        fits = {name: memory_fit(preset, t.rows, t.seq_len, device, dtype, world, available,
+                                 getattr(configs[name], "adapters", None)) for name, t in trains.items()}
+        for fit in fits.values():
+            fit.where = "this device" if available is None else "it"
+        return fits
+    fits = fits_on(device, dtype)
+    elsewhere = {}
+    if device.type != "cuda" and preset.downloads and preset.mps_dtype == "auto":
+        elsewhere["on one 80 GB CUDA GPU (bf16)"] = fits_on(torch.device("cuda"), torch.bfloat16, GPU_BYTES)
+    if device.type != "mps" and preset.mps_dtype != "auto":
+        elsewhere[f"on a 16 GB Apple-silicon Mac ({preset.mps_dtype}; Metal lets its GPU hold "
+                  f"{MAC_BYTES / GiB:.1f} GiB)"] = fits_on(
+            torch.device("mps"), torch.bfloat16 if preset.mps_dtype == "bf16" else torch.float32, MAC_BYTES)
 
     timing, per_token, opt = "", None, None
     if measure_steps:
@@ -279,7 +296,7 @@ def make_plan(preset: Preset, data_root: Path, device: torch.device, dtype: torc
                                 f"{cfg.prompts_per_step} prompts x {cfg.group_size} samples",
                                 cost(tokens * (1 + RL_SAMPLING_FACTOR), train.steps),
                                 "sampling counted as two training passes: rough"))
-    return Plan(preset, device, dtype, world, data_root, data, stages, fits, timing, gpu_fits, preset.eval_names())
+    return Plan(preset, device, dtype, world, data_root, data, stages, fits, timing, elsewhere, preset.eval_names())
 
 
 def _short(spec: str) -> str:

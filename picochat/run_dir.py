@@ -7,6 +7,9 @@
       tokenizer.json      Hugging Face tokenizers format
       trainer_state.pt    optimizer state, step, data position, RNG: what exact resume needs
       metrics.jsonl       one JSON object per logged step
+      adapter.safetensors LoRA runs: each adapted layer's lora_A and lora_B (fp32), and
+      adapter_config.json its rank, alpha, layers and whether model.safetensors has it merged in
+                          (config.json's "lora" says the same); unmerged, load_run merges it
       evals/<name>.json   an eval's summary, <name>.jsonl its per-example rows (evals/results.py)
 
 A run dir is written whole into `<name>.tmp`, fsynced, then swapped in by rename, so a crash at
@@ -35,6 +38,7 @@ from .tokenizer import Tokenizer
 
 WEIGHTS, CONFIG, TOKENIZER, TRAINER, METRICS = (
     "model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt", "metrics.jsonl")
+ADAPTER, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 
 
 @dataclass
@@ -46,6 +50,7 @@ class RunDir:
     meta: dict  # the whole config.json
     trainer_state: dict | None = None
     metrics: list[dict] = field(default_factory=list)
+    adapter: object | None = None  # an unmerged LoRA run's Adapters, when loaded with adapter="keep"
     dtype: torch.dtype = torch.float32  # compute dtype for scoring many tokens (inference.open_for_inference)
     decode_dtype: torch.dtype = torch.float32  # and for generating a few rows at a time
 
@@ -59,21 +64,30 @@ class RunDir:
 
 
 def save_run(path: str | Path, model: GPT, tokenizer: Tokenizer, stage: str, extra: dict | None = None,
-             trainer_state: dict | None = None, metrics: list[dict] | None = None) -> Path:
+             trainer_state: dict | None = None, metrics: list[dict] | None = None, adapter=None,
+             merged: bool = True) -> Path:
+    """Write the run dir. `adapter` (lora.Adapters): a LoRA run's, saved beside the weights, which
+    are the model's own with it merged in (merged=True) or without it (the base weights)."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     # float tensors as fp32; an INT8 model's int8 weights stay int8 (next to their fp32 scales)
+    state = adapter.merged_state(model) if adapter is not None and merged else model.state_dict()
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
-             for k, v in model.state_dict().items()}
+             for k, v in state.items()}
     save_safetensors(state, tmp / WEIGHTS)
     tokenizer.save(tmp / TOKENIZER)
     meta = {"picochat_version": __version__, "stage": stage, "model": model.config.to_dict(),
             "tokenizer_fingerprint": tokenizer.fingerprint(), **(extra or {})}
     if getattr(model, "quantization", None):
         meta["quantization"] = model.quantization
+    if adapter is not None:
+        meta["lora"] = {**adapter.describe(), "merged": merged}
+        save_safetensors({k: v.to("cpu", torch.float32).contiguous() for k, v in adapter.tensors().items()},
+                         tmp / ADAPTER)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta["lora"], indent=2) + "\n")
     (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     if trainer_state is not None:
         torch.save(trainer_state, tmp / TRAINER)
@@ -141,10 +155,12 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def load_run(path: str | Path, device: torch.device | str = "cpu", trainer_state: bool = False,
-             int8: bool = False) -> RunDir:
+             int8: bool = False, adapter: str = "merge") -> RunDir:
     """Load and validate a run dir. Anything missing, truncated or inconsistent is a PicochatError.
     An INT8 run dir (`picochat quantize`) loads straight into the int8 model; int8=True quantizes a
-    float one after loading (int8.quantize_model), and is a no-op for one that already is."""
+    float one after loading (int8.quantize_model), and is a no-op for one that already is. An
+    unmerged LoRA run's adapter is merged into the weights as they load, or with adapter="keep"
+    (resuming its training) returned beside the base model as RunDir.adapter."""
     path = _recover(Path(path))
     for name in (WEIGHTS, CONFIG, TOKENIZER):
         if not (path / name).is_file():
@@ -176,6 +192,18 @@ def load_run(path: str | Path, device: torch.device | str = "cpu", trainer_state
                             f"(missing {missing}, wrong shape or dtype {wrong})")
     model = model.to_empty(device=device)
     model.load_state_dict(weights)
+    lora = meta.get("lora")
+    adapters = None
+    if lora and not lora.get("merged", True):
+        from .lora import Adapters
+        try:
+            tensors = load_file(path / ADAPTER)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise PicochatError(f"corrupt run dir {path}: {ADAPTER} cannot be read ({e})") from None
+        adapters = Adapters.from_saved(model, lora, tensors, str(path))
+        if adapter != "keep":
+            model.load_state_dict(adapters.merged_state(model))
+            adapters = None
     if quant:
         int8lib.finish_loading(model)
     elif int8:
@@ -190,7 +218,7 @@ def load_run(path: str | Path, device: torch.device | str = "cpu", trainer_state
             state = torch.load(path / TRAINER, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for a truncated pickle
             raise PicochatError(f"corrupt run dir {path}: {TRAINER} cannot be read ({e})") from None
-    return RunDir(path, model, tokenizer, meta, state, read_metrics(path))
+    return RunDir(path, model, tokenizer, meta, state, read_metrics(path), adapters)
 
 
 def check_tokenizer(tokenizer: Tokenizer, config: ModelConfig, meta: dict | None = None, where: str = "") -> None:

@@ -30,6 +30,7 @@ from .data.datasets import data_dir, dataset_path, is_present, shard_files
 from .data.sources import TEXT_FILES
 from .fp8 import fp8_problem
 from .inference import LoadOptions, open_for_inference
+from .lora import LoraConfig
 from .presets import PRESETS, Preset
 from .settings import check, flags_of, leaves, setting
 from .train.stage import Controls
@@ -56,6 +57,9 @@ class SpeedrunConfig:
                                          "whose data is there", defines_run=False)
     save: str = setting("runs/speedrun", "output directory", defines_run=False)
     steps: int = setting(0, "pretraining steps (default: the preset's)", low=0)
+    lora: int | None = setting(None, "fine-tune (SFT, and RL) through LoRA adapters of this rank on the frozen "
+                                     "model, merged into its run dirs, instead of training every weight "
+                                     "(default: every weight)", low=1, metavar="RANK")
     usd_per_hour: float | None = setting(None, "the machine's price, for the report's cost column (default: a "
                                                "guess for the device)", low=0, defines_run=False)
     controls: Controls = setting(factory=Controls, flags=SPEEDRUN_RUN_FLAGS)
@@ -65,8 +69,13 @@ def chosen_preset(cfg: SpeedrunConfig) -> Preset:
     preset = PRESETS[cfg.preset]
     if cfg.miniature:
         preset = preset.miniature()
-    return dataclasses.replace(preset, pretrain=dataclasses.replace(preset.pretrain, steps=cfg.steps)) if cfg.steps \
-        else preset
+    if cfg.steps:
+        preset = dataclasses.replace(preset, pretrain=dataclasses.replace(preset.pretrain, steps=cfg.steps))
+    if cfg.lora:
+        lora = LoraConfig(lora=cfg.lora)
+        preset = dataclasses.replace(preset, sft=dataclasses.replace(preset.sft, adapters=lora),
+                                     rl=preset.rl and dataclasses.replace(preset.rl, adapters=lora))
+    return preset
 
 
 def speedrun(cfg: SpeedrunConfig):
@@ -83,6 +92,7 @@ def speedrun(cfg: SpeedrunConfig):
     if cfg.dry_run:
         plan = make_plan(preset, root, device, dtype, world, cfg.measure_steps, text_chars, bool(cfg.data))
         plan.next = (f"picochat speedrun --preset {cfg.preset}" + (" --miniature" if cfg.miniature else "")
+                     + (f" --lora {cfg.lora}" if cfg.lora else "")
                      + (f" --data-dir {cfg.data_dir}" if cfg.data_dir else "") + f" --save {cfg.save}")
         return plan
     record = SpeedrunRecord.open(Path(cfg.save), cfg)

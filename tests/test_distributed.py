@@ -151,6 +151,21 @@ def test_a_two_rank_run_resumes_exactly(pretrained, pretrain_args, tmp_path):
     assert r.returncode == 2 and "written by 2 process(es)" in r.stderr and "--nproc_per_node 2" in r.stderr
 
 
+def test_lora_sft_on_two_ranks_matches_one(tiny_base, tmp_path):
+    """The adapters' AdamW is sharded like the full model's (each rank its share of the rows,
+    gradients reduce-scattered): the same losses and merged weights as one process."""
+    sft = ["sft", "--load", str(tiny_base), "--data", "arithmetic::1", "--steps", "3", "--device", "cpu",
+           "--dtype", "fp32", "--lora", "4", "--lora-lr", "0.01"]
+    r = run_cli(*sft, "--batch-size", "8", "--save", str(tmp_path / "one"))
+    assert r.returncode == 0, r.stderr
+    torchrun(*sft, "--batch-size", "4", "--save", str(tmp_path / "two"))
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
+    one, two = (load_file(tmp_path / n / "model.safetensors") for n in ("one", "two"))
+    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
+    base = load_file(tiny_base / "model.safetensors")
+    assert not torch.equal(one["blocks.0.mlp.c_fc.weight"], base["blocks.0.mlp.c_fc.weight"])
+
+
 def test_sft_and_rl_on_two_ranks_match_one(tiny_base, tmp_path):
     sft = ["sft", "--load", str(tiny_base), "--data", "arithmetic::1", "--steps", "3", "--device", "cpu",
            "--dtype", "fp32"]

@@ -307,3 +307,21 @@ def test_bad_input_fails_at_start_up(tiny_base, sft_model, tmp_path):
     r = run_cli("rl", "--load", str(sft_model), "--task", "arithmetic::1", "--save", str(tmp_path / "y"),
                 "--group-size", "1")
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_rl_with_lora_resumes_exactly(sft_model, tmp_path):
+    """GRPO through adapters on the frozen SFT model: rollouts sample from base + adapters, and a
+    resumed run takes the straight run's steps; the run dir holds the merged model."""
+    from picochat.lora import LoraConfig
+    kw = dict(epochs=2, kl=0.05, format_reward=0.1, adapters=LoraConfig(lora=4, lora_lr=1e-2))
+    straight = _rl(sft_model, tmp_path / "a", **kw)
+    _rl(sft_model, tmp_path / "b", stop_at=1, **kw)
+    resumed = _rl(sft_model, tmp_path / "b", resume=True, **kw)
+    assert [m["loss"] for m in resumed["metrics"]] == [m["loss"] for m in straight["metrics"]]
+    assert [m["reward"] for m in resumed["metrics"]] == [m["reward"] for m in straight["metrics"]]
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    base = load_file(sft_model / "model.safetensors")
+    assert not torch.equal(a["blocks.0.attn.c_q.weight"], base["blocks.0.attn.c_q.weight"])  # merged in
+    assert torch.equal(a["x0_lambdas"], base["x0_lambdas"])  # frozen
+    assert load_run(tmp_path / "a").meta["lora"]["merged"]

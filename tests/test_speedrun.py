@@ -119,6 +119,15 @@ def test_dry_run_plans_d20_and_the_macbook_model(tmp_path):
     assert re.search(r"sft +smoltalk =10000, gsm8k 1, arc-easy 1, arc-challenge 1, identity =1000, spelling =600 +"
                      r"1,000 steps", out)
     assert "rl " not in out.split("evals")[0].split("stages")[1]  # the MacBook recipe has no RL
+    mac = out.split("on a 16 GB Apple-silicon Mac (bf16; Metal lets its GPU hold 10.7 GiB)")[1]
+    assert re.search(r"sft +8 x 1,024 rows: 13\.3 GiB \(7\.1 GiB with --grad-checkpoint\); it has 10\.7 GiB: fits "
+                     r"with --grad-checkpoint", mac)
+    # LoRA fine-tuning: the frozen weights take no gradients or optimizer state, so SFT fits as it is
+    out = _dry_run("picochat-335m", tmp_path, "--measure-steps", "0", "--lora", "16")
+    mac = out.split("on a 16 GB Apple-silicon Mac")[1]
+    assert re.search(r"sft +8 x 1,024 rows: 9\.9 GiB \(3\.6 GiB with --grad-checkpoint\); it has 10\.7 GiB: fits$",
+                     mac, re.M)
+    assert re.search(r"pretrain +8 x 1,024 rows: 13\.3 GiB", mac) and "--lora 16" in out.split("Next:")[1]
 
 
 def test_dry_run_times_real_steps_here(tmp_path):

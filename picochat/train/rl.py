@@ -54,6 +54,7 @@ from ..conversation import render_for_completion
 from ..decode_batch import GenRequest
 from ..engine import Completion, Engine
 from ..evals.chat_eval import held_out_task, pass_at_k
+from ..lora import LoraConfig
 from ..memory import check_training_memory
 from ..optim import OptimConfig, scale_lrs
 from ..run_dir import load_run
@@ -93,6 +94,7 @@ class RLConfig:
     rollout_rows: int = setting(64, "rows decoding at once during rollouts", low=1)
     lr_scale: float = setting(0.05, "multiplies the pretraining learning rates", low=0)
     optim: OptimConfig = setting(factory=_rl_optim, flags=())
+    adapters: LoraConfig = setting(factory=LoraConfig)
     eval_task: str = setting("", "held-out mixture (default: the tasks' test split; synthetic tasks: a test seed)")
     eval_every: int = setting(0, "held-out pass@k every N steps (and at the end)", low=0, defines_run=False)
     eval_examples: int = setting(100, "held-out questions per eval (0: none)", low=0)
@@ -403,7 +405,7 @@ def rl_train(cfg: RLConfig) -> dict:
 
     model.grad_checkpoint = cfg.controls.grad_checkpoint
     check_training_memory(model.config, cfg.batch_size, model.config.sequence_len, dtype, cfg.controls.grad_checkpoint,
-                          device)  # rows are at most the context long
+                          device, cfg.adapters)  # rows are at most the context long
     plan = plan_rl(cfg, model.config.sequence_len, stage.world)
     data = Rollouts(model, tok, task, cfg, plan, device, dtype, ref_model)
     log(f"rl: {len(task):,} prompts from {cfg.task!r}, {cfg.steps} steps of {cfg.prompts_per_step} prompts x "
@@ -422,7 +424,7 @@ def rl_train(cfg: RLConfig) -> dict:
 
     objective = Objective(loss=lambda m, batch: grpo_loss(m, batch, cfg.clip, cfg.kl), summarize=summarize_loss)
     result = stage.train(cfg, model, tok, data, scale_lrs(cfg.optim, cfg.lr_scale), plan,
-                         Callbacks(evaluate=evaluate, eval_every=cfg.eval_every), objective)
+                         Callbacks(evaluate=evaluate, eval_every=cfg.eval_every), objective, lora=cfg.adapters)
     result["eval_start"] = eval_start
     result["eval_end"] = {k: v for k, v in (result["metrics"][-1] if result["metrics"] else {}).items()
                           if k.startswith("val_")} or None

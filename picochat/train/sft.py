@@ -20,6 +20,7 @@ from typing import ClassVar
 from ..common import PicochatError, log, seed_everything
 from ..conversation import describe_cuts, render_example
 from ..data.loader import PackingLoader, TokenDataset
+from ..lora import LoraConfig
 from ..memory import check_training_memory
 from ..optim import OptimConfig, scale_lrs
 from ..run_dir import load_run
@@ -52,6 +53,7 @@ class ChatTrainConfig:
     lr_scale: float = setting(1.0, "multiplies the learning rates", low=0)
     packed: bool = setting(False, PACKED_HELP)
     optim: OptimConfig = setting(factory=_chat_optim, flags=())
+    adapters: LoraConfig = setting(factory=LoraConfig)
     controls: Controls = setting(factory=Controls)
 
 
@@ -131,7 +133,7 @@ def chat_train(cfg: ChatTrainConfig) -> dict:
     seq_len = plan_chat(cfg, context, stage.world, None).seq_len
     model.grad_checkpoint = cfg.controls.grad_checkpoint
     check_training_memory(model.config, cfg.batch_size, seq_len, stage.dtype, cfg.controls.grad_checkpoint,
-                          stage.device)
+                          stage.device, cfg.adapters)
     task = build_mixture(cfg.data, split="train", seed=cfg.controls.seed)
     if not cfg.packed and cfg.controls.compile is not False:  # each batch its own width: every step would recompile
         if cfg.controls.compile:
@@ -152,7 +154,7 @@ def chat_train(cfg: ChatTrainConfig) -> dict:
     plan = plan_chat(cfg, context, stage.world, rows_per_pass)
     log(f"{cfg.stage}: {len(task):,} conversations from {cfg.data!r}, {plan.steps} steps of "
         f"{plan.rows_per_step} rows{f' over {stage.world} processes' if stage.world > 1 else ''}, from {cfg.load}")
-    result = stage.train(cfg, model, tok, data, scale_lrs(cfg.optim, cfg.lr_scale), plan)
+    result = stage.train(cfg, model, tok, data, scale_lrs(cfg.optim, cfg.lr_scale), plan, lora=cfg.adapters)
     if not cfg.packed and data.cuts:
         log(f"{cfg.stage}: {describe_cuts(data.cuts, data.rendered, seq_len + 1)}")
     return result

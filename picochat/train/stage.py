@@ -29,6 +29,7 @@ from ..common import (
     set_threads,
 )
 from ..fp8 import fp8_problem
+from ..lora import Adapters, LoraConfig, lora_optimizer
 from ..model import flops_per_token
 from ..settings import default_of, flags_of, leaves, record, replaced, setting, show, typed
 from .loop import LM, Callbacks, LoopConfig, Objective, Trainer
@@ -138,7 +139,12 @@ class Stage:
         from ..run_dir import load_run
         save, c = self.cfg.save, self.cfg.controls
         if c.resume:
-            return load_run(save, self.device, trainer_state=True)
+            run = load_run(save, self.device, trainer_state=True, adapter="keep")
+            if (run.meta.get("lora") or {}).get("merged"):
+                raise PicochatError(f"--resume: {save} is a finished LoRA run whose adapter is merged into its "
+                                    f"weights, which cannot be taken apart exactly: train on from it as a new run "
+                                    f"(--load {save}), or keep the adapter apart next time (--no-lora-merge)")
+            return run
         if Path(save).exists() and not c.overwrite:
             kind = "a file" if Path(save).is_file() else "a run dir"
             raise PicochatError(f"{save} already exists ({kind}): use --resume to continue it, or --overwrite")
@@ -187,23 +193,41 @@ class Stage:
 
     # ------------------------------------------------------------------ training
 
+    def adapters(self, model, lora: LoraConfig | None, controls: Controls) -> Adapters | None:
+        """A LoRA run's adapters on the frozen model: the resumed run's, or new ones; None for a
+        run that trains every weight."""
+        if lora is None or not lora.lora:
+            return None
+        if controls.fp8:
+            raise PicochatError("--fp8 with --lora: FP8 is for pretraining's products; adapters train in bf16")
+        adapters = self.resumed.adapter if self.resumed is not None else None
+        adapters = (adapters or Adapters.for_model(model, lora)).attach(model)
+        distributed.broadcast_params(adapters)
+        log(f"lora: rank {adapters.rank} adapters on {len(adapters.names)} projections: "
+            f"{adapters.num_params() / 1e6:.2f}M parameters train, the model's {model.num_params() / 1e6:.1f}M "
+            "are frozen")
+        return adapters
+
     @staticmethod
     def meta(cfg, plan: TrainPlan) -> dict:
         """What config.json records of the stage: its settings and the plan derived from them."""
         return {"train": record(cfg), "plan": plan.to_dict()}
 
     def train(self, cfg, model, tok, data, optim_cfg, plan: TrainPlan, callbacks: Callbacks | None = None,
-              objective: Objective = LM) -> dict:
+              objective: Objective = LM, lora: LoraConfig | None = None) -> dict:
         """Train `model` on `data` through the Trainer, as cfg.controls says, for plan.steps steps
         of plan.grad_accum micro-batches, checkpointing to the run dir cfg.save; returns a summary
-        with every metric."""
+        with every metric. With `lora` (a rank), adapters train on the frozen model: the run dir's
+        checkpoints keep them apart, its last one merges them in unless lora.lora_merge is off."""
         from ..optim import build_optimizer
         from ..run_dir import save_run
         r, callbacks = cfg.controls, callbacks or Callbacks()
+        adapters = self.adapters(model, lora, r)
+        optimizer = lora_optimizer(adapters, lora.lora_lr) if adapters else build_optimizer(model, optim_cfg)
         loop = LoopConfig(steps=plan.steps, grad_accum=plan.grad_accum, log_every=r.log_every,
                           eval_every=callbacks.eval_every, sample_every=callbacks.sample_every, save_every=r.save_every,
                           save_every_minutes=r.save_every_minutes, stop_at=r.stop_at)
-        trainer = Trainer(model, build_optimizer(model, optim_cfg), optim_cfg, loop, self.device, self.dtype,
+        trainer = Trainer(model, optimizer, optim_cfg, loop, self.device, self.dtype,
                           flops_per_token=flops_per_token(model.config),
                           compile=choose_compile(r.compile, self.device), fp8=bool(r.fp8))
         if self.resumed is not None:
@@ -213,7 +237,8 @@ class Stage:
         def save_fn(step: int, trainer_state: dict, metrics: list) -> None:
             if distributed.is_main():  # one writer; the others wait so that no rank runs ahead of the run dir
                 save_run(save, model, tok, stage=self.name, trainer_state=trainer_state, metrics=metrics,
-                         extra={"step": step, **meta, "world_size": self.world})
+                         extra={"step": step, **meta, "world_size": self.world}, adapter=adapters,
+                         merged=step >= plan.steps and bool(lora and lora.lora_merge))
             distributed.barrier()
 
         mirror = None

@@ -1,0 +1,108 @@
+"""LoRA fine-tuning: adapters train on a frozen base, the run dir holds the merged model with the
+adapter beside it (or the base and the adapter, applied on load), resume is exact, and bad input
+is one line."""
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from picochat.conversation import render_for_completion
+from picochat.engine import Engine
+from picochat.lora import LoraConfig
+from picochat.run_dir import load_run
+from picochat.tasks.arithmetic import Arithmetic
+from picochat.train.rl import well_formed_call
+from picochat.train.sft import SFTConfig, chat_train
+
+from .conftest import complete, cpu_controls, run_cli
+
+
+@pytest.fixture(scope="module")
+def numerate_base(small_corpus, small_tokenizer, tmp_path_factory):
+    """A depth-2 base pretrained long enough for its head to mean something (a frozen head is all
+    LoRA has to speak with), on Shakespeare and lines of sums, as web text has numbers."""
+    from picochat.train.pretrain import PretrainConfig, pretrain
+    rng = random.Random(0)
+    sums = []
+    for _ in range(3000):
+        a, b, op = rng.randint(0, 999), rng.randint(0, 999), rng.choice("+-*")
+        sums.append(f"{a} {op} {b} = {eval(f'{a}{op}{b}')}.")
+    corpus = tmp_path_factory.mktemp("numerate") / "text.txt"
+    corpus.write_text(small_corpus.read_text() + "\n\n" + "\n".join(sums))
+    save = corpus.parent / "base"
+    pretrain(PretrainConfig(data=[str(corpus)], save=str(save), tokenizer=str(small_tokenizer), depth=2, seq_len=128,
+                            batch_size=8, steps=300, controls=cpu_controls(dtype="fp32", seed=1, log_every=100)))
+    return save
+
+
+def _calls(run_dir, n: int = 20) -> float:
+    """The share of held-out arithmetic questions answered with a well-formed calculator call."""
+    run = load_run(run_dir)
+    engine, task = Engine(run.model, run.tokenizer), Arithmetic(size=n, seed=12345)
+    done = [complete(engine, render_for_completion(run.tokenizer, task[i]), max_tokens=40, temperature=0.0)[0]
+            for i in range(n)]
+    return sum(well_formed_call(run.tokenizer, c) for c in done) / n
+
+
+def test_lora_sft_teaches_a_frozen_base_the_calculator(numerate_base, tmp_path):
+    """Rank-16 adapters on the attention and MLP projections (and the special tokens' rows, which a
+    base never trained) teach the chat format and the calculator call; every other weight stays."""
+    before = _calls(numerate_base)
+    result = chat_train(SFTConfig(load=str(numerate_base), data="arithmetic::1", save=str(tmp_path / "sft"),
+                                  batch_size=16, steps=300, adapters=LoraConfig(lora=16, lora_lr=1e-2),
+                                  controls=cpu_controls(dtype="fp32", log_every=10)))
+    after = _calls(tmp_path / "sft")
+    assert before == 0.0 and after >= 0.8, (before, after)
+    losses = [m["loss"] for m in result["metrics"] if "loss" in m]
+    assert losses[-1] < 0.6 * losses[0], losses  # (the first at step 10)
+    run, base = load_run(tmp_path / "sft"), load_run(numerate_base)
+    assert run.meta["lora"]["merged"] and run.meta["lora"]["rank"] == 16 and len(run.meta["lora"]["layers"]) == 12
+    adapter = load_file(tmp_path / "sft" / "adapter.safetensors")
+    assert set(adapter) == {f"{n}.lora_{ab}" for n in run.meta["lora"]["layers"] for ab in "AB"} | {
+        "wte.special_rows", "lm_head.special_rows"}
+    assert json.loads((tmp_path / "sft" / "adapter_config.json").read_text())["layers"] == run.meta["lora"]["layers"]
+    mine, theirs = run.model.state_dict(), base.model.state_dict()
+    changed = {k for k in mine if not torch.equal(mine[k], theirs[k])}
+    assert changed == {f"{n}.weight" for n in run.meta["lora"]["layers"]} | {"wte.weight", "lm_head.weight"}
+    s = run.meta["lora"]["special_rows"][0]
+    assert torch.equal(mine["wte.weight"][:s], theirs["wte.weight"][:s])  # only the special tokens' rows
+    print(f"LoRA SFT: well-formed calculator calls {before:.2f} -> {after:.2f}")
+
+
+def test_lora_resumes_exactly_and_an_unmerged_run_loads_merged(tiny_base, tmp_path):
+    def cfg(save, merge=True, **kw):
+        return SFTConfig(load=str(tiny_base), data="arithmetic::1,identity::2", save=str(save), batch_size=4, steps=8,
+                         adapters=LoraConfig(lora=4, lora_targets="c_q,mlp", lora_merge=merge),
+                         controls=cpu_controls(dtype="fp32", seed=7, **kw))
+    straight = chat_train(cfg(tmp_path / "a"))
+    stopped = chat_train(cfg(tmp_path / "b", stop_at=4))
+    assert stopped["steps"] == 4 and not load_run(tmp_path / "b").meta["lora"]["merged"]  # a checkpoint: apart
+    resumed = chat_train(cfg(tmp_path / "b", resume=True))
+    assert [m["loss"] for m in resumed["metrics"]] == [m["loss"] for m in straight["metrics"]]
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    chat_train(cfg(tmp_path / "c", merge=False))
+    kept = load_run(tmp_path / "c")
+    assert not kept.meta["lora"]["merged"]
+    assert all(torch.equal(kept.model.state_dict()[k], a[k]) for k in a)  # merged as it loads
+    base = load_file(tiny_base / "model.safetensors")
+    assert all(torch.equal(load_file(tmp_path / "c" / "model.safetensors")[k], base[k]) for k in base)
+    r = run_cli("sft", "--load", str(tiny_base), "--data", "arithmetic::1", "--save", str(tmp_path / "a"),
+                "--steps", "9", "--lora", "4", "--device", "cpu", "--resume")
+    assert r.returncode == 2 and "merged into its weights" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_bad_lora_settings_say_why_in_one_line(tiny_base, tmp_path):
+    def fails(*args, says):
+        r = run_cli("sft", "--load", str(tiny_base), "--data", "arithmetic::1", "--save", str(tmp_path / "x"),
+                    "--steps", "2", "--device", "cpu", *args)
+        assert r.returncode == 2 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
+        assert says in r.stderr, r.stderr
+        assert not (tmp_path / "x").exists()
+
+    fails("--lora", "0", says="--lora")
+    fails("--lora", "4", "--lora-targets", "attn,q_proj", says="'q_proj' matches none of the model's projections")
+    fails("--lora", "4", "--lora-targets", ",", says="--lora-targets: no layer named")
