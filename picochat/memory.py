@@ -96,8 +96,9 @@ def activation_bytes_per_token(config: ModelConfig, dtype: torch.dtype, grad_che
     """Bytes kept per token through the backward pass on the path a run takes. fp32: 4 a value.
     bf16 (GPT.computing_in): 2 a value, but 4 for each RMSNorm input, of which PyTorch's rms_norm
     keeps an fp32 copy in place of the input (measured with saved-tensor hooks: tests/test_memory.py).
-    A compiled step is counted as an eager one: an upper bound (inductor recomputes cheap
-    elementwise results rather than keeping them), not yet measured reliably on a CPU."""
+    A compiled step is counted as an eager one: the compiled graph's saved tensors at d20's width
+    (2 layers) came to 238 KiB a token against this count's 240 in fp32, and 119 against 145 in
+    bf16, where inductor keeps bf16 copies of the norms' inputs; an upper bound.
     size = 4 if dtype == torch.float32 else 2
     kept = size * activation_values_per_token(config, grad_checkpoint)
     if size == 2:
