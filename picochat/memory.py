@@ -98,7 +98,7 @@ def activation_bytes_per_token(config: ModelConfig, dtype: torch.dtype, grad_che
     keeps an fp32 copy in place of the input (measured with saved-tensor hooks: tests/test_memory.py).
     A compiled step is counted as an eager one: the compiled graph's saved tensors at d20's width
     (2 layers) came to 238 KiB a token against this count's 240 in fp32, and 119 against 145 in
-    bf16: an upper bound.
+    bf16: an upper bound."""
     size = 4 if dtype == torch.float32 else 2
     kept = size * activation_values_per_token(config, grad_checkpoint)
     if size == 2:
