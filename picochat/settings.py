@@ -11,7 +11,7 @@ default, and `picochat sft ...` cannot differ from `chat_train(SFTConfig(...))`.
         optim: OptimConfig = setting(factory=OptimConfig, flags=("matrix_lr", "head_lr"))
 
 A field becomes `--depth` (underscores to dashes). A bool that defaults to False is a switch; one
-that defaults to True is turned off by `--no-<name>`; a `bool | None` (None: decided at run time,
+that defaults to True is turned off by `--no-<name>` (or `--<name> false`); a `bool | None` (None: decided at run time,
 by the device) has both. A nested config dataclass gives flags of its
 own fields (all, or those named in `flags`). cli=False keeps a field for Python callers only.
 
@@ -150,6 +150,17 @@ def add_flags(parser: argparse.ArgumentParser, cls, only: tuple[str, ...] | None
         else:
             kw["required"] = default is MISSING and not optional
             parser.add_argument(flag_name(cls, f, default), *f.metadata.get("aliases", ()), dest=f.name, **kw)
+            if tp is bool and default is True and not f.metadata.get("flag"):  # the switch as a value too
+                dashed = f.name.replace("_", "-")
+                parser.add_argument(f"--{dashed}", dest=f.name, type=_truth, metavar="true|false", default=argparse.SUPPRESS,
+                                    help=f"--{dashed} false is --no-{dashed} (default: true)")
+
+
+def _truth(text: str) -> bool:
+    words = {"true": True, "on": True, "yes": True, "1": True, "false": False, "off": False, "no": False, "0": False}
+    if text.lower() not in words:
+        raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+    return words[text.lower()]
 
 
 def from_flags(cls, values: dict, only: tuple[str, ...] | None = None):

@@ -87,6 +87,18 @@ def test_a_switch_the_device_decides_has_both_flags():
         parse(["rl", "--load", "m", "--task", "t", "--save", "s", "--compile"])
 
 
+def test_a_switch_that_defaults_on_also_takes_a_value():
+    """--no-lora-merge, or --lora-merge false (as some spell it); the LoRA settings reach the config."""
+    base = ["sft", "--load", "a", "--data", "b", "--save", "c", "--lora", "16"]
+    merges = [parse([*base, *flag])[1].adapters.lora_merge
+              for flag in ([], ["--no-lora-merge"], ["--lora-merge", "false"], ["--lora-merge", "true"])]
+    assert merges == [True, False, False, True]
+    assert parse(base)[1].adapters.lora == 16 and parse(base[:-2])[1].adapters.lora is None
+    assert parse(["rl", "--load", "m", "--task", "t", "--save", "s", "--std", "off"])[1].std is False
+    with pytest.raises(SystemExit):
+        parse([*base, "--lora-merge", "maybe"])
+
+
 def test_depth_lists_the_table_and_other_depths_take_nanochats_sizing():
     from picochat.config import ModelConfig
     parser, _ = build_parser(("pretrain",))

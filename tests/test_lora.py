@@ -96,13 +96,17 @@ def test_lora_resumes_exactly_and_an_unmerged_run_loads_merged(tiny_base, tmp_pa
 
 
 def test_bad_lora_settings_say_why_in_one_line(tiny_base, tmp_path):
-    def fails(*args, says):
-        r = run_cli("sft", "--load", str(tiny_base), "--data", "arithmetic::1", "--save", str(tmp_path / "x"),
-                    "--steps", "2", "--device", "cpu", *args)
-        assert r.returncode == 2 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
-        assert says in r.stderr, r.stderr
+    from picochat.common import PicochatError
+
+    def fails(says, **lora):
+        with pytest.raises(PicochatError, match=says):
+            chat_train(SFTConfig(load=str(tiny_base), data="arithmetic::1", save=str(tmp_path / "x"), steps=2,
+                                 adapters=LoraConfig(**lora), controls=cpu_controls()))
         assert not (tmp_path / "x").exists()
 
-    fails("--lora", "0", says="--lora")
-    fails("--lora", "4", "--lora-targets", "attn,q_proj", says="'q_proj' matches none of the model's projections")
-    fails("--lora", "4", "--lora-targets", ",", says="--lora-targets: no layer named")
+    fails("'q_proj' matches none of the model's projections", lora=4, lora_targets="attn,q_proj")
+    fails("--lora-targets: no layer named", lora=4, lora_targets=",")
+    r = run_cli("sft", "--load", str(tiny_base), "--data", "arithmetic::1", "--save", str(tmp_path / "x"),
+                "--lora", "0", "--device", "cpu")
+    assert r.returncode == 2 and r.stderr.startswith("error: --lora") and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "x").exists()
