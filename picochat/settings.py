@@ -152,8 +152,9 @@ def add_flags(parser: argparse.ArgumentParser, cls, only: tuple[str, ...] | None
             parser.add_argument(flag_name(cls, f, default), *f.metadata.get("aliases", ()), dest=f.name, **kw)
             if tp is bool and default is True and not f.metadata.get("flag"):  # the switch as a value too
                 dashed = f.name.replace("_", "-")
-                parser.add_argument(f"--{dashed}", dest=f.name, type=_truth, metavar="true|false", default=argparse.SUPPRESS,
-                                    help=f"--{dashed} false is --no-{dashed} (default: true)")
+                parser.add_argument(f"--{dashed}", dest=f.name, type=_truth, metavar="true|false",
+                                    default=argparse.SUPPRESS, help=f"--{dashed} false is --no-{dashed} (default: "
+                                                                    "true)")
 
 
 def _truth(text: str) -> bool:
