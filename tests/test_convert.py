@@ -523,6 +523,12 @@ def test_import_from_the_hub_in_each_published_layout(runs, tok, tmp_path, layou
         assert len([m for m, p, _ in hub.requests if m == "GET" and "/resolve/" in p]) == before
         assert torch.equal(load_run(tmp_path / "run2").model.state_dict()["lm_head.weight"],
                            run.model.state_dict()["lm_head.weight"])
+        # offline, the cached copy serves; a repo never fetched is one line
+        r = _import(hub, tmp_path, "someone/tiny@v1", "run3", HF_HUB_OFFLINE="1")
+        assert r.returncode == 0 and "the Hub cannot be reached; the cached someone/tiny@v1" in r.stdout, r.stderr
+        assert load_run(tmp_path / "run3").meta["imported_from"]["commit"] == commit
+        r = _import(hub, tmp_path, "someone/other", "run4", HF_HUB_OFFLINE="1")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "its cache has no copy of it" in r.stderr, r.stderr
 
 
 def test_hub_imports_that_cannot_be_done_say_why_in_one_line(runs, tmp_path, monkeypatch):

@@ -86,10 +86,16 @@ class Source:
 
 
 def from_hub(repo: str, revision: str, given: str | None, step: int | None) -> Source:
-    """Download what the import needs of a Hub model repo into the client's cache."""
-    from ..data.hub import download_model, endpoint, model_files
+    """Download what the import needs of a Hub model repo into the client's cache; where the Hub
+    cannot be reached (offline, HF_HUB_OFFLINE=1), what an earlier import left in the cache."""
+    from ..data.hub import HubUnreachable, cached_model, download_model, endpoint, model_files
     where = f"the Hub's {repo}" + (f"@{revision}" if revision != "main" else "")
-    commit, sizes = model_files(repo, revision)
+    try:
+        commit, sizes = model_files(repo, revision)
+    except HubUnreachable:
+        if (snapshot := cached_model(repo, revision)) is None:
+            raise
+        return _cached(snapshot, repo, revision, given, step)
     names = list(sizes)
     fmt = check_format(where, names, given)
     folder = "."
@@ -101,6 +107,16 @@ def from_hub(repo: str, revision: str, given: str | None, step: int | None) -> S
     total = sum(sizes.get(n) or 0 for n in wanted)
     log(f"import: {where} is in {fmt}'s layout; fetching {len(wanted)} files ({total / 2**20:,.1f} MiB) of commit "
         f"{commit[:10]} from {endpoint()} into the Hub client's cache")
-    snapshot = download_model(repo, commit, wanted)
-    origin = {"hub": repo, "revision": revision, "commit": commit, "endpoint": endpoint()}
+    snapshot = download_model(repo, revision, wanted)
+    origin = {"hub": repo, "revision": revision, "commit": snapshot.name, "endpoint": endpoint()}
     return Source(str(snapshot / folder), fmt, origin, step)
+
+
+def _cached(snapshot, repo: str, revision: str, given: str | None, step: int | None) -> Source:
+    names = [str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file()]
+    where = f"the cached {repo}" + (f"@{revision}" if revision != "main" else "")
+    fmt, folder = check_format(where, names, given), "."
+    if fmt == "nanochat":
+        folder, step, _ = nanochat_files(where, names, step)
+    log(f"import: the Hub cannot be reached; {where} (commit {snapshot.name[:10]}) is in the Hub client's cache")
+    return Source(str(snapshot / folder), fmt, {"hub": repo, "revision": revision, "commit": snapshot.name}, step)

@@ -127,6 +127,10 @@ def model_ref(text: str) -> tuple[str, str] | None:
     return (m["repo"], m["revision"] or "main") if m else None
 
 
+class HubUnreachable(PicochatError):
+    """The Hub did not answer (no network, HF_HUB_OFFLINE, a server error): a cached copy may do."""
+
+
 def _model_error(e: Exception, repo: str, revision: str) -> PicochatError:
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
     if isinstance(e, RevisionNotFoundError):
@@ -135,7 +139,9 @@ def _model_error(e: Exception, repo: str, revision: str) -> PicochatError:
         token = "HF_TOKEN is set but cannot read it" if os.environ.get("HF_TOKEN") else "HF_TOKEN is not set"
         return PicochatError(f"the Hub ({endpoint()}) has no model repo {repo} that this client may read ({token}): "
                              "check the name, or set HF_TOKEN to a token with access")
-    return _hub_error(e, f"{endpoint()}/{repo}")
+    reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    return HubUnreachable(f"cannot reach the Hub for {repo} ({reason}), and its cache has no copy of it: without a "
+                          "network, point HF_ENDPOINT at a mirror, or give --load a local directory")
 
 
 def model_files(repo: str, revision: str) -> tuple[str, dict[str, int | None]]:
@@ -150,16 +156,28 @@ def model_files(repo: str, revision: str) -> tuple[str, dict[str, int | None]]:
     return info.sha, {s.rfilename: s.size for s in info.siblings or []}
 
 
-def download_model(repo: str, commit: str, files: list[str]) -> Path:
-    """Those files of a model repo at a commit, into the client's cache; returns the folder that holds
-    them (the cache's snapshot of that commit)."""
+def cached_model(repo: str, revision: str) -> Path | None:
+    """The client's cached snapshot of a model repo's revision (a branch, tag or commit), or None."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+    folder = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model")
+    ref = folder / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snapshot = folder / "snapshots" / commit
+    return snapshot if snapshot.is_dir() else None
+
+
+def download_model(repo: str, revision: str, files: list[str]) -> Path:
+    """Those files of a model repo's revision, into the client's cache; returns the folder that holds
+    them (the cache's snapshot of the revision's commit, which the cache's refs/ then names, so that
+    cached_model finds it offline)."""
     from huggingface_hub import snapshot_download
     try:
         with _quiet_client():
-            return Path(snapshot_download(repo, revision=commit, allow_patterns=files, endpoint=endpoint(),
+            return Path(snapshot_download(repo, revision=revision, allow_patterns=files, endpoint=endpoint(),
                                           token=os.environ.get("HF_TOKEN") or None))
     except Exception as e:
-        raise _model_error(e, repo, commit) from None
+        raise _model_error(e, repo, revision) from None
 
 
 def upload(folder: Path, repo: str, message: str) -> str:
