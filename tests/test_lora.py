@@ -9,15 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from picochat.conversation import render_for_completion
-from picochat.engine import Engine
 from picochat.lora import LoraConfig
 from picochat.run_dir import load_run
 from picochat.tasks.arithmetic import Arithmetic
-from picochat.train.rl import well_formed_call
 from picochat.train.sft import SFTConfig, chat_train
 
-from .conftest import complete, cpu_controls, run_cli
+from .conftest import cpu_controls, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -38,28 +35,24 @@ def numerate_base(small_corpus, small_tokenizer, tmp_path_factory):
     return save
 
 
-def _calls(run_dir, n: int = 20) -> float:
-    """The share of held-out arithmetic questions answered with a well-formed calculator call."""
-    run = load_run(run_dir)
-    engine, task = Engine(run.model, run.tokenizer), Arithmetic(size=n, seed=12345)
-    done = [complete(engine, render_for_completion(run.tokenizer, task[i]), max_tokens=40, temperature=0.0)[0]
-            for i in range(n)]
-    return sum(well_formed_call(run.tokenizer, c) for c in done) / n
-
-
-def test_lora_sft_teaches_a_frozen_base_the_calculator(numerate_base, tmp_path):
-    """Rank-16 adapters on the attention and MLP projections (and the special tokens' rows, which a
-    base never trained) teach the chat format and the calculator call; every other weight stays."""
-    before = _calls(numerate_base)
+def test_lora_sft_lifts_arithmetic_with_the_calculator_on_a_frozen_base(numerate_base, tmp_path):
+    """test_sft's figure through adapters: held-out arithmetic accuracy before and after SFT, here
+    with rank-64 adapters on the attention and MLP projections (and the special tokens' rows,
+    which a base never trained); every other weight stays as it was. 900 steps: at 600 the lift
+    came at another seed or not at all (seed 7: 0.03); at 900, seeds 7, 42 and 123 gave 0.73 to 0.97."""
+    from picochat.evals.chat_eval import evaluate_task
+    held_out = Arithmetic(size=30, seed=12345)  # training uses seed 42: different questions
+    kw = dict(max_tokens=40, save=False)
+    before = evaluate_task(load_run(numerate_base), "arithmetic", held_out, **kw)["accuracy"]
     result = chat_train(SFTConfig(load=str(numerate_base), data="arithmetic::1", save=str(tmp_path / "sft"),
-                                  batch_size=16, steps=300, adapters=LoraConfig(lora=16, lora_lr=1e-2),
-                                  controls=cpu_controls(dtype="fp32", log_every=10)))
-    after = _calls(tmp_path / "sft")
-    assert before == 0.0 and after >= 0.8, (before, after)
+                                  batch_size=16, steps=900, adapters=LoraConfig(lora=64, lora_lr=1e-2),
+                                  controls=cpu_controls(dtype="fp32", log_every=50)))
+    after = evaluate_task(load_run(tmp_path / "sft"), "arithmetic", held_out, **kw)["accuracy"]
+    assert before <= 0.1 and after >= 0.6, (before, after)
     losses = [m["loss"] for m in result["metrics"] if "loss" in m]
-    assert losses[-1] < 0.6 * losses[0], losses  # (the first at step 10)
+    assert losses[-1] < 0.5 * losses[0], losses  # (the first at step 50)
     run, base = load_run(tmp_path / "sft"), load_run(numerate_base)
-    assert run.meta["lora"]["merged"] and run.meta["lora"]["rank"] == 16 and len(run.meta["lora"]["layers"]) == 12
+    assert run.meta["lora"]["merged"] and run.meta["lora"]["rank"] == 64 and len(run.meta["lora"]["layers"]) == 12
     adapter = load_file(tmp_path / "sft" / "adapter.safetensors")
     assert set(adapter) == {f"{n}.lora_{ab}" for n in run.meta["lora"]["layers"] for ab in "AB"} | {
         "wte.special_rows", "lm_head.special_rows"}
@@ -69,7 +62,7 @@ def test_lora_sft_teaches_a_frozen_base_the_calculator(numerate_base, tmp_path):
     assert changed == {f"{n}.weight" for n in run.meta["lora"]["layers"]} | {"wte.weight", "lm_head.weight"}
     s = run.meta["lora"]["special_rows"][0]
     assert torch.equal(mine["wte.weight"][:s], theirs["wte.weight"][:s])  # only the special tokens' rows
-    print(f"LoRA SFT: well-formed calculator calls {before:.2f} -> {after:.2f}")
+    print(f"LoRA SFT: held-out arithmetic accuracy {before:.2f} -> {after:.2f}")
 
 
 def test_lora_resumes_exactly_and_an_unmerged_run_loads_merged(tiny_base, tmp_path):
