@@ -7,8 +7,8 @@
       tokenizer.json      Hugging Face tokenizers format
       trainer_state.pt    optimizer state, step, data position, RNG: what exact resume needs
       metrics.jsonl       one JSON object per logged step
-      adapter.safetensors LoRA runs: each adapted layer's lora_A and lora_B (fp32), and
-      adapter_config.json its rank, alpha, layers and whether model.safetensors has it merged in
+      adapter.safetensors LoRA runs: each adapted layer's lora_A and lora_B and the special tokens'
+      adapter_config.json rows (fp32), and its rank, alpha, layers and whether model.safetensors has it merged in
                           (config.json's "lora" says the same); unmerged, load_run merges it
       evals/<name>.json   an eval's summary, <name>.jsonl its per-example rows (evals/results.py)
 
@@ -201,9 +201,9 @@ def load_run(path: str | Path, device: torch.device | str = "cpu", trainer_state
         except (SafetensorError, OSError, ValueError) as e:
             raise PicochatError(f"corrupt run dir {path}: {ADAPTER} cannot be read ({e})") from None
         adapters = Adapters.from_saved(model, lora, tensors, str(path))
-        if adapter != "keep":
+        if adapter != "keep":  # the model as loaded has it merged in (a re-save, as quantize's, says so)
             model.load_state_dict(adapters.merged_state(model))
-            adapters = None
+            meta["lora"], adapters = {**lora, "merged": True}, None
     if quant:
         int8lib.finish_loading(model)
     elif int8:

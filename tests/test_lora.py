@@ -72,17 +72,24 @@ def test_lora_resumes_exactly_and_an_unmerged_run_loads_merged(tiny_base, tmp_pa
                          controls=cpu_controls(dtype="fp32", seed=7, **kw))
     straight = chat_train(cfg(tmp_path / "a"))
     stopped = chat_train(cfg(tmp_path / "b", stop_at=4))
-    assert stopped["steps"] == 4 and not load_run(tmp_path / "b").meta["lora"]["merged"]  # a checkpoint: apart
+    def merged(run):  # what the run dir says (a loaded one has it merged either way)
+        return json.loads((run / "config.json").read_text())["lora"]["merged"]
+    assert stopped["steps"] == 4 and not merged(tmp_path / "b")  # a checkpoint: apart
     resumed = chat_train(cfg(tmp_path / "b", resume=True))
     assert [m["loss"] for m in resumed["metrics"]] == [m["loss"] for m in straight["metrics"]]
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     chat_train(cfg(tmp_path / "c", merge=False))
     kept = load_run(tmp_path / "c")
-    assert not kept.meta["lora"]["merged"]
+    assert not merged(tmp_path / "c") and kept.meta["lora"]["merged"]
     assert all(torch.equal(kept.model.state_dict()[k], a[k]) for k in a)  # merged as it loads
     base = load_file(tiny_base / "model.safetensors")
     assert all(torch.equal(load_file(tmp_path / "c" / "model.safetensors")[k], base[k]) for k in base)
+    # another command's copy of an unmerged run holds the merged model, and says so
+    r = run_cli("quantize", "--load", str(tmp_path / "c"), "--save", str(tmp_path / "int8"))
+    assert r.returncode == 0, r.stderr
+    int8 = load_run(tmp_path / "int8")
+    assert int8.meta["lora"]["merged"] and not (tmp_path / "int8" / "adapter.safetensors").exists()
     r = run_cli("sft", "--load", str(tiny_base), "--data", "arithmetic::1", "--save", str(tmp_path / "a"),
                 "--steps", "9", "--lora", "4", "--device", "cpu", "--resume")
     assert r.returncode == 2 and "merged into its weights" in r.stderr and r.stderr.count("\n") == 1, r.stderr
