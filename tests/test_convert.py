@@ -459,6 +459,30 @@ def test_push_uploads_the_exported_directory_to_the_hub(runs, tmp_path):
         assert r.returncode == 2 and "USER/NAME" in r.stderr and not (tmp_path / "up3").exists()
 
 
+def test_a_directory_transformers_own_nanochat_saved_imports(tok, tmp_path):
+    """What transformers' NanoChatForCausalLM.save_pretrained writes (the layout of the Hub's
+    transformers NanoChat models; its config says rms_norm_eps 1e-6) imports with its logits."""
+    from transformers import NanoChatConfig, NanoChatForCausalLM
+
+    from picochat.convert.commands import ImportConfig, import_model
+    config = NanoChatConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = NanoChatForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "hf")
+    tok.save(tmp_path / "hf" / "tokenizer.json")
+    import_model(ImportConfig(load=str(tmp_path / "hf"), save=str(tmp_path / "run")))
+    run = load_run(tmp_path / "run")
+    ids = torch.tensor([_ids(tok, PROMPTS[1])])
+    with torch.no_grad():
+        want = model(ids).logits
+        got = run.model.eval()(ids)[..., :want.size(-1)]
+    assert (got - want).abs().max().item() <= 1e-4  # (the epsilons differ: 1e-6 there, fp32's here)
+
+
 # ----------------------------------------------------------------------------- imports from the Hub
 
 def _files(folder: Path) -> dict[str, bytes]:
