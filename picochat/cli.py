@@ -82,7 +82,8 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ("export",): Command("write a run dir as a transformers model directory (AutoModelForCausalLM loads it)",
                          "picochat.convert.commands:ExportConfig", "picochat.convert.commands:export",
                          lambda path: f"exported: {path}"),
-    ("import",): Command("make a run dir from a transformers NanoChat directory or a nanochat checkpoint",
+    ("import",): Command("make a run dir from a transformers NanoChat directory or a nanochat checkpoint, local or "
+                         "on the Hub",
                          "picochat.convert.commands:ImportConfig", "picochat.convert.commands:import_model",
                          lambda path: f"imported: {path}"),
     ("speedrun",): Command("the whole pipeline in one command (offline by default)",
