@@ -10,10 +10,10 @@ values.
 
 The adapters sit beside the model, not in it: a forward hook on each adapted Linear adds its
 update (and on the embedding and the head, their rows'; the loss reads the head's weight through
-GPT.head_rows), so the model's weights, names and state dict stay what every other command reads. At the
-end of a stage the update is merged into the weights (W + alpha / r B A), and the adapter is kept
-beside them in the run dir (adapter.safetensors, adapter_config.json); unmerged, the run dir holds
-the base weights and load_run merges the adapter as it loads (run_dir.py).
+GPT.head_rows), so the model's weights, names and state dict stay what every other command
+reads. At the end of a stage the update is merged into the weights (W + alpha / r B A), and the
+adapter is kept beside them in the run dir (adapter.safetensors, adapter_config.json); unmerged,
+the run dir holds the base weights and load_run merges the adapter as it loads (run_dir.py).
 """
 
 from __future__ import annotations
