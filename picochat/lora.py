@@ -84,7 +84,7 @@ class Adapters(nn.Module):
         self.rank, self.alpha, self.names = rank, alpha, list(names)
         self.scale = alpha / rank
         vocab, width = model.config.vocab_size, model.config.n_embd
-        self.first_special = vocab - len(SPECIAL_TOKENS)
+        self.special = slice(vocab - len(SPECIAL_TOKENS), vocab)  # the special tokens' ids: the last ones
         self.embed_rows = nn.Parameter(torch.zeros(len(SPECIAL_TOKENS), width, device=model.wte.weight.device))
         self.head_rows = nn.Parameter(torch.zeros(len(SPECIAL_TOKENS), width, device=model.wte.weight.device))
         modules = dict(model.named_modules())
@@ -118,19 +118,18 @@ class Adapters(nn.Module):
         return delta.to(like.dtype) if delta.dtype != like.dtype else delta
 
     def _embed_hook(self, module, inputs, out):
-        idx = inputs[0]
-        special = (idx >= self.first_special).unsqueeze(-1)
-        return out + special * self._rows(self.embed_rows, out)[(idx - self.first_special).clamp(min=0)]
+        idx, first = inputs[0], self.special.start
+        return out + (idx >= first).unsqueeze(-1) * self._rows(self.embed_rows, out)[(idx - first).clamp(min=0)]
 
     def _head_hook(self, module, inputs, out):  # logits outside the loss (evals, sampling)
-        s, e = self.first_special, self.first_special + len(self.head_rows)
+        s = self.special
         extra = F.linear(inputs[0], self._rows(self.head_rows, inputs[0]))
-        return torch.cat([out[..., :s], out[..., s:e] + extra, out[..., e:]], dim=-1)
+        return torch.cat([out[..., :s.start], out[..., s] + extra, out[..., s.stop:]], dim=-1)
 
     def with_head_rows(self, w: torch.Tensor) -> torch.Tensor:
         """The head's weight with the special tokens' rows trained (for the loss, loss.py)."""
-        s, e = self.first_special, self.first_special + len(self.head_rows)
-        return torch.cat([w[:s], w[s:e] + self.head_rows.to(w.dtype), w[e:]])
+        s = self.special
+        return torch.cat([w[:s.start], w[s] + self.head_rows.to(w.dtype), w[s.stop:]])
 
     def _hook(self, i: int):
         def add_update(module, inputs, out):
@@ -150,10 +149,9 @@ class Adapters(nn.Module):
         for i, name in enumerate(self.names):
             w = state[f"{name}.weight"]
             state[f"{name}.weight"] = (w.float() + self.update(i).to(w.device)).to(w.dtype)
-        s, e = self.first_special, self.first_special + len(self.head_rows)
         for key, delta in (("wte.weight", self.embed_rows), ("lm_head.weight", self.head_rows)):
             w = state[key].clone()
-            w[s:e] += delta.detach().to(w.dtype)
+            w[self.special] += delta.detach().to(w.dtype)
             state[key] = w
         return state
 
@@ -168,7 +166,7 @@ class Adapters(nn.Module):
     def describe(self) -> dict:
         """adapter_config.json (and config.json's "lora")."""
         return {"rank": self.rank, "alpha": self.alpha, "layers": self.names,
-                "special_rows": [self.first_special, self.first_special + len(self.head_rows)]}
+                "special_rows": [self.special.start, self.special.stop]}
 
     @classmethod
     def from_saved(cls, model: nn.Module, described: dict, tensors: dict[str, torch.Tensor], where: str) -> Adapters:

@@ -56,9 +56,7 @@ def _chunk(x, w, targets, vocab: int, cap: float, grads=None, scale=None, lse=No
         dz = t.mul_(t).neg_().add_(1).mul_(p).to(x.dtype)
         gx, gw = grads
         gx.copy_(dz @ w[:vocab])
-        if gw is None:  # a frozen head (LoRA): no weight gradient
-            pass
-        elif gw.dtype == x.dtype:  # no weight-sized temporary
+        if gw.dtype == x.dtype:  # no weight-sized temporary
             gw[:vocab].addmm_(dz.t(), x)
         else:
             gw[:vocab] += dz.t() @ x
@@ -74,8 +72,7 @@ class _HeadLoss(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             xc, w = x.to(dtype), weight.to(dtype)
             gx = torch.empty_like(x) if grads_now else None
-            gw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) \
-                if grads_now and ctx.needs_input_grad[1] else None
+            gw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if grads_now else None
             losses, lses = [], []
             for start in range(0, len(x), n):
                 rows = slice(start, start + n)
@@ -96,17 +93,16 @@ class _HeadLoss(torch.autograd.Function):
             if ctx.grads is None:
                 raise RuntimeError("head_loss: a second backward pass through a loss made for one")
             (gx, gw), ctx.grads = ctx.grads, None
-            gw = None if gw is None else gw.mul_(grad).to(weight_dtype)
-            return gx.mul_(grad), gw, None, None, None, None, None
+            return gx.mul_(grad), gw.mul_(grad).to(weight_dtype), None, None, None, None, None
         x, weight, targets, lse = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
             xc, w = x.to(dtype), weight.to(dtype)
             gx = torch.empty_like(x)
-            gw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
+            gw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
             for start in range(0, len(x), n):
                 rows = slice(start, start + n)
                 _chunk(xc[rows], w, targets[rows], vocab, cap, (gx[rows], gw), grad[rows].float(), lse[rows])
-        return gx, None if gw is None else gw.to(weight_dtype), None, None, None, None, None
+        return gx, gw.to(weight_dtype), None, None, None, None, None
 
 
 # Traced by torch.compile, the loss keeps fp32 logits of the whole micro-batch (one full copy at

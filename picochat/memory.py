@@ -106,12 +106,11 @@ def activation_bytes_per_token(config: ModelConfig, dtype: torch.dtype, grad_che
     return kept
 
 
-def head_bytes(config: ModelConfig, tokens: int, head_grad: bool = True) -> int:
+def head_bytes(config: ModelConfig, tokens: int) -> int:
     """The loss's own peak (loss.py): one chunk's fp32 logits in flight (the tanh, the logits and
-    their gradient: 3 x vocab values a token) and the head weight's fp32 gradient (none when it is
-    frozen)."""
+    their gradient: 3 x vocab values a token) and the head weight's fp32 gradient."""
     return 4 * (3 * min(tokens, chunk_rows(config.vocab_size)) * config.vocab_size
-                + (config.padded_vocab * config.n_embd if head_grad else 0))
+                + config.padded_vocab * config.n_embd)
 
 
 def estimate_training_memory(config: ModelConfig, rows: int, seq_len: int, dtype: torch.dtype,

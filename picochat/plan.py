@@ -66,7 +66,7 @@ class Fit:
     plain: int  # bytes without --grad-checkpoint
     checkpointed: int  # with it
     available: int | None
-    where: str = "this device"
+    where: str = "this device"  # or "it": a device the plan was not made on
 
     @property
     def grad_checkpoint(self) -> bool:
@@ -96,7 +96,9 @@ def memory_fit(preset: Preset, rows: int, seq_len: int, device: torch.device, dt
     with `lora`, adapters on the frozen model), against the memory it has (or `available` bytes)."""
     config = preset.model_config()
     plain, ckpt = (estimate_training_memory(config, rows, seq_len, dtype, g, world, lora).total for g in (False, True))
-    return Fit(rows, seq_len, plain, ckpt, available_memory(device) if available is None else available)
+    if available is None:
+        return Fit(rows, seq_len, plain, ckpt, available_memory(device))
+    return Fit(rows, seq_len, plain, ckpt, available, where="it")
 
 
 GPU_BYTES = 80 * 10 ** 9  # an H100's, for the plan of a GPU preset made elsewhere
@@ -231,11 +233,8 @@ def make_plan(preset: Preset, data_root: Path, device: torch.device, dtype: torc
     if "rl" in configs:
         trains["rl"] = plan_rl(configs["rl"], context, world)
     def fits_on(device, dtype, available=None):
-        fits = {name: memory_fit(preset, t.rows, t.seq_len, device, dtype, world, available,
+        return {name: memory_fit(preset, t.rows, t.seq_len, device, dtype, world, available,
                                  getattr(configs[name], "adapters", None)) for name, t in trains.items()}
-        for fit in fits.values():
-            fit.where = "this device" if available is None else "it"
-        return fits
     fits = fits_on(device, dtype)
     elsewhere = {}
     if device.type != "cuda" and preset.downloads and preset.mps_dtype == "auto":

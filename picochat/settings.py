@@ -11,8 +11,8 @@ default, and `picochat sft ...` cannot differ from `chat_train(SFTConfig(...))`.
         optim: OptimConfig = setting(factory=OptimConfig, flags=("matrix_lr", "head_lr"))
 
 A field becomes `--depth` (underscores to dashes). A bool that defaults to False is a switch; one
-that defaults to True is turned off by `--no-<name>` (or `--<name> false`); a `bool | None` (None: decided at run time,
-by the device) has both. A nested config dataclass gives flags of its
+that defaults to True is turned off by `--no-<name>` (or `--<name> false`); a `bool | None`
+(None: decided at run time, by the device) has both. A nested config dataclass gives flags of its
 own fields (all, or those named in `flags`). cli=False keeps a field for Python callers only.
 
 A setting of a training stage either defines the run (the default: the model's shape, the data,

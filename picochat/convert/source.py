@@ -10,6 +10,7 @@ Only what the import reads comes down: one checkpoint of a nanochat repo, not ev
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -85,38 +86,34 @@ class Source:
     step: int | None = None
 
 
+def _files(where: str, names: list[str], given: str | None, step: int | None) -> tuple[str, str, int | None, list[str]]:
+    """(format, the folder the reader reads, the step, the files it reads) of a repo's files."""
+    fmt = check_format(where, names, given)
+    if fmt == "nanochat":
+        return (fmt, *nanochat_files(where, names, step))
+    return fmt, ".", step, [n for n in names if any(fnmatch.fnmatch(n, p) for p in HF_FILES)]
+
+
 def from_hub(repo: str, revision: str, given: str | None, step: int | None) -> Source:
     """Download what the import needs of a Hub model repo into the client's cache; where the Hub
     cannot be reached (offline, HF_HUB_OFFLINE=1), what an earlier import left in the cache."""
     from ..data.hub import HubUnreachable, cached_model, download_model, endpoint, model_files
-    where = f"the Hub's {repo}" + (f"@{revision}" if revision != "main" else "")
+    at = repo + (f"@{revision}" if revision != "main" else "")
     try:
         commit, sizes = model_files(repo, revision)
     except HubUnreachable:
         if (snapshot := cached_model(repo, revision)) is None:
             raise
-        return _cached(snapshot, repo, revision, given, step)
-    names = list(sizes)
-    fmt = check_format(where, names, given)
-    folder = "."
-    if fmt == "hf":
-        import fnmatch
-        wanted = [n for n in names if any(fnmatch.fnmatch(n, p) for p in HF_FILES)]
-    else:
-        folder, step, wanted = nanochat_files(where, names, step)
+        names = [str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file()]
+        fmt, folder, step, _ = _files(f"the cached {at}", names, given, step)
+        log(f"import: the Hub cannot be reached; the cached {at} (commit {snapshot.name[:10]}) is in the Hub "
+            "client's cache")
+        return Source(str(snapshot / folder), fmt, {"hub": repo, "revision": revision, "commit": snapshot.name}, step)
+    where = f"the Hub's {at}"
+    fmt, folder, step, wanted = _files(where, list(sizes), given, step)
     total = sum(sizes.get(n) or 0 for n in wanted)
     log(f"import: {where} is in {fmt}'s layout; fetching {len(wanted)} files ({total / 2**20:,.1f} MiB) of commit "
         f"{commit[:10]} from {endpoint()} into the Hub client's cache")
     snapshot = download_model(repo, revision, wanted)
     origin = {"hub": repo, "revision": revision, "commit": snapshot.name, "endpoint": endpoint()}
     return Source(str(snapshot / folder), fmt, origin, step)
-
-
-def _cached(snapshot, repo: str, revision: str, given: str | None, step: int | None) -> Source:
-    names = [str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file()]
-    where = f"the cached {repo}" + (f"@{revision}" if revision != "main" else "")
-    fmt, folder = check_format(where, names, given), "."
-    if fmt == "nanochat":
-        folder, step, _ = nanochat_files(where, names, step)
-    log(f"import: the Hub cannot be reached; {where} (commit {snapshot.name[:10]}) is in the Hub client's cache")
-    return Source(str(snapshot / folder), fmt, {"hub": repo, "revision": revision, "commit": snapshot.name}, step)

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..common import PicochatError
+from ..common import PicochatError, first_line
 from .urls import download_file
 
 PARQUET_REVISION = "refs/convert/parquet"
@@ -45,6 +45,15 @@ class RemoteFile:
         return f"{endpoint()}/datasets/{self.repo}/resolve/{self.revision}/{self.path}"
 
 
+def _reason(e: Exception) -> str:
+    return first_line(e, 160) or type(e).__name__
+
+
+def _token() -> str | None:
+    """HF_TOKEN, or None: the client then uses its stored login, if any."""
+    return os.environ.get("HF_TOKEN") or None
+
+
 def _hub_error(e: Exception, what: str, verb: str = "download") -> PicochatError:
     """One line for a failed Hub call: what, where, and how to point picochat elsewhere."""
     status = getattr(getattr(e, "response", None), "status_code", None)
@@ -52,7 +61,7 @@ def _hub_error(e: Exception, what: str, verb: str = "download") -> PicochatError
         return PicochatError(f"not found on the Hub: {what} (HTTP 404)")
     if status in (401, 403):
         return PicochatError(f"the Hub refused {what} (HTTP {status}): set HF_TOKEN to a token with access")
-    reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    reason = _reason(e)
     return PicochatError(f"cannot {verb} {what}: {reason}" + (HINT if verb == "download" else ""))
 
 
@@ -139,7 +148,7 @@ def _model_error(e: Exception, repo: str, revision: str) -> PicochatError:
         token = "HF_TOKEN is set but cannot read it" if os.environ.get("HF_TOKEN") else "HF_TOKEN is not set"
         return PicochatError(f"the Hub ({endpoint()}) has no model repo {repo} that this client may read ({token}): "
                              "check the name, or set HF_TOKEN to a token with access")
-    reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    reason = _reason(e)
     return HubUnreachable(f"cannot reach the Hub for {repo} ({reason}), and its cache has no copy of it: without a "
                           "network, point HF_ENDPOINT at a mirror, or give --load a local directory")
 
@@ -149,7 +158,7 @@ def model_files(repo: str, revision: str) -> tuple[str, dict[str, int | None]]:
     from huggingface_hub import HfApi
     try:
         with _quiet_client():
-            info = HfApi(endpoint=endpoint(), token=os.environ.get("HF_TOKEN") or None).model_info(
+            info = HfApi(endpoint=endpoint(), token=_token()).model_info(
                 repo, revision=revision, files_metadata=True)
     except Exception as e:
         raise _model_error(e, repo, revision) from None
@@ -175,7 +184,7 @@ def download_model(repo: str, revision: str, files: list[str]) -> Path:
     try:
         with _quiet_client():
             return Path(snapshot_download(repo, revision=revision, allow_patterns=files, endpoint=endpoint(),
-                                          token=os.environ.get("HF_TOKEN") or None))
+                                          token=_token()))
     except Exception as e:
         raise _model_error(e, repo, revision) from None
 
@@ -184,7 +193,7 @@ def upload(folder: Path, repo: str, message: str) -> str:
     """Upload a directory to a model repo on the Hub, created if it is missing, through the Hub's
     own client (HF_TOKEN or its stored login authenticates); returns the commit's URL."""
     from huggingface_hub import HfApi
-    api = HfApi(endpoint=endpoint(), token=os.environ.get("HF_TOKEN") or None)
+    api = HfApi(endpoint=endpoint(), token=_token())
     try:
         with _quiet_client():
             api.create_repo(check_repo_id(repo), repo_type="model", exist_ok=True)
