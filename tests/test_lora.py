@@ -65,11 +65,12 @@ def test_lora_sft_lifts_arithmetic_with_the_calculator_on_a_frozen_base(numerate
     print(f"LoRA SFT: held-out arithmetic accuracy {before:.2f} -> {after:.2f}")
 
 
-def test_lora_resumes_exactly_and_an_unmerged_run_loads_merged(tiny_base, tmp_path):
+def test_lora_resumes_exactly_and_an_unmerged_run_loads_merged(tiny_base, tmp_path, cpu_path):
+    """Down both CPU paths: in bf16 the fp32 adapters are cast to the activations' dtype."""
     def cfg(save, merge=True, **kw):
         return SFTConfig(load=str(tiny_base), data="arithmetic::1,identity::2", save=str(save), batch_size=4, steps=8,
                          adapters=LoraConfig(lora=4, lora_targets="c_q,mlp", lora_merge=merge),
-                         controls=cpu_controls(dtype="fp32", seed=7, **kw))
+                         controls=cpu_controls(seed=7, **kw))
     straight = chat_train(cfg(tmp_path / "a"))
     stopped = chat_train(cfg(tmp_path / "b", stop_at=4))
     def merged(run):  # what the run dir says (a loaded one has it merged either way)
