@@ -4,6 +4,7 @@ training steps, and memory per token against nanochat's at the same shape.
     python bench/bench_memory.py                                  # the estimate: depth 4 and 8, every path
     python bench/bench_memory.py --configs 12:32768:512:4 --paths fp32 bf16
     python bench/bench_memory.py --per-token --against-nanochat ../nanochat   # d20's shape, side by side
+    python bench/bench_memory.py --per-token --depth 2 --paths "fp32 compiled" "bf16 compiled" fp32 bf16
 
 Paths: fp32 or bf16 (GPT.computing_in), eager, compiled or with --grad-checkpoint. The estimate
 counts a compiled step as an eager one; the compiled rows show by how much that over-counts.
@@ -79,19 +80,19 @@ est = estimate_training_memory(config, rows, seq, dtype, bool(ckpt))  # compiled
 print(json.dumps({"peak": peak(), "estimate": est.total, "params": num_params(config)}))
 """
 
-# argv: repo, preset, tokens, dtype, grad checkpoint, compile
+# argv: repo, preset, layers, tokens, dtype, grad checkpoint, compile
 PICOCHAT_STEP = PEAK + """
-import json, sys, torch
+import dataclasses, json, sys, torch
 sys.path.insert(0, sys.argv[1])
 from picochat.model import GPT
 from picochat.presets import PRESETS
-config = PRESETS[sys.argv[2]].model_config()
-tokens, dtype = int(sys.argv[3]), {"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[4]]
+config = dataclasses.replace(PRESETS[sys.argv[2]].model_config(), n_layer=int(sys.argv[3]))
+tokens, dtype = int(sys.argv[4]), {"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[5]]
 model = GPT(config)
-model.grad_checkpoint = sys.argv[5] == "1"
-step_model = torch.compile(model, dynamic=False) if sys.argv[6] == "1" else model
+model.grad_checkpoint = sys.argv[6] == "1"
+step_model = torch.compile(model, dynamic=False) if sys.argv[7] == "1" else model
 x = torch.randint(0, config.vocab_size, (1, tokens))
-for i in range(1 + (sys.argv[6] == "1")):  # compiled: measure the step after the one that compiles
+for i in range(1 + (sys.argv[7] == "1")):  # compiled: measure the step after the one that compiles
     zero_grads(model)
     reset_peak()
     with model.computing_in(dtype):
@@ -147,13 +148,17 @@ def estimate_table(configs: list[str], paths: list[str]) -> None:
                   flush=True)
 
 
-def per_token_table(preset: str, tokens: tuple[int, int], nanochat: str | None, paths: list[str]) -> None:
+def per_token_table(preset: str, depth: int | None, tokens: tuple[int, int], nanochat: str | None,
+                    paths: list[str]) -> None:
     sys.path.insert(0, REPO)
+    import dataclasses
+
     import torch
 
     from picochat.memory import activation_bytes_per_token, head_bytes
     from picochat.presets import PRESETS
     config = PRESETS[preset].model_config()
+    config = dataclasses.replace(config, n_layer=depth or config.n_layer)
     t1, t2 = tokens
     print(f"{preset}: depth {config.n_layer}, width {config.n_embd}, vocab {config.vocab_size:,}, one row of "
           f"{t1:,} and of {t2:,} tokens, forward + backward, CPU\n")
@@ -164,10 +169,11 @@ def per_token_table(preset: str, tokens: tuple[int, int], nanochat: str | None, 
     for who, path in rows:
         bf16, ckpt, comp = PATHS[path]
         if who == "picochat":
-            peaks = [child(PICOCHAT_STEP, REPO, preset, str(t), "bf16" if bf16 else "fp32", str(ckpt), str(comp),
-                           env=MALLOC)["peak"] for t in tokens]
-            est = activation_bytes_per_token(config, torch.bfloat16 if bf16 else torch.float32, bool(ckpt))
-            est += (head_bytes(config, t2) - head_bytes(config, t1)) / (t2 - t1)
+            peaks = [child(PICOCHAT_STEP, REPO, preset, str(config.n_layer), str(t), "bf16" if bf16 else "fp32",
+                           str(ckpt), str(comp), env=MALLOC)["peak"] for t in tokens]
+            dtype = torch.bfloat16 if bf16 else torch.float32
+            est = activation_bytes_per_token(config, dtype, bool(ckpt))
+            est += (head_bytes(config, t2, dtype) - head_bytes(config, t1, dtype)) / (t2 - t1)
             est_text = f"{est / 1024:,.0f}"
         else:
             spec = json.dumps(dict(sequence_len=config.sequence_len, vocab_size=config.vocab_size,
@@ -186,13 +192,15 @@ def main() -> None:
                    help="the estimate's configs, depth:vocab:seq:rows")
     p.add_argument("--per-token", action="store_true", help="memory per token at a preset's shape instead")
     p.add_argument("--preset", default="d20", help="the shape of --per-token")
+    p.add_argument("--depth", type=int, help="--per-token at the preset's width with this many layers "
+                   "(compiling 20 layers takes minutes)")
     p.add_argument("--tokens", type=int, nargs=2, default=[1024, 2048], help="--per-token's two lengths")
     p.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS), metavar="PATH",
                    help=f"of: {', '.join(PATHS)} (default: all)")
     p.add_argument("--against-nanochat", metavar="DIR", help="a nanochat checkout, measured beside picochat")
     a = p.parse_args()
     if a.per_token:
-        per_token_table(a.preset, tuple(a.tokens), a.against_nanochat, a.paths)
+        per_token_table(a.preset, a.depth, tuple(a.tokens), a.against_nanochat, a.paths)
     else:
         estimate_table(a.configs, a.paths)
 

@@ -80,20 +80,23 @@ def flash_attention(q, k, v, window: int) -> torch.Tensor | None:
 _band_masks: dict = {}
 
 
-def _band_mask(n_blocks: int, block: int, window: int, group: int, device) -> torch.Tensor:
-    """Mask for banded attention: (1, n_blocks, group*block, block+window), True = may attend. Four
-    dimensions: SDPA on a CPU takes its flash kernel (which keeps only q, k, v, the output and the
-    log-normalizers for backward) for a 2-D or 4-D mask, but its math path for a 3-D one (which
-    keeps two fp32 score matrices, the inputs cast to fp32 besides).
+def _band_mask(n_blocks: int, block: int, window: int, group: int, dtype, device) -> torch.Tensor:
+    """Additive mask for banded attention: (1, n_blocks, group*block, block+window), 0 where a query
+    may attend, -inf where not. Four dimensions: SDPA on a CPU takes its flash kernel (which keeps
+    only q, k, v, the output and the log-normalizers for backward) for a 2-D or 4-D mask, but its
+    math path for a 3-D one (which keeps two fp32 score matrices, the inputs cast to fp32 besides).
+    In the queries' dtype, and kept here: SDPA would turn a bool mask into such a tensor at every
+    call, and keep that copy for the backward pass, one per layer.
 
     Block b holds queries at b*block + i; its keys start `window` positions earlier, so key j sits
     at b*block - window + j. Allowed: key <= query, query - key < window, key >= 0."""
-    key = (n_blocks, block, window, group, str(device))
+    key = (n_blocks, block, window, group, dtype, str(device))
     if key not in _band_masks:
         i = torch.arange(block, device=device).view(1, block, 1)
         j = torch.arange(block + window, device=device).view(1, 1, -1)
         b = torch.arange(n_blocks, device=device).view(-1, 1, 1)
-        mask = (j > i) & (j <= i + window) & (j >= window - b * block)
+        allowed = (j > i) & (j <= i + window) & (j >= window - b * block)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
         _band_masks[key] = mask.repeat(1, group, 1).unsqueeze(0)
     return _band_masks[key]
 
@@ -119,7 +122,7 @@ def banded_attention(q, k, v, window: int) -> torch.Tensor:
     v = v.reshape(B * Hkv, n_blocks, block + window, D)
     q = q.view(B, Hkv, group, n_blocks, block, D).transpose(2, 3)
     q = q.reshape(B * Hkv, n_blocks, group * block, D)
-    mask = _band_mask(n_blocks, block, window, group, q.device)
+    mask = _band_mask(n_blocks, block, window, group, q.dtype, q.device)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     y = y.view(B, Hkv, n_blocks, group, block, D).transpose(2, 3)
     return y.reshape(B, H, n_blocks * block, D)[:, :, :T]

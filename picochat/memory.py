@@ -10,16 +10,13 @@ moments for embeddings, head and scalars; Muon's momentum), which lives from the
   Newton-Schulz products,
 plus a fixed allowance for the runtime (the CUDA context, PyTorch's own libraries).
 
-The activation counts per token were measured with autograd's saved-tensor hooks on this model
-(tests/test_memory.py checks them against the same measurement): a full-attention layer keeps
-about 4 d + 3 h + 3 kv values per token (d = model width, h = the MLP's inner width, 4 d; kv =
-key/value width; SDPA keeps no T x T matrix), a sliding-window layer about 3 d more, a layer with
-value embeddings kv + 2 per kv head more, the embedding about 3 d (smear: 2 d more; backout: d),
-and the head d more (the gradient of its input, computed in the forward pass). The logits never
-exist for more than one chunk of rows at a time (loss.py): the head's peak is a chunk's fp32
-logits in flight, 3 x vocab values a token, and the head weight's gradient, kept from the forward
-pass. With --grad-checkpoint a layer keeps only its input (d), and one layer's activations are
-rebuilt at a time during the backward pass.
+The activations a token keeps (activation_bytes_per_token) were measured with autograd's
+saved-tensor hooks on this model (tests/test_memory.py checks the count against the same
+measurement): about 5 d + 2 kv + h values a layer (d = model width, h = the MLP's inner width,
+kv = key/value width; ops.py's norms and ReLU^2 keep nothing more, SDPA no T x T matrix). The
+logits never exist for more than one chunk of rows at a time (loss.py): the head's peak is a
+chunk's logits in flight, 2 fp32 values a logit (head_bytes), and the head weight's gradient,
+kept from the forward pass.
 
 With LoRA (lora.py) the model's weights are frozen: only the adapters (and the special tokens'
 rows) have gradients and AdamW's two moments; the head still makes a whole weight gradient, of
@@ -72,45 +69,48 @@ class MemoryEstimate:
         return f"{self.total / GiB:.1f} GiB (" + ", ".join(f"{k} {v / GiB:.2f}" for k, v in parts) + ")"
 
 
-def activation_values_per_token(config: ModelConfig, grad_checkpoint: bool) -> float:
-    """Values autograd keeps per token through the backward pass (eager)."""
-    d, kv = config.n_embd, config.n_kv_head * config.head_dim
-    layers = [4 * d + 3 * config.mlp_hidden + 3 * kv + (3 * d if w else 0)
-              + (kv + 2 * config.n_kv_head if config.has_value_embed(i) else 0)
-              for i, w in enumerate(config.layer_windows())]
-    embedding = 3 * d + (2 * d + 2 if config.smear else 0) + (d if config.backout else 0)
-    head = d  # the loss's gradient with respect to the head's input, made in the forward pass
-    if grad_checkpoint:  # every layer's input, plus one layer rebuilt at a time
-        return embedding + config.n_layer * d + max(layers) + head
-    return embedding + sum(layers) + head
-
-
-def norm_inputs_per_token(config: ModelConfig, grad_checkpoint: bool) -> float:
-    """Values a token feeds the RMSNorms whose inputs autograd keeps: a block's two and the
-    queries' and keys' (3 d + kv), the embedding's and the final one (2 d)."""
-    d, kv = config.n_embd, config.n_kv_head * config.head_dim
-    return (1 if grad_checkpoint else config.n_layer) * (3 * d + kv) + 2 * d
-
-
 def activation_bytes_per_token(config: ModelConfig, dtype: torch.dtype, grad_checkpoint: bool = False) -> float:
-    """Bytes kept per token through the backward pass on the path a run takes. fp32: 4 a value.
-    bf16 (GPT.computing_in): 2 a value, but 4 for each RMSNorm input, of which PyTorch's rms_norm
-    keeps an fp32 copy in place of the input (measured with saved-tensor hooks: tests/test_memory.py).
-    A compiled step is counted as an eager one: the compiled graph's saved tensors at d20's width
-    (2 layers) came to 238 KiB a token against this count's 240 in fp32, and 119 against 145 in
-    bf16: an upper bound."""
-    size = 4 if dtype == torch.float32 else 2
-    kept = size * activation_values_per_token(config, grad_checkpoint)
-    if size == 2:
-        kept += 2 * norm_inputs_per_token(config, grad_checkpoint)
-    return kept
+    """Bytes autograd keeps per token through the backward pass (eager), `dtype` the activations'
+    (fp32, or bf16 under GPT.computing_in): s bytes a value, and 4 for each row's fp32 reciprocal
+    RMS (a norm's) and log-normalizer (attention's, one per head).
+
+    A layer keeps its input (for its residual scalar's gradient), the two norms' outputs (which
+    the Linears after them keep anyway), the queries, keys and values, attention's output and
+    the MLP's pre-activation: 5 d + 2 kv + h values (ops.py keeps no more). A sliding-window layer
+    keeps attention's padded blocks besides (banded_attention: the queries, and keys and values
+    reaching one window further back), a layer with value embeddings the embedding and its gate.
+    The embedding keeps its norm's output (smear: the previous token's too; backout: the middle
+    layer's output), the head the final norm's output and the gradient of its input, made in the
+    forward pass (loss.py); and the backward pass, entering a layer, holds gradients of its width
+    and its MLP's. With --grad-checkpoint a layer keeps only its inputs, and one layer's
+    activations are rebuilt at a time during the backward pass."""
+    s = 4 if dtype == torch.float32 else 2
+    d, kv, n = config.n_embd, config.n_kv_head * config.head_dim, config.sequence_len
+
+    def layer(i: int, window: int) -> float:
+        values = 5 * d + 2 * kv + config.mlp_hidden
+        if window and window < n:
+            values += d + 2 * kv * (1 + window / n)
+        if config.has_value_embed(i):
+            values += kv + 2 * config.n_kv_head
+        return s * values + 4 * (2 + 2 * config.n_head + config.n_kv_head)
+
+    layers = [layer(i, w) for i, w in enumerate(config.layer_windows())]
+    embedding = s * d + 4 + (s * (d + 2) if config.smear else 0) + (s * d if config.backout else 0)
+    head = 2 * s * d + 4
+    backward = s * (config.mlp_hidden + d)  # a layer's gradients in flight, when its backward pass begins
+    if grad_checkpoint:  # every layer's inputs (its residual stream, its value embedding), one layer rebuilt
+        inputs = s * sum(d + (kv if config.has_value_embed(i) else 0) for i in range(config.n_layer))
+        return embedding + inputs + max(layers) + head + backward
+    return embedding + sum(layers) + head + backward
 
 
-def head_bytes(config: ModelConfig, tokens: int) -> int:
-    """The loss's own peak (loss.py): one chunk's fp32 logits in flight (the tanh, the logits and
-    their gradient: 3 x vocab values a token) and the head weight's fp32 gradient."""
-    return 4 * (3 * min(tokens, chunk_rows(config.vocab_size)) * config.vocab_size
-                + config.padded_vocab * config.n_embd)
+def head_bytes(config: ModelConfig, tokens: int, dtype: torch.dtype = torch.float32) -> int:
+    """The loss's own peak (loss.py): one chunk's logits in flight (their fp32 tanh and softmax; in
+    bf16 the bf16 gradient besides: 8 or 10 bytes a logit) and the head weight's fp32 gradient."""
+    per_logit = 8 if dtype == torch.float32 else 10
+    return (per_logit * min(tokens, chunk_rows(config.vocab_size)) * config.vocab_size
+            + 4 * config.padded_vocab * config.n_embd)
 
 
 def estimate_training_memory(config: ModelConfig, rows: int, seq_len: int, dtype: torch.dtype,
@@ -128,12 +128,12 @@ def estimate_training_memory(config: ModelConfig, rows: int, seq_len: int, dtype
     if lora is None or not lora.lora:
         return MemoryEstimate(weights=4 * params, grads=4 * params, optimizer=4 * state_values(counts) // world,
                               optimizer_step=8 * counts["matrix"], activations=int(kept),
-                              logits=head_bytes(config, tokens))
+                              logits=head_bytes(config, tokens, dtype))
     trained, layers = adapter_shape(config, lora)
     kept += tokens * (4 if dtype == torch.float32 else 2) * lora.lora * layers // (
         config.n_layer if grad_checkpoint else 1)
     return MemoryEstimate(weights=4 * (params + trained), grads=4 * trained, optimizer=8 * trained // world,
-                          optimizer_step=0, activations=int(kept), logits=head_bytes(config, tokens))
+                          optimizer_step=0, activations=int(kept), logits=head_bytes(config, tokens, dtype))
 
 
 def available_memory(device: torch.device) -> int | None:

@@ -41,15 +41,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import apply_rotary, attention, rotary_tables
+from .attention import attention, rotary_tables
 from .config import SMEAR_CHANNELS, VE_GATE_CHANNELS, ModelConfig
 from .kv_cache import KVCache
 from .linear import Linear
 from .loss import head_loss, softcap
-
-
-def norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+from .ops import norm_rotary, relu2_then
+from .ops import rms_norm as norm
 
 
 class Attention(nn.Module):
@@ -75,9 +73,8 @@ class Attention(nn.Module):
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         # QK-norm keeps attention logits bounded whatever the weights do; RMSNorm commutes with the
         # rotation (it preserves the norm), so the order of the two does not matter
-        q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)
-        if self.qk_scale != 1.0:  # sharper attention, the scale split between queries and keys
-            q, k = q * self.qk_scale, k * self.qk_scale
+        # (qk_scale: sharper attention, the scale split between queries and keys)
+        q, k = norm_rotary(q, cos, sin, self.qk_scale), norm_rotary(k, cos, sin, self.qk_scale)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q_start = k_start = 0
         valid = None
@@ -96,7 +93,7 @@ class MLP(nn.Module):
         self.c_proj = Linear(config.mlp_hidden, config.n_embd)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        return relu2_then(self.c_fc(x), self.c_proj)
 
 
 class Block(nn.Module):

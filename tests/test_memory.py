@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from picochat.config import NANOCHAT_FEATURES, ModelConfig
-from picochat.memory import activation_bytes_per_token, activation_values_per_token, estimate_training_memory
+from picochat.memory import activation_bytes_per_token, estimate_training_memory
 from picochat.model import GPT, num_params
+from picochat.plan import MAC_BYTES
 from tests.conftest import run_cli
 
 
@@ -40,22 +41,21 @@ def test_the_activation_estimate_matches_what_autograd_keeps(depth, seq_len, pat
     model = GPT(config)
     x = torch.randint(0, vocab, (2, seq_len))
     measured = saved_for_backward(model, x)
-    # the head's gradients, made in the forward pass, are kept by loss.py, out of the hooks' sight
-    d = config.n_embd
-    predicted = 2 * seq_len * (activation_values_per_token(config, grad_checkpoint=False) - d) * 4
+    # out of the hooks' sight: the head's input gradient, made in the forward pass and kept by loss.py
+    # (d values a token), and the gradients the backward pass holds (d + h)
+    unseen = 2 * config.n_embd + config.mlp_hidden
+    predicted = 2 * seq_len * (activation_bytes_per_token(config, torch.float32) - 4 * unseen)
     assert predicted == pytest.approx(measured, rel=0.15)
-    assert 2 * seq_len * (activation_bytes_per_token(config, torch.float32) - 4 * d) == predicted
     if depth <= 4 and seq_len <= 128:  # bf16 activations (GPT.computing_in): small, bf16 crawls on some CPUs
         bf16 = saved_for_backward(model, x, torch.bfloat16)
-        predicted = 2 * seq_len * (activation_bytes_per_token(config, torch.bfloat16) - 2 * d)
+        predicted = 2 * seq_len * (activation_bytes_per_token(config, torch.bfloat16) - 2 * unseen)
         assert predicted == pytest.approx(bf16, rel=0.15)
-        assert bf16 < 0.7 * measured
+        assert bf16 < 0.6 * measured  # about half: the rows' fp32 norms and log-normalizers stay
 
     model.grad_checkpoint = True
     with_ckpt = saved_for_backward(model, x)
-    hidden_ckpt = activation_values_per_token(config, grad_checkpoint=True)
     assert with_ckpt < 0.6 * measured  # most of the activations are no longer kept
-    assert with_ckpt <= 2 * seq_len * (hidden_ckpt - d) * 4  # the estimate bounds it
+    assert with_ckpt <= 2 * seq_len * (activation_bytes_per_token(config, torch.float32, True) - 4 * unseen)
 
 
 @pytest.mark.parametrize("vocab", [512, 65536])  # the loss in one chunk; in 2 chunks of 512 rows
@@ -109,9 +109,9 @@ def test_the_estimate_scales_as_it_should():
     # the logits a chunk at a time, with or without checkpointing: a third of one fp32 copy of them
     assert ckpt.logits == plain.logits < 8 * 1024 * 65536 * 4 / 3
     assert estimate_training_memory(c, 16, 1024, torch.float32).activations == 2 * plain.activations
-    # depth 16 at context 1024 (the MPS fork's 335M model), 8 rows: 16 GB is enough with checkpointing only,
-    # and with room to spare
-    assert ckpt.total < 9e9 and 16e9 < plain.total
+    # depth 16 at context 1024 (the MPS fork's 335M model), 8 rows: what Metal gives a 16 GB Mac is enough
+    # with checkpointing only, and with room to spare
+    assert ckpt.total < 9e9 and MAC_BYTES < plain.total
 
 
 def test_a_config_that_cannot_fit_is_refused_before_anything_is_built(small_corpus, small_tokenizer, tmp_path):
@@ -121,3 +121,13 @@ def test_a_config_that_cannot_fit_is_refused_before_anything_is_built(small_corp
     assert r.stderr.startswith("error: this config needs about ") and "--grad-checkpoint" in r.stderr
     assert "GiB available" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "big").exists()
+
+
+@pytest.mark.parametrize("preset,rows", [("d20", 32), ("gpt2", 16)])
+def test_nanochat_batches_fit_an_80gb_gpu_without_checkpointing(preset, rows):
+    """nanochat trains d20 at 32 x 2,048 and d24 at 16 x 2,048 on 80 GB cards without recomputing
+    anything; so must picochat's estimate of the same, in bf16."""
+    from picochat.plan import GPU_BYTES, memory_fit
+    from picochat.presets import PRESETS
+    fit = memory_fit(PRESETS[preset], rows, 2048, torch.device("cuda"), torch.bfloat16, available=GPU_BYTES)
+    assert fit.plain <= GPU_BYTES and fit.describe().endswith(": fits")
