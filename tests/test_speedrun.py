@@ -111,6 +111,9 @@ def test_dry_run_plans_d20_and_the_macbook_model(tmp_path):
     assert re.search(r"pretrain +32 x 2,048 rows: [0-9.]+ GiB \([0-9.]+ GiB with --grad-checkpoint\); this device "
                      r"has [0-9.]+ GiB", out)
     assert "Next: picochat speedrun --preset d20" in out
+    gpu = out.split("on one 80 GB CUDA GPU (bf16)")[1]  # nanochat's batch, without recomputing anything
+    assert re.search(r"pretrain +32 x 2,048 rows: [0-9.]+ GiB \([0-9.]+ GiB with --grad-checkpoint\); it has "
+                     r"74\.5 GiB: fits$", gpu, re.M)
     out = _dry_run("picochat-335m", tmp_path, "--measure-steps", "0")
     assert "depth 16, width 1024, 8/8 heads, context 1,024, vocab 65,536" in out
     assert "335,544,352 parameters (335.5M)" in out and "11 shards; 0 here, 11 to download" in out
@@ -120,14 +123,14 @@ def test_dry_run_plans_d20_and_the_macbook_model(tmp_path):
                      r"1,000 steps", out)
     assert "rl " not in out.split("evals")[0].split("stages")[1]  # the MacBook recipe has no RL
     mac = out.split("on a 16 GB Apple-silicon Mac (bf16; Metal lets its GPU hold 10.7 GiB)")[1]
-    assert re.search(r"sft +8 x 1,024 rows: 13\.3 GiB \(7\.1 GiB with --grad-checkpoint\); it has 10\.7 GiB: fits "
-                     r"with --grad-checkpoint", mac)
-    # LoRA fine-tuning: the frozen weights take no gradients or optimizer state, so SFT fits as it is
+    assert re.search(r"sft +8 x 1,024 rows: 9\.8 GiB \(7\.1 GiB with --grad-checkpoint\); it has 10\.7 GiB: fits$",
+                     mac, re.M)
+    # LoRA fine-tuning: the frozen weights take no gradients or optimizer state
     out = _dry_run("picochat-335m", tmp_path, "--measure-steps", "0", "--lora", "16")
     mac = out.split("on a 16 GB Apple-silicon Mac")[1]
-    assert re.search(r"sft +8 x 1,024 rows: 9\.9 GiB \(3\.6 GiB with --grad-checkpoint\); it has 10\.7 GiB: fits$",
+    assert re.search(r"sft +8 x 1,024 rows: 6\.4 GiB \(3\.3 GiB with --grad-checkpoint\); it has 10\.7 GiB: fits$",
                      mac, re.M)
-    assert re.search(r"pretrain +8 x 1,024 rows: 13\.3 GiB", mac) and "--lora 16" in out.split("Next:")[1]
+    assert re.search(r"pretrain +8 x 1,024 rows: 9\.8 GiB", mac) and "--lora 16" in out.split("Next:")[1]
 
 
 def test_dry_run_times_real_steps_here(tmp_path):
