@@ -56,8 +56,8 @@ def _chunk(x, w, targets, vocab: int, cap: float, grads=None, scale=None, lse=No
     target = cap * t.gather(1, index.unsqueeze(1)).squeeze(1)
     if lse is None and cap <= DIRECT_LSE_CAP:
         p = t.mul(cap).exp_()  # the softmax times each row's sum, which the row scales divide out below
-        total = p.sum(1)
-        lse, unnormalized = total.log(), total
+        unnormalized = p.sum(1)
+        lse = unnormalized.log()
     else:
         p = t.mul(cap)
         if lse is None:

@@ -50,10 +50,9 @@ def _fused_norm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (x.to(acc) * rstd).to(x.dtype), rstd
 
 
-def _norm_grad(g: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    """dx of y = x * rstd, from the output: rstd * (g - y * mean(g * y)), in fp32."""
-    dot = torch.linalg.vecdot(g, y).float().unsqueeze(-1) / y.size(-1)
-    return torch.addcmul(g.float(), y.float(), dot, value=-1).mul_(rstd)
+def _mean_dot(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """mean(g * y) over the last dimension, fp32, kept as a dimension of 1: one pass, no temporary."""
+    return torch.linalg.vecdot(g, y).float().unsqueeze(-1) / y.size(-1)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -65,8 +64,8 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        y, rstd = ctx.saved_tensors
-        return _norm_grad(g, y, rstd).to(y.dtype)
+        y, rstd = ctx.saved_tensors  # dx = rstd (g - y mean(g y)), in fp32
+        return torch.addcmul(g.float(), y.float(), _mean_dot(g, y), value=-1).mul_(rstd).to(y.dtype)
 
 
 class _NormRotary(torch.autograd.Function):
@@ -84,16 +83,19 @@ class _NormRotary(torch.autograd.Function):
     def backward(ctx, g):
         out, rstd, cos, sin = ctx.saved_tensors
         s = ctx.scale
-        dot = torch.linalg.vecdot(g, out).float().unsqueeze(-1) / out.size(-1)
-        t = torch.addcmul(g.float() * s if s != 1.0 else g.float(), out.float(), dot, value=-1 / s)
+        t = torch.addcmul(g.float() * s if s != 1.0 else g.float(), out.float(), _mean_dot(g, out), value=-1 / s)
         return apply_rotary(t, cos, -sin).mul_(rstd).to(out.dtype), None, None, None
+
+
+def _relu2(a: torch.Tensor) -> torch.Tensor:
+    return F.relu(a).square()
 
 
 class _Relu2Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, w):
         ctx.save_for_backward(a, w)
-        return F.linear(F.relu(a).square(), w)
+        return F.linear(_relu2(a), w)
 
     @staticmethod
     def backward(ctx, g):
@@ -102,10 +104,6 @@ class _Relu2Linear(torch.autograd.Function):
         gw = g.reshape(-1, g.size(-1)).mT @ r.square().reshape(-1, r.size(-1)) if ctx.needs_input_grad[1] else None
         ga = (g @ w).mul_(r).mul_(2) if ctx.needs_input_grad[0] else None
         return ga, gw
-
-
-def _relu2(a: torch.Tensor) -> torch.Tensor:
-    return F.relu(a).square()
 
 
 def _recording(x: torch.Tensor) -> bool:
