@@ -6,8 +6,7 @@ training steps, and memory per token against nanochat's at the same shape.
     python bench/bench_memory.py --per-token --against-nanochat ../nanochat   # d20's shape, side by side
     python bench/bench_memory.py --per-token --depth 2 --paths "fp32 compiled" "bf16 compiled" fp32 bf16
 
-Paths: fp32 or bf16 (GPT.computing_in), eager, compiled or with --grad-checkpoint. The estimate
-counts a compiled step as an eager one; the compiled rows show by how much that over-counts.
+Paths: fp32 or bf16 (GPT.computing_in), eager, compiled or with --grad-checkpoint.
 
 The estimate: each config runs in a fresh process, two training steps (forward, backward, Muon +
 AdamW) of `rows` x `seq` tokens; the second step's peak resident set size is read (the kernel's
@@ -76,7 +75,7 @@ for i in range(2):  # the second step's peak: the optimizer's state exists, the 
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-est = estimate_training_memory(config, rows, seq, dtype, bool(ckpt))  # compiled counted as eager
+est = estimate_training_memory(config, rows, seq, dtype, bool(ckpt), device_type="cpu", compiled=bool(comp))
 print(json.dumps({"peak": peak(), "estimate": est.total, "params": num_params(config)}))
 """
 
@@ -173,7 +172,7 @@ def per_token_table(preset: str, depth: int | None, tokens: tuple[int, int], nan
                            str(ckpt), str(comp), env=MALLOC)["peak"] for t in tokens]
             dtype = torch.bfloat16 if bf16 else torch.float32
             est = activation_bytes_per_token(config, dtype, bool(ckpt))
-            est += (head_bytes(config, t2, dtype) - head_bytes(config, t1, dtype)) / (t2 - t1)
+            est += (head_bytes(config, t2, dtype, bool(comp)) - head_bytes(config, t1, dtype, bool(comp))) / (t2 - t1)
             est_text = f"{est / 1024:,.0f}"
         else:
             spec = json.dumps(dict(sequence_len=config.sequence_len, vocab_size=config.vocab_size,

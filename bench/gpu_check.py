@@ -57,7 +57,7 @@ def train_rows(preset: str, rows: int, steps: int, device: torch.device, every_v
         variants.append(("flash-attn", True, False))
     if fp8_problem(device) is None:
         variants.append(("flash-attn + FP8" if flash is not None else "FP8", flash is not None, True))
-    est = estimate_training_memory(config, rows, config.sequence_len, torch.bfloat16)  # counts compiled as eager
+    est = estimate_training_memory(config, rows, config.sequence_len, torch.bfloat16, device_type="cuda", compiled=True)
     for name, use_flash, fp8 in variants if every_variant else variants[-1:]:
         attention_module.FLASH_ATTN = flash if use_flash else None
         torch.cuda.reset_peak_memory_stats(device)

@@ -8,7 +8,8 @@ moments for embeddings, head and scalars; Muon's momentum), which lives from the
   logits and their gradient in flight, and
 - the optimizer step's own: the stacked copy of the gradients Muon orthogonalizes and the
   Newton-Schulz products,
-plus a fixed allowance for the runtime (the CUDA context, PyTorch's own libraries).
+times what the allocator holds besides (allocator_slack: measured per path on CPU), plus a fixed
+allowance for the runtime (the CUDA context, PyTorch's own libraries).
 
 The activations a token keeps (activation_bytes_per_token) were measured with autograd's
 saved-tensor hooks on this model (tests/test_memory.py checks the count against the same
@@ -36,16 +37,26 @@ from . import distributed
 from .common import PicochatError
 from .config import ModelConfig
 from .lora import LoraConfig, adapter_shape
-from .loss import chunk_rows
+from .loss import COMPILED_LOGITS_BYTES, chunk_rows
 from .model import param_counts
 from .optim import state_values
 
 GiB = 1 << 30
 RUNTIME_BYTES = GiB // 2
-# The tensors counted above, measured against peak RSS of real CPU training steps (depth 4 and 8,
-# with and without --grad-checkpoint), came out 0-15% short: the allocator's caching and the
-# backward pass's short-lived buffers. The estimate adds that back.
-ALLOCATOR_SLACK = 1.15
+
+
+def allocator_slack(device_type: str, dtype: torch.dtype, compiled: bool) -> float:
+    """What the allocator holds besides the live tensors, as a factor on them. Measured on CPU
+    against the peak RSS of real training steps at depth 4, 8 and 12 (bench/bench_memory.py):
+    - eager fp32: 1.35. glibc's malloc serves blocks under its (rising) mmap threshold from its
+      heap, where freed ones stay resident: with the threshold fixed (MALLOC_MMAP_THRESHOLD_) the
+      peak is the tensors', but each step is 30% slower, so users run with the heap as it is;
+    - eager bf16 and compiled steps (inductor reuses its buffers): 1.0, the tensors themselves.
+    CUDA's caching allocator and MPS are unmeasured: 1.15, the one allowance this estimate had for
+    every path before the CPU's were measured apart."""
+    if device_type != "cpu":
+        return 1.15
+    return 1.35 if dtype == torch.float32 and not compiled else 1.0
 
 
 @dataclass
@@ -56,12 +67,13 @@ class MemoryEstimate:
     optimizer_step: int  # in flight during a step only: Muon's stacked gradients and Newton-Schulz
     activations: int
     logits: int  # the head's: a chunk of fp32 logits in flight, the head weight's gradient
+    slack: float  # allocator_slack
     runtime: int = RUNTIME_BYTES
 
     @property
     def total(self) -> int:
         tensors = self.weights + self.grads + self.optimizer + max(self.activations + self.logits, self.optimizer_step)
-        return int(ALLOCATOR_SLACK * tensors) + self.runtime
+        return int(self.slack * tensors) + self.runtime
 
     def describe(self) -> str:
         parts = (("weights", self.weights), ("grads", self.grads), ("optimizer", self.optimizer),
@@ -85,10 +97,9 @@ def activation_bytes_per_token(config: ModelConfig, dtype: torch.dtype, grad_che
     and its MLP's. With --grad-checkpoint a layer keeps only its inputs, and one layer's
     activations are rebuilt at a time during the backward pass.
 
-    A compiled step is counted as an eager one. Its graph keeps the same tensors (at d20's width,
-    2 layers, 2,048 tokens: 76 KiB a token in bf16 either way); the peak RSS a token of a compiled
-    CPU step was 108 KiB in fp32 against eager's 159, but 162 in bf16 against 80 (inductor's fp32
-    working buffers in the backward pass: bench/bench_memory.py --per-token --depth 2)."""
+    A compiled step keeps the same tensors (at d20's width, 2 layers, 2,048 tokens: 76 KiB a token
+    in bf16 either way), so they are counted alike; what differs is the head (head_bytes) and the
+    allocator (allocator_slack)."""
     s = 4 if dtype == torch.float32 else 2
     d, kv, n = config.n_embd, config.n_kv_head * config.head_dim, config.sequence_len
 
@@ -110,35 +121,38 @@ def activation_bytes_per_token(config: ModelConfig, dtype: torch.dtype, grad_che
     return embedding + sum(layers) + head + backward
 
 
-def head_bytes(config: ModelConfig, tokens: int, dtype: torch.dtype = torch.float32) -> int:
+def head_bytes(config: ModelConfig, tokens: int, dtype: torch.dtype = torch.float32, compiled: bool = False) -> int:
     """The loss's own peak (loss.py): one chunk's logits in flight (their fp32 tanh and softmax; in
-    bf16 the bf16 gradient besides: 8 or 10 bytes a logit) and the head weight's fp32 gradient."""
+    bf16 the bf16 gradient besides: 8 or 10 bytes a logit) and the head weight's fp32 gradient.
+    torch.compile traces the loss through when the micro-batch's fp32 logits are small enough
+    (COMPILED_LOGITS_BYTES), and then its chunk is the whole micro-batch."""
     per_logit = 8 if dtype == torch.float32 else 10
-    return (per_logit * min(tokens, chunk_rows(config.vocab_size)) * config.vocab_size
-            + 4 * config.padded_vocab * config.n_embd)
+    traced = compiled and 4 * tokens * config.vocab_size <= COMPILED_LOGITS_BYTES
+    rows = tokens if traced else min(tokens, chunk_rows(config.vocab_size))
+    return per_logit * rows * config.vocab_size + 4 * config.padded_vocab * config.n_embd
 
 
 def estimate_training_memory(config: ModelConfig, rows: int, seq_len: int, dtype: torch.dtype,
-                             grad_checkpoint: bool = False, world: int = 1, lora: LoraConfig | None = None
-                             ) -> MemoryEstimate:
+                             grad_checkpoint: bool = False, world: int = 1, lora: LoraConfig | None = None, *,
+                             device_type: str, compiled: bool = False) -> MemoryEstimate:
     """Peak bytes of one of `world` processes training `rows` x `seq_len` micro-batches (each keeps
     its share of the optimizer's state: muon.py, sharded_adamw.py), the whole model or, with
-    `lora`, its adapters."""
+    `lora`, its adapters, on a device of `device_type` ("cpu", "cuda", "mps"), `compiled` or eager."""
     counts = param_counts(config)
     params = sum(counts.values())
     tokens = rows * seq_len
     kept = tokens * activation_bytes_per_token(config, dtype, grad_checkpoint)
+    logits, slack = head_bytes(config, tokens, dtype, compiled), allocator_slack(device_type, dtype, compiled)
     if dtype != torch.float32:  # each block matrix's bf16 copy, kept for the backward (checkpointed: one block's)
         kept += 2 * counts["matrix"] // (config.n_layer if grad_checkpoint else 1)
     if lora is None or not lora.lora:
         return MemoryEstimate(weights=4 * params, grads=4 * params, optimizer=4 * state_values(counts) // world,
-                              optimizer_step=8 * counts["matrix"], activations=int(kept),
-                              logits=head_bytes(config, tokens, dtype))
+                              optimizer_step=8 * counts["matrix"], activations=int(kept), logits=logits, slack=slack)
     trained, layers = adapter_shape(config, lora)
     kept += tokens * (4 if dtype == torch.float32 else 2) * lora.lora * layers // (
         config.n_layer if grad_checkpoint else 1)
     return MemoryEstimate(weights=4 * (params + trained), grads=4 * trained, optimizer=8 * trained // world,
-                          optimizer_step=0, activations=int(kept), logits=head_bytes(config, tokens, dtype))
+                          optimizer_step=0, activations=int(kept), logits=logits, slack=slack)
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -161,11 +175,12 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def check_training_memory(config: ModelConfig, rows: int, seq_len: int, dtype: torch.dtype,
-                          grad_checkpoint: bool, device: torch.device, lora: LoraConfig | None = None
-                          ) -> MemoryEstimate:
+                          grad_checkpoint: bool, device: torch.device, lora: LoraConfig | None = None,
+                          compiled: bool = False) -> MemoryEstimate:
     """The estimate; a clear error, before anything is allocated, when it cannot fit.
     PICOCHAT_MEMORY_CHECK=0 skips the refusal (the estimate is an estimate)."""
-    est = estimate_training_memory(config, rows, seq_len, dtype, grad_checkpoint, distributed.world_size(), lora)
+    est = estimate_training_memory(config, rows, seq_len, dtype, grad_checkpoint, distributed.world_size(), lora,
+                                   device_type=device.type, compiled=compiled)
     have = available_memory(device)
     if have is None or os.environ.get("PICOCHAT_MEMORY_CHECK", "1") == "0" or est.total <= have:
         return est

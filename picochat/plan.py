@@ -27,7 +27,7 @@ from .presets import CHARS_PER_TOKEN, Preset
 from .train.pretrain import plan_pretrain
 from .train.rl import plan_rl
 from .train.sft import plan_chat
-from .train.stage import TrainPlan
+from .train.stage import TrainPlan, compiles
 
 # measured on 2 cores (bench/bench_tokenizer.py): the tokenizer trains on about 6 MB of text a
 # second and encodes about 3.6 MB a second per core (7.2 on 2 threads)
@@ -91,11 +91,13 @@ class Fit:
 
 
 def memory_fit(preset: Preset, rows: int, seq_len: int, device: torch.device, dtype: torch.dtype, world: int = 1,
-               available: int | None = None, lora: LoraConfig | None = None) -> Fit:
+               available: int | None = None, lora: LoraConfig | None = None, compiled: bool = False) -> Fit:
     """The stage's micro-batch on `device` (the optimizer's state shared by `world` processes;
-    with `lora`, adapters on the frozen model), against the memory it has (or `available` bytes)."""
+    with `lora`, adapters on the frozen model; `compiled` or eager), against the memory it has (or
+    `available` bytes)."""
     config = preset.model_config()
-    plain, ckpt = (estimate_training_memory(config, rows, seq_len, dtype, g, world, lora).total for g in (False, True))
+    plain, ckpt = (estimate_training_memory(config, rows, seq_len, dtype, g, world, lora, device_type=device.type,
+                                            compiled=compiled).total for g in (False, True))
     if available is None:
         return Fit(rows, seq_len, plain, ckpt, available_memory(device))
     return Fit(rows, seq_len, plain, ckpt, available, where="it")
@@ -234,7 +236,8 @@ def make_plan(preset: Preset, data_root: Path, device: torch.device, dtype: torc
         trains["rl"] = plan_rl(configs["rl"], context, world)
     def fits_on(device, dtype, available=None):
         return {name: memory_fit(preset, t.rows, t.seq_len, device, dtype, world, available,
-                                 getattr(configs[name], "adapters", None)) for name, t in trains.items()}
+                                 getattr(configs[name], "adapters", None), compiles(configs[name], device))
+                for name, t in trains.items()}
     fits = fits_on(device, dtype)
     elsewhere = {}
     if device.type != "cuda" and preset.downloads and preset.mps_dtype == "auto":

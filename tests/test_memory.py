@@ -102,16 +102,34 @@ def test_pretrain_with_grad_checkpoint_trains_the_same(small_corpus, small_token
 
 def test_the_estimate_scales_as_it_should():
     c = ModelConfig.from_depth(16, vocab_size=65536, sequence_len=1024)
-    plain = estimate_training_memory(c, 8, 1024, torch.float32)
-    ckpt = estimate_training_memory(c, 8, 1024, torch.float32, grad_checkpoint=True)
+    plain = estimate_training_memory(c, 8, 1024, torch.float32, device_type="mps")
+    ckpt = estimate_training_memory(c, 8, 1024, torch.float32, grad_checkpoint=True, device_type="mps")
     assert plain.weights == plain.grads == 4 * num_params(c)
     assert ckpt.activations < plain.activations / 5
     # the logits a chunk at a time, with or without checkpointing: a third of one fp32 copy of them
     assert ckpt.logits == plain.logits < 8 * 1024 * 65536 * 4 / 3
-    assert estimate_training_memory(c, 16, 1024, torch.float32).activations == 2 * plain.activations
+    assert estimate_training_memory(c, 16, 1024, torch.float32, device_type="mps").activations == 2 * plain.activations
     # depth 16 at context 1024 (the MPS fork's 335M model), 8 rows: what Metal gives a 16 GB Mac is enough
     # with checkpointing only, and with room to spare
     assert ckpt.total < 9e9 and MAC_BYTES < plain.total
+
+
+def test_a_compiled_step_is_estimated_with_its_traced_head_and_its_own_allocator_slack():
+    def estimate(config, rows, seq, dtype=torch.float32, device="cpu", compiled=False):
+        return estimate_training_memory(config, rows, seq, dtype, device_type=device, compiled=compiled)
+    c = ModelConfig.from_depth(12, vocab_size=32768, sequence_len=512)
+    eager, compiled = estimate(c, 4, 512), estimate(c, 4, 512, compiled=True)
+    assert compiled.activations == eager.activations  # the graph keeps the same tensors
+    # 2,048 tokens' fp32 logits are 256 MiB: traced through, the whole micro-batch's are in flight at once
+    head_grad = 4 * c.padded_vocab * c.n_embd
+    assert compiled.logits - head_grad == 8 * 2048 * 32768 == 2 * (eager.logits - head_grad)
+    # twice as many tokens pass the threshold: the loss runs eagerly, a chunk at a time
+    assert estimate(c, 8, 512, compiled=True).logits == estimate(c, 8, 512).logits
+    # glibc's heap holds fp32 eager steps' freed blocks; bf16's and inductor's buffers it mostly does not
+    assert eager.slack > compiled.slack == estimate(c, 4, 512, torch.bfloat16).slack == 1.0
+    # CUDA and MPS: unmeasured, one allowance for every path
+    assert {estimate(c, 4, 512, d, "cuda", comp).slack for d in (torch.float32, torch.bfloat16)
+            for comp in (False, True)} == {estimate(c, 4, 512, device="mps").slack}
 
 
 def test_a_config_that_cannot_fit_is_refused_before_anything_is_built(small_corpus, small_tokenizer, tmp_path):

@@ -25,7 +25,7 @@ from ..run_dir import check_tokenizer
 from ..settings import check, setting
 from ..tokenizer import MIN_VOCAB_SIZE, Tokenizer, train_tokenizer
 from .loop import Callbacks
-from .stage import Controls, Stage, TrainPlan, exact_accum
+from .stage import Controls, Stage, TrainPlan, compiles, exact_accum
 
 
 BUDGETS = ("picochat", "nanochat")
@@ -159,7 +159,8 @@ def _pretrain(cfg: PretrainConfig, cache: Path) -> dict:
     params = num_params(config)
     plan = plan_pretrain(cfg, config, world)
     if stage.resumed is None:
-        est = check_training_memory(config, cfg.batch_size, cfg.seq_len, dtype, cfg.controls.grad_checkpoint, device)
+        est = check_training_memory(config, cfg.batch_size, cfg.seq_len, dtype, cfg.controls.grad_checkpoint, device,
+                                    compiled=compiles(cfg, device))
         log(f"memory: about {est.describe()} per process")
         seed_everything(cfg.controls.seed)
         with torch.device(device):

@@ -27,7 +27,7 @@ from ..run_dir import load_run
 from ..settings import check, setting
 from ..tasks import build_mixture, parse_mixture
 from .rows import EpochOrder, pad_rows
-from .stage import Controls, Stage, TrainPlan, one_pass
+from .stage import Controls, Stage, TrainPlan, compiles, one_pass
 
 
 def _chat_optim() -> OptimConfig:
@@ -132,13 +132,13 @@ def chat_train(cfg: ChatTrainConfig) -> dict:
     context = model.config.sequence_len
     seq_len = plan_chat(cfg, context, stage.world, None).seq_len
     model.grad_checkpoint = cfg.controls.grad_checkpoint
-    check_training_memory(model.config, cfg.batch_size, seq_len, stage.dtype, cfg.controls.grad_checkpoint,
-                          stage.device, cfg.adapters)
-    task = build_mixture(cfg.data, split="train", seed=cfg.controls.seed)
     if not cfg.packed and cfg.controls.compile is not False:  # each batch its own width: every step would recompile
         if cfg.controls.compile:
             log(f"{cfg.stage}: --compile is for packed rows of a fixed width; padded ones vary, so it trains without")
         cfg = replace(cfg, controls=replace(cfg.controls, compile=False))
+    check_training_memory(model.config, cfg.batch_size, seq_len, stage.dtype, cfg.controls.grad_checkpoint,
+                          stage.device, cfg.adapters, compiled=compiles(cfg, stage.device))
+    task = build_mixture(cfg.data, split="train", seed=cfg.controls.seed)
     if cfg.packed:
         cuts = Counter()
         rendered = [render_example(tok, task[i], max_tokens=seq_len + 1, cuts=cuts) for i in range(len(task))]

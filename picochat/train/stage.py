@@ -120,6 +120,12 @@ def one_pass(units: float, per_step: int) -> int:
     return max(1, math.ceil(units / per_step))
 
 
+def compiles(cfg, device) -> bool:
+    """Whether a stage config's training step is compiled on `device`: as its --compile says
+    (choose_compile), except a chat stage's padded rows, whose width changes every batch (sft.py)."""
+    return getattr(cfg, "packed", True) and choose_compile(cfg.controls.compile, device)
+
+
 class Stage:
     """One training stage from start-up to its saved run dir."""
 
