@@ -17,7 +17,9 @@ preset) to 500K tokens per step, so "optimizer" shows its share of the step at e
 --against-nanochat DIR times nanochat's own training step (its GPT, its Muon + AdamW, from the
 checkout in DIR, NANOCHAT_DTYPE as the row's dtype) on the same random tokens at the same width,
 depth, context and tokens per step, in a fresh process; its MFU counts its own FLOPs per token
-(GPT.estimate_flops). nanochat's network is its own: 128-wide heads, no GQA, its windows.
+(GPT.estimate_flops). nanochat's network is its own: 128-wide heads, no GQA, its windows. The two
+alternate --rounds times (default 3): a shared machine's speed drifts by 10-20% over minutes, and
+alternating puts both under the same drift.
 """
 
 from __future__ import annotations
@@ -111,6 +113,15 @@ def bench_one(depth, dtype, compile_, accum, args, device, peak) -> dict:
             "mfu": flops_per_token(cfg) * tok_s / peak, "opt_share": t.optimizer_seconds / t.step_seconds}
 
 
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def median_round(results: tuple[dict, ...]) -> dict:
+    """Of one model's rounds, the one with the median tokens/s."""
+    return sorted(results, key=lambda r: r["tok_s"])[len(results) // 2]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depths", type=int, nargs="+", default=[4, 8])
@@ -125,6 +136,8 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--features", choices=list(FEATURES), default="picochat", help="the network's features")
     p.add_argument("--against-nanochat", metavar="DIR", help="a nanochat checkout, timed beside picochat")
+    p.add_argument("--rounds", type=int, default=3, help="with --against-nanochat: picochat and nanochat alternate "
+                   "this many times; each row is the median round, the ratio the median of the rounds' ratios")
     args = p.parse_args()
     set_threads()
     device = choose_device(args.device)
@@ -132,8 +145,9 @@ def main():
     peaks = {name: matmul_peak(dtypes[name], device) for name in args.dtypes}
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print("matmul peak (2048^2): " + ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in peaks.items()))
+    rounds = f", the median of {args.rounds} alternating rounds" if args.against_nanochat else ""
     print(f"batch {args.batch_size} x seq {args.seq_len}, vocab {args.vocab}, {args.features} features, median of "
-          f"{args.steps} steps\n")
+          f"{args.steps} steps{rounds}\n")
     print("| model | depth | params | dtype | compile | tokens/step | tok/s | step (s) | optimizer "
           "| MFU vs measured peak | first steps (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -145,13 +159,18 @@ def main():
                 continue
             for compile_ in ([False] if args.no_compile else [False, True]):
                 for accum in args.accum:
-                    rows = [("picochat", bench_one(depth, dtypes[name], compile_, accum, args, device, peaks[name]))]
-                    if args.against_nanochat:
-                        cfg = ModelConfig.from_depth(depth, vocab_size=args.vocab, sequence_len=args.seq_len)
-                        rows.append(("nanochat", bench_nanochat(args.against_nanochat, cfg, name, compile_, accum, args,
-                                                                peaks[name])))
+                    rounds = []  # picochat and nanochat alternate, so that a slow spell of the machine hits both
+                    for _ in range(args.rounds if args.against_nanochat else 1):
+                        pair = [bench_one(depth, dtypes[name], compile_, accum, args, device, peaks[name])]
+                        if args.against_nanochat:
+                            cfg = ModelConfig.from_depth(depth, vocab_size=args.vocab, sequence_len=args.seq_len)
+                            pair.append(bench_nanochat(args.against_nanochat, cfg, name, compile_, accum, args,
+                                                       peaks[name]))
+                        rounds.append(pair)
+                    rows = list(zip(("picochat", "nanochat"), map(median_round, zip(*rounds))))
+                    speedup = median([pico["tok_s"] / nano["tok_s"] for pico, nano in rounds]) if len(rows) > 1 else 0
                     for who, r in rows:
-                        ratio = f" (picochat {rows[0][1]['tok_s'] / r['tok_s']:.2f}x)" if who == "nanochat" else ""
+                        ratio = f" (picochat {speedup:.2f}x)" if who == "nanochat" else ""
                         share = "" if r["opt_share"] is None else f"{100 * r['opt_share']:.0f}%"
                         print(f"| {who}{ratio} | {depth} | {r['params'] / 1e6:.1f}M | {name} "
                               f"| {'yes' if compile_ else 'no'} | {args.batch_size * args.seq_len * accum:,} "
