@@ -130,13 +130,18 @@ class _HeadLoss(torch.autograd.Function):
 COMPILED_LOGITS_BYTES = 1 << 28
 
 
+def traced_when_compiled(tokens: int, vocab_size: int) -> bool:
+    """Whether torch.compile traces the loss of a `tokens` micro-batch through (else: a graph break)."""
+    return 4 * tokens * vocab_size <= COMPILED_LOGITS_BYTES
+
+
 def head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, cap: float,
               reduction: str = "mean", chunk: int | None = None) -> torch.Tensor:
     """Cross-entropy of softcap(x @ weight.T) against targets (-1: ignored), as
     F.cross_entropy(..., ignore_index=-1, reduction=reduction) on the soft-capped fp32 logits.
     x (..., d), targets (...); "none" gives one loss per row of x, flattened. `chunk`: rows at a
     time (default chunk_rows(vocab_size))."""
-    if torch.compiler.is_compiling() and 4 * targets.numel() * vocab_size > COMPILED_LOGITS_BYTES:
+    if torch.compiler.is_compiling() and not traced_when_compiled(targets.numel(), vocab_size):
         return _eager_head_loss(x, weight, targets, vocab_size, cap, reduction, chunk)
     x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
     if reduction not in ("mean", "sum", "none"):

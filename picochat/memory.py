@@ -37,7 +37,7 @@ from . import distributed
 from .common import PicochatError
 from .config import ModelConfig
 from .lora import LoraConfig, adapter_shape
-from .loss import COMPILED_LOGITS_BYTES, chunk_rows
+from .loss import chunk_rows, traced_when_compiled
 from .model import param_counts
 from .optim import state_values
 
@@ -125,9 +125,9 @@ def head_bytes(config: ModelConfig, tokens: int, dtype: torch.dtype = torch.floa
     """The loss's own peak (loss.py): one chunk's logits in flight (their fp32 tanh and softmax; in
     bf16 the bf16 gradient besides: 8 or 10 bytes a logit) and the head weight's fp32 gradient.
     torch.compile traces the loss through when the micro-batch's fp32 logits are small enough
-    (COMPILED_LOGITS_BYTES), and then its chunk is the whole micro-batch."""
+    (loss.traced_when_compiled), and then its chunk is the whole micro-batch."""
     per_logit = 8 if dtype == torch.float32 else 10
-    traced = compiled and 4 * tokens * config.vocab_size <= COMPILED_LOGITS_BYTES
+    traced = compiled and traced_when_compiled(tokens, config.vocab_size)
     rows = tokens if traced else min(tokens, chunk_rows(config.vocab_size))
     return per_logit * rows * config.vocab_size + 4 * config.padded_vocab * config.n_embd
 

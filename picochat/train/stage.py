@@ -235,7 +235,7 @@ class Stage:
                           save_every_minutes=r.save_every_minutes, stop_at=r.stop_at)
         trainer = Trainer(model, optimizer, optim_cfg, loop, self.device, self.dtype,
                           flops_per_token=flops_per_token(model.config),
-                          compile=choose_compile(r.compile, self.device), fp8=bool(r.fp8))
+                          compile=compiles(cfg, self.device), fp8=bool(r.fp8))
         if self.resumed is not None:
             trainer.load_state_dict(self.resumed.trainer_state, data, self.resumed.metrics)
         save, meta = cfg.save, self.meta(cfg, plan)
